@@ -1,0 +1,62 @@
+"""Shared fixtures: a small tokenizer and a random-weight artifact, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from microbert.checkpoint import save_artifact
+from microbert.config import get_preset
+from microbert.model import BertForMaskedLM
+from microbert.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CORPORA = REPO.parent / "shared" / "corpora"
+
+# Tests never reach the network: the Hub clients fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _sample_text() -> list[str]:
+    path = SHARED_CORPORA / "tinyshakespeare.txt"
+    if path.is_file():
+        return [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()][:3000]
+    # Fallback when ../shared is absent: enough repeated English to train a small vocabulary.
+    words = "the king is dead long live the queen to be or not to be that is the question".split()
+    return [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 50
+
+
+@pytest.fixture(scope="session")
+def sample_texts() -> list[str]:
+    return _sample_text()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(sample_texts: list[str]):
+    return train_tokenizer(sample_texts, vocab_size=1000)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_tokenizer):
+    return get_preset("bert-tiny").replace(
+        vocab_size=tiny_tokenizer.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_tokenizer, tiny_config) -> Path:
+    """A complete artifact folder (random weights) for predictor, CLI and service tests."""
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config).eval()
+    return save_artifact(model, tiny_tokenizer, tmp_path_factory.mktemp("artifact") / "step-7", metadata={"step": 7})
