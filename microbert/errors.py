@@ -36,6 +36,15 @@ class InputError(MicroBertError, ValueError):
     """A request that cannot be answered as asked (no [MASK], bad targets, too long)."""
 
 
+class InputTooLongError(InputError):
+    """An input with more tokens than the model has positions; the service answers it with 422, not 400."""
+
+    def __init__(self, message: str, *, num_tokens: int, max_tokens: int):
+        super().__init__(message)
+        self.num_tokens = num_tokens
+        self.max_tokens = max_tokens
+
+
 def unknown_name(kind: str, name: str, valid: Iterable[str]) -> str:
     """The standard message for an unknown preset, profile or dataset name."""
     return f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}"

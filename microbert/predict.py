@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer
 
 from microbert.checkpoint import Artifact, load_artifact
-from microbert.errors import InputError
+from microbert.errors import InputError, InputTooLongError
 from microbert.model import BertForMaskedLM
 
 
@@ -143,9 +143,11 @@ class FillMaskPredictor:
         if not positions:
             raise InputError(f"no {self.mask_token} in input: put {self.mask_token} where a word should be predicted")
         if len(ids) > self.max_length:
-            raise InputError(
+            raise InputTooLongError(
                 f"input has {len(ids)} tokens; the model accepts at most {self.max_length} "
-                "(including [CLS] and [SEP])"
+                "(including [CLS] and [SEP])",
+                num_tokens=len(ids),
+                max_tokens=self.max_length,
             )
         vocab_size = self.tokenizer.get_vocab_size()
         k = min(top_k, len(target_ids) if target_ids else vocab_size)
