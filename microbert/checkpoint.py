@@ -80,7 +80,9 @@ def save_artifact(
             "format": FORMAT,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(metadata or {}),
-            "files": {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files},
+            "files": {
+                name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
+            },
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync_dir(tmp)
@@ -223,4 +225,3 @@ def load_state_dict(model: BertForMaskedLM, state: dict[str, torch.Tensor], *, s
     except RuntimeError as exc:
         raise ArtifactError(f"{source} does not match the config: {exc}") from None
     model.tie_weights()
-

@@ -35,12 +35,22 @@ _HF_IGNORED_KEYS = frozenset(
         "output_past",
         "bos_token_id",
         "eos_token_id",
-        "tie_word_embeddings",
+        "sep_token_id",
+        "chunk_size_feed_forward",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "problem_type",
         "microbert",
     }
 )
 # Keys whose only supported value is the one given: anything else is another architecture.
-_HF_REQUIRED_VALUES: dict[str, Any] = {"position_embedding_type": "absolute", "is_decoder": False}
+_HF_REQUIRED_VALUES: dict[str, Any] = {
+    "position_embedding_type": "absolute",
+    "is_decoder": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
 
 
 @dataclass(frozen=True)
@@ -162,9 +172,7 @@ class ModelConfig:
                 continue
             elif hf and key in _HF_REQUIRED_VALUES:
                 if value != _HF_REQUIRED_VALUES[key]:
-                    problems.append(
-                        f"{key}={value!r} is not supported (only {_HF_REQUIRED_VALUES[key]!r})"
-                    )
+                    problems.append(f"{key}={value!r} is not supported (only {_HF_REQUIRED_VALUES[key]!r})")
             elif hf and key in ("id2label", "label2id"):
                 continue
             else:
@@ -218,9 +226,7 @@ PRESETS: dict[str, Preset] = {
         Preset("imdb-small", _preset(2, 2, 4, max_position_embeddings=128), "seed v1 (IMDB)"),
         Preset("hf-medium", _preset(4, 4, 8, max_position_embeddings=128), "seed v2"),
         Preset("hf-large", _preset(6, 8, 16, max_position_embeddings=128), "seed v3"),
-        Preset(
-            "hf-xl", _preset(8, 8, 256, max_position_embeddings=256, vocab_size=25000), "seed v4"
-        ),
+        Preset("hf-xl", _preset(8, 8, 256, max_position_embeddings=256, vocab_size=25000), "seed v4"),
         Preset("bert-tiny", _preset(2, 2, 128), "Turc et al. 2019"),
         Preset("bert-mini", _preset(4, 4, 256), "Turc et al. 2019"),
         Preset("bert-small", _preset(4, 8, 512), "Turc et al. 2019"),

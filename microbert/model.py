@@ -175,12 +175,14 @@ class BertLMPredictionHead(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        # decoder.weight is tied to the word embeddings by BertForMaskedLM; the bias is separate.
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # decoder.weight is tied to the word embeddings by BertForMaskedLM; decoder.bias is `bias`
+        # (the same Parameter under both names, as in transformers).
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.transform(x), self.decoder.weight, self.bias)  # (..., V)
+        return self.decoder(self.transform(x))  # (..., V)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -205,8 +207,8 @@ class BertForMaskedLM(nn.Module):
         self.config = config
         self.bert = BertModel(config)
         self.cls = BertOnlyMLMHead(config)
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
         self.apply(self._init_weights)
+        self.tie_weights()
 
     def _init_weights(self, module: nn.Module) -> None:
         """BERT initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm."""
@@ -225,8 +227,9 @@ class BertForMaskedLM(nn.Module):
             nn.init.zeros_(module.bias)
 
     def tie_weights(self) -> None:
-        """Re-tie the decoder to the word embeddings (after loading a state dict or `.to()`)."""
+        """Tie the decoder to the word embeddings and the output bias (after loading a state dict)."""
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.cls.predictions.decoder.bias = self.cls.predictions.bias
 
     def forward(
         self,
@@ -258,4 +261,3 @@ class BertForMaskedLM(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (the tied decoder weight counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-

@@ -90,7 +90,9 @@ class FillMaskPredictor:
         self.mask_token_id: int = mask_id
         self.pad_token_id = model.config.pad_token_id
         self.clean_up = clean_up_tokenization_spaces
-        self.max_length = min(max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.max_length = min(
+            max_length or model.config.max_position_embeddings, model.config.max_position_embeddings
+        )
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, **kwargs: Any) -> FillMaskPredictor:
@@ -131,9 +133,7 @@ class FillMaskPredictor:
             raise InputError("targets is empty: give at least one word, or leave it out")
         return ids
 
-    def prepare(
-        self, text: str, *, top_k: int = 5, target_ids: list[int] | None = None
-    ) -> PreparedInput:
+    def prepare(self, text: str, *, top_k: int = 5, target_ids: list[int] | None = None) -> PreparedInput:
         if not isinstance(text, str) or not text.strip():
             raise InputError("input text is empty")
         if top_k < 1:
@@ -141,7 +141,9 @@ class FillMaskPredictor:
         ids = self.tokenizer.encode(text).ids
         positions = [i for i, token_id in enumerate(ids) if token_id == self.mask_token_id]
         if not positions:
-            raise InputError(f"no {self.mask_token} in input: put {self.mask_token} where a word should be predicted")
+            raise InputError(
+                f"no {self.mask_token} in input: put {self.mask_token} where a word should be predicted"
+            )
         if len(ids) > self.max_length:
             raise InputTooLongError(
                 f"input has {len(ids)} tokens; the model accepts at most {self.max_length} "

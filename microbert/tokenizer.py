@@ -87,7 +87,9 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
 def _check_special_ids(tok: Tokenizer) -> None:
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(token) != expected_id:
-            raise ArtifactError(f"tokenizer has {token} at id {tok.token_to_id(token)}, expected {expected_id}")
+            raise ArtifactError(
+                f"tokenizer has {token} at id {tok.token_to_id(token)}, expected {expected_id}"
+            )
 
 
 def tokenizer_kind(tok: Tokenizer) -> str:

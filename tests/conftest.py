@@ -28,7 +28,26 @@ def _sample_text() -> list[str]:
     if path.is_file():
         return [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()][:3000]
     # Fallback when ../shared is absent: enough repeated English to train a small vocabulary.
-    words = "the king is dead long live the queen to be or not to be that is the question".split()
+    words = [
+        "the",
+        "king",
+        "is",
+        "dead",
+        "long",
+        "live",
+        "the",
+        "queen",
+        "to",
+        "be",
+        "or",
+        "not",
+        "to",
+        "be",
+        "that",
+        "is",
+        "the",
+        "question",
+    ]
     return [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 50
 
 
@@ -59,4 +78,6 @@ def tiny_artifact(tmp_path_factory, tiny_tokenizer, tiny_config) -> Path:
     """A complete artifact folder (random weights) for predictor, CLI and service tests."""
     torch.manual_seed(0)
     model = BertForMaskedLM(tiny_config).eval()
-    return save_artifact(model, tiny_tokenizer, tmp_path_factory.mktemp("artifact") / "step-7", metadata={"step": 7})
+    return save_artifact(
+        model, tiny_tokenizer, tmp_path_factory.mktemp("artifact") / "step-7", metadata={"step": 7}
+    )

@@ -50,7 +50,8 @@ def run_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"presets": rows}, indent=2))
         return 0
-    header = f"{'preset':<12} {'layers':>6} {'heads':>5} {'hidden':>6} {'vocab':>6} {'seq':>5} {'params':>9}  source"
+    header = f"{'preset':<12} {'layers':>6} {'heads':>5} {'hidden':>6} {'vocab':>6} {'seq':>5} "
+    header += f"{'params':>9}  source"
     print("Model presets")
     print(header)
     print("-" * len(header))

@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Predict [MASK] tokens. --json prints one element per TEXT, exactly what "
         "POST /fill-mask returns for it.",
     )
-    parser.add_argument("--model-dir", required=True, help="a run folder (uses export/latest) or an artifact folder")
+    parser.add_argument(
+        "--model-dir", required=True, help="a run folder (uses export/latest) or an artifact folder"
+    )
     parser.add_argument("--top-k", type=int, default=5, help="candidates per mask (default 5)")
     parser.add_argument("--targets", nargs="+", metavar="W", help="score only these words")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

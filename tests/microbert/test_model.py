@@ -1,0 +1,126 @@
+"""The model against transformers' BertForMaskedLM on the same weights (fp32, 1e-4)."""
+
+import pytest
+import torch
+
+from microbert.checkpoint import load_state_dict
+from microbert.config import ModelConfig
+from microbert.model import IGNORE_INDEX, BertForMaskedLM, count_parameters
+
+transformers = pytest.importorskip("transformers")
+
+CONFIG = ModelConfig(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
+def _pair(config: ModelConfig = CONFIG):
+    torch.manual_seed(0)
+    ours = BertForMaskedLM(config).eval()
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(**config.to_dict())).eval()
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected
+    assert all("position_ids" in k or "token_type_ids" in k for k in missing)
+    return ours, hf
+
+
+def _batch():
+    torch.manual_seed(1)
+    input_ids = torch.randint(5, 99, (3, 20))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 12:] = 0  # unequal lengths: padded rows
+    attention_mask[2, 5:] = 0
+    input_ids[attention_mask == 0] = 0
+    token_type_ids = torch.zeros_like(input_ids)
+    token_type_ids[0, 10:] = 1
+    return input_ids, attention_mask, token_type_ids
+
+
+def test_state_dict_keys_map_one_to_one_onto_transformers():
+    ours, hf = _pair()
+    hf_keys = {k for k in hf.state_dict() if "position_ids" not in k and "token_type_ids" not in k}
+    assert set(ours.state_dict()) == hf_keys
+
+
+def test_logits_match_transformers_on_padded_batches():
+    ours, hf = _pair()
+    input_ids, attention_mask, token_type_ids = _batch()
+    with torch.no_grad():
+        expected = hf(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).logits
+        got = ours(input_ids, attention_mask, token_type_ids).logits
+    real = attention_mask.bool()
+    assert (expected - got)[real].abs().max() < 1e-4
+
+
+def test_loss_on_masked_positions_matches_transformers():
+    ours, hf = _pair()
+    input_ids, attention_mask, _ = _batch()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[0, 3], labels[1, 7], labels[2, 1] = 17, 42, 5
+    with torch.no_grad():
+        expected = hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        out = ours(input_ids, attention_mask, labels=labels)
+    assert out.logits.shape == (3, CONFIG.vocab_size)  # head ran on the 3 masked positions only
+    assert int(out.num_masked) == 3
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+
+
+def test_positions_restrict_the_head():
+    ours, _ = _pair()
+    input_ids, attention_mask, _ = _batch()
+    with torch.no_grad():
+        full = ours(input_ids, attention_mask).logits
+        rows, cols = torch.tensor([0, 2]), torch.tensor([4, 1])
+        some = ours(input_ids, attention_mask, positions=(rows, cols)).logits
+    assert torch.allclose(some, full[rows, cols], atol=1e-6)
+
+
+def test_gradients_flow_and_decoder_stays_tied():
+    ours, _ = _pair()
+    ours.train()
+    input_ids, attention_mask, _ = _batch()
+    labels = torch.where(torch.rand(input_ids.shape) < 0.3, input_ids, IGNORE_INDEX)
+    labels[0, 1] = 7
+    ours(input_ids, attention_mask, labels=labels).loss.backward()
+    assert ours.cls.predictions.decoder.weight is ours.bert.embeddings.word_embeddings.weight
+    assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+
+
+def test_initialisation_is_bert_style():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(
+        ModelConfig(
+            vocab_size=5000,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=512,
+        )
+    )
+    std = model.bert.embeddings.word_embeddings.weight[1:].std().item()
+    assert abs(std - 0.02) < 0.002
+    assert torch.all(model.bert.embeddings.word_embeddings.weight[0] == 0)  # padding row
+    assert torch.all(model.bert.encoder.layer[0].attention.self.query.bias == 0)
+    assert count_parameters(model) == model.config.num_parameters()
+
+
+def test_transformers_weights_load_into_microbert():
+    torch.manual_seed(5)
+    hf2 = transformers.BertForMaskedLM(transformers.BertConfig(**CONFIG.to_dict())).eval()
+    fresh = BertForMaskedLM(CONFIG).eval()
+    load_state_dict(fresh, hf2.state_dict(), source="test")
+    input_ids, attention_mask, _ = _batch()
+    with torch.no_grad():
+        assert (
+            fresh(input_ids, attention_mask).logits
+            - hf2(input_ids=input_ids, attention_mask=attention_mask).logits
+        )[attention_mask.bool()].abs().max() < 1e-4

@@ -1,0 +1,84 @@
+"""FillMaskPredictor against transformers' pipeline("fill-mask") on the same artifact."""
+
+import pytest
+
+from microbert.errors import InputError
+from microbert.predict import FillMaskPredictor
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "To be or not to [MASK], that is the question.",
+    "The king is dead, long live the [MASK]!",
+    "I [MASK] thee, good [MASK], of thy love.",
+    "[MASK]",
+    "Friends, Romans, countrymen, lend me your [MASK]; I come to bury Caesar, not to praise him.",
+]
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_artifact):
+    return FillMaskPredictor.from_pretrained(tiny_artifact)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_artifact):
+    return transformers.pipeline("fill-mask", model=str(tiny_artifact), device="cpu")
+
+
+def _assert_same(ours, theirs):
+    if theirs and isinstance(theirs[0], list):
+        assert isinstance(ours[0], list) and len(ours) == len(theirs)
+        for o, t in zip(ours, theirs, strict=True):
+            _assert_same(o, t)
+        return
+    assert [c["token"] for c in ours] == [c["token"] for c in theirs]
+    assert [c["token_str"] for c in ours] == [c["token_str"] for c in theirs]
+    assert [c["sequence"] for c in ours] == [c["sequence"] for c in theirs]
+    for o, t in zip(ours, theirs, strict=True):
+        assert abs(o["score"] - t["score"]) < 1e-4
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_matches_the_pipeline(predictor, pipe, text):
+    _assert_same(predictor.predict(text)[0], pipe(text))
+
+
+def test_top_k_and_targets_match_the_pipeline(predictor, pipe):
+    text = TEXTS[0]
+    _assert_same(predictor.predict(text, top_k=2)[0], pipe(text, top_k=2))
+    _assert_same(predictor.predict(text, top_k=12)[0], pipe(text, top_k=12))
+    targets = ["be", "king", "question"]
+    _assert_same(predictor.predict(text, targets=targets)[0], pipe(text, targets=targets))
+    _assert_same(
+        predictor.predict(TEXTS[2], targets=targets, top_k=2)[0], pipe(TEXTS[2], targets=targets, top_k=2)
+    )
+
+
+def test_shapes(predictor):
+    one, several = predictor.predict([TEXTS[0], TEXTS[2]])
+    assert len(one) == 5 and set(one[0]) == {"score", "token", "token_str", "sequence"}
+    assert [c["score"] for c in one] == sorted((c["score"] for c in one), reverse=True)
+    assert len(several) == 2 and all(len(per_mask) == 5 for per_mask in several)
+
+
+def test_padding_invariance(predictor):
+    alone = [predictor.predict(t)[0] for t in TEXTS]
+    together = predictor.predict(TEXTS, batch_size=64)
+    pairs = predictor.predict(TEXTS, batch_size=2)
+    for a, b, c in zip(alone, together, pairs, strict=True):
+        _assert_same(b, a)
+        _assert_same(c, a)
+
+
+def test_bad_input(predictor):
+    with pytest.raises(InputError, match="no \\[MASK\\]"):
+        predictor.predict("nothing to predict here")
+    with pytest.raises(InputError, match="empty"):
+        predictor.predict("   ")
+    with pytest.raises(InputError, match="at most 128"):
+        predictor.predict("word " * 200 + "[MASK]")
+    with pytest.raises(InputError, match="targets"):
+        predictor.predict(TEXTS[0], targets=[""])
+    with pytest.raises(InputError, match="top_k"):
+        predictor.predict(TEXTS[0], top_k=0)
