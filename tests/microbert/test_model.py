@@ -124,3 +124,30 @@ def test_transformers_weights_load_into_microbert():
             fresh(input_ids, attention_mask).logits
             - hf2(input_ids=input_ids, attention_mask=attention_mask).logits
         )[attention_mask.bool()].abs().max() < 1e-4
+
+
+def test_fixed_slot_head_gives_the_exact_loss_and_gradients():
+    ours, _ = _pair()
+    input_ids, attention_mask, _ = _batch()
+    torch.manual_seed(2)
+    labels = torch.where(torch.rand(input_ids.shape) < 0.2, input_ids, IGNORE_INDEX)
+    labels[attention_mask == 0] = IGNORE_INDEX
+    most = int((labels != IGNORE_INDEX).sum(1).max())
+    exact = ours(input_ids, attention_mask, labels=labels)
+    exact.loss.backward()
+    expected_grad = ours.bert.embeddings.word_embeddings.weight.grad.clone()
+    ours.zero_grad()
+    fixed = ours(input_ids, attention_mask, labels=labels, max_masked_per_row=most + 3)
+    fixed.loss.backward()
+    assert fixed.logits.shape == (3 * (most + 3), CONFIG.vocab_size)
+    assert int(fixed.num_masked) == int(exact.num_masked)
+    assert torch.allclose(fixed.loss, exact.loss, atol=1e-6)
+    assert torch.allclose(ours.bert.embeddings.word_embeddings.weight.grad, expected_grad, atol=1e-6)
+
+
+def test_masked_positions_cap():
+    from microbert.model import masked_positions_cap
+
+    assert masked_positions_cap(128, 0.15) == 47
+    assert masked_positions_cap(8, 0.5) == 8  # never more than the row
+    assert 0.15 * 512 < masked_positions_cap(512, 0.15) < 0.25 * 512
