@@ -1,0 +1,50 @@
+"""The FastAPI app: `create_app(settings)`; the model is loaded once, in the lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from serve.errors import install_error_handlers
+from serve.metrics import Metrics
+from serve.middleware import BodyLimitMiddleware, CatchAllMiddleware, MetricsMiddleware
+from serve.routes import fill_mask, health, metrics
+from serve.service import ModelService
+from serve.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app_metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = ModelService(settings, app_metrics)
+        await service.start()
+        app.state.service = service
+        try:
+            yield
+        finally:  # uvicorn has stopped accepting and finished in-flight requests by now
+            await service.stop()
+
+    app = FastAPI(title="MicroBERT fill-mask", version=health.VERSION, lifespan=lifespan)
+    app.state.settings, app.state.metrics = settings, app_metrics
+    install_error_handlers(app)
+    for module in (fill_mask, health, metrics):
+        app.include_router(module.router)
+    paths = {
+        getattr(route, "path", "")
+        for module in (fill_mask, health, metrics)
+        for route in module.router.routes
+    }
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app_metrics, known_paths=lambda: paths)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The factory uvicorn workers call (`--workers N`): settings from MICROBERT_* variables."""
+    return create_app(Settings())

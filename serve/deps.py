@@ -1,0 +1,52 @@
+"""FastAPI dependencies shared by the routers (`Annotated`, as full-stack-fastapi-template does)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from serve.errors import ServiceError
+from serve.metrics import Metrics
+from serve.service import ModelService
+from serve.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def get_service(request: Request) -> ModelService:
+    service: ModelService | None = getattr(request.app.state, "service", None)
+    if service is None:  # the lifespan has not run (an app used without `with TestClient(app)`)
+        raise ServiceError(503, "not_ready", "the service is starting", estimated_time=1.0)
+    return service
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ServiceDep = Annotated[ModelService, Depends(get_service)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """With an API key set: `Authorization: Bearer KEY` (InferenceClient(token=) sends it) or `X-API-Key`."""
+    if settings.api_key is None:
+        return
+    expected = settings.api_key.get_secret_value().encode()
+    given = request.headers.get("x-api-key", "")
+    authorization = request.headers.get("authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        given = authorization[7:].strip()
+    if not given or not secrets.compare_digest(given.encode(), expected):
+        error = ServiceError(
+            401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer KEY'"
+        )
+        error.headers["www-authenticate"] = "Bearer"
+        raise error

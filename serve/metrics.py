@@ -1,0 +1,111 @@
+"""Prometheus metrics, prefix `microbert_`, units in the names, duration buckets from 1 ms.
+
+Each app owns a `CollectorRegistry`, so tests see exact counts. With `--workers N` the CLI sets
+`PROMETHEUS_MULTIPROC_DIR` before any worker imports `prometheus_client`; every worker then writes
+its values to files there and `/metrics` (answered by any one worker) sums them across workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+
+# The `_created` series double the output and no dashboard reads them.
+disable_created_metrics()
+
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+class Metrics:
+    """The service's metrics; see the metrics table in README.md ("## Serving")."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "microbert_requests_total",
+            "HTTP requests answered, by route and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.failures = Counter(
+            "microbert_request_failures_total",
+            "Requests answered with an error, by error_type (the error body's).",
+            ["error_type"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "microbert_request_duration_seconds",
+            "Time from request received to response sent, by route.",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "microbert_queue_duration_seconds",
+            "Time an input waits in the batch queue before its forward pass starts.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "microbert_inference_duration_seconds",
+            "Time of one batched forward pass, top-k and formatting.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "microbert_batch_size_inputs", "Inputs per forward pass.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.input_tokens = Histogram(
+            "microbert_input_tokens",
+            "Tokens per input, [CLS] and [SEP] included.",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "microbert_queue_depth_inputs",
+            "Inputs waiting for the model now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.model_info = Gauge(
+            "microbert_model_info",
+            "1 for the model being served (labels describe it), 0 for one replaced by a reload.",
+            ["artifact", "step", "device", "dtype"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.reloads = Counter(
+            "microbert_model_reloads_total", "Model loads after the first, by result.", ["result"], registry=r
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text; in multiprocess mode the sum over all workers' files."""
+        directory = multiprocess_dir()
+        if directory:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=directory)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    @staticmethod
+    def process_exited(pid: int) -> None:
+        """Drop a finished worker's live gauges (queue depth, model info) from the multiprocess sum."""
+        if multiprocess_dir():
+            multiprocess.mark_process_dead(pid)

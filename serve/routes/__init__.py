@@ -1,0 +1,1 @@
+"""One router per concern: prediction, health and information, metrics."""

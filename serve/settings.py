@@ -1,0 +1,64 @@
+"""Service settings, from `MICROBERT_*` environment variables (or a `.env` file) through pydantic-settings.
+
+Every field is also a row of the settings table in README.md ("## Serving"). Limits default to values
+that keep one CPU process responsive; `max_input_tokens` defaults to the model's own positions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """What `microbert-serve` and `create_app` need; validated once, at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MICROBERT_", env_file=".env", extra="ignore", protected_namespaces=()
+    )
+
+    model_dir: Path | None = Field(
+        default=None, description="run folder (uses export/latest) or artifact folder"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when available")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto: bfloat16 on a GPU that has it, else float32"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    max_batch_size: int = Field(default=64, ge=1, description="inputs per forward pass")
+    max_batch_tokens: int = Field(
+        default=16384, ge=1, description="padded tokens per forward pass (inputs × longest)"
+    )
+    max_wait_ms: float = Field(
+        default=2.0, ge=0, le=1000, description="how long an idle batcher waits to fill a batch"
+    )
+    max_queue: int = Field(default=1024, ge=1, description="inputs waiting for the model; beyond it: 429")
+    max_inputs: int = Field(default=64, ge=1, description="inputs in one request")
+    max_input_tokens: int | None = Field(
+        default=None, ge=3, description="default: the model's max_position_embeddings"
+    )
+    max_body_bytes: int = Field(default=1 << 20, ge=64, description="request body limit; beyond it: 413")
+    max_top_k: int = Field(default=100, ge=1, description="largest top_k a request may ask for")
+    api_key: SecretStr | None = Field(
+        default=None, description="when set, POST /fill-mask needs it (Bearer or X-API-Key)"
+    )
+    reload_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="how often export/latest is checked for a newer step; 0: only on SIGHUP",
+    )
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        # A request of max_inputs inputs must fit in an empty queue, or it could never be served.
+        problems = []
+        if self.max_queue < self.max_inputs:
+            problems.append(f"max_queue ({self.max_queue}) must be at least max_inputs ({self.max_inputs})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
