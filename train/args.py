@@ -1,0 +1,95 @@
+"""The trainer's command line: one set of flags for `microbert-train`, `python -m train` and
+`deepspeed train/main.py`. Flags left out are None, so lower layers (profile, DeepSpeed config, run
+file) keep their values; only what the user typed overrides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from train.settings import parse_count
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _count(text: str) -> int:
+    try:
+        return parse_count(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count such as 1000, 500k or 5M, got {text!r}") from None
+
+
+def _batch(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
+# flag -> TrainConfig field (flags whose name differs from the field)
+FLAG_FIELDS = {"batch_size": "micro_batch_size", "model": "model"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="microbert-train",
+        description="Pre-train a BERT masked-language model with DeepSpeed (ZeRO-1; bf16 on GPUs). "
+        "Settings: profile < DeepSpeed config < run file < these flags.",
+    )
+    p.add_argument("--profile", help="hardware profile (see `microbert configs list`) or a profile JSON path")
+    p.add_argument("--ds-config", help="DeepSpeed config: a bundled name (v1.json … v4.json) or a path")
+    p.add_argument("--config", dest="run_file", help="run file: JSON of TrainConfig settings")
+    p.add_argument("--model", help="model preset (see `microbert configs list`)")
+    p.add_argument(
+        "--dataset", help="embedded (default), a local path, imdb, a Hub name, hf:<repo>[:<config>]"
+    )
+    p.add_argument("--max-samples", type=_count, help="cap on training texts: 1000, 500k, 5M …")
+    p.add_argument("--streaming", type=_bool, help="stream a Hub dataset (true|false)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (≤ the model's positions)")
+    p.add_argument("--vocab-size", type=int, help="tokenizer (and embedding) size; default the preset's")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train (the LR schedule spans them)")
+    p.add_argument("--epochs", type=float, help="epochs to train when --max-steps is not given")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 6%% of the run)")
+    p.add_argument("--batch-size", type=_batch, help="micro-batch per GPU (per process on CPU), or auto")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--run-dir", help="run folder (checkpoints, export, logs); default runs/<profile>")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and exports)")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations")
+    p.add_argument("--eval-batches", type=int, help="held-out batches per evaluation")
+    p.add_argument("--keep-checkpoints", type=int, help="how many recent checkpoints to keep")
+    p.add_argument("--resume", choices=("auto", "never"), help="auto: continue from the newest checkpoint")
+    p.add_argument("--log-every", type=int, help="steps between log lines")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--stop-at-step", type=int, help="checkpoint and exit at this step, keeping the schedule")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+NON_SETTINGS = ("profile", "ds_config", "run_file", "local_rank")
+
+
+def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags the user gave, as TrainConfig field names."""
+    out: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key in NON_SETTINGS or value is None:
+            continue
+        out[FLAG_FIELDS.get(key, key)] = value
+    return out
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)

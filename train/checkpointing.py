@@ -1,0 +1,189 @@
+"""Checkpoints that can always be resumed from, and only when they are whole.
+
+Layout, under `<run>/checkpoints/`:
+```
+step-<N>/   DeepSpeed files (model states with the shared client state, per-rank optimizer partitions)
+            rank-<r>.pt     this rank's loader position and RNG states
+            COMPLETE        written by rank 0 after every rank finished writing (JSON: step, world size)
+```
+A folder without `COMPLETE` is a checkpoint that was being written when the process died: it is
+never resumed from and is removed at the next save. RNG states are plain tensors and lists, so
+`torch.load(weights_only=True)` reads them: nothing is unpickled beyond what DeepSpeed itself loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from microbert.errors import MicroBertError
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch and accelerator RNG states in a form `weights_only` loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(py_state), py_gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        state["accelerator"] = accelerator.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, py_state, py_gauss = state["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state and get_accelerator().device_name() != "cpu":
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    world_size: int
+
+
+def list_complete(checkpoint_dir: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints, oldest first."""
+    found = []
+    if not checkpoint_dir.is_dir():
+        return found
+    for child in checkpoint_dir.iterdir():
+        match = _STEP_DIR.match(child.name)
+        marker = child / COMPLETE
+        if not (match and marker.is_file()):
+            continue
+        try:
+            meta = json.loads(marker.read_text())
+            found.append(CheckpointInfo(child, int(meta["step"]), int(meta["world_size"])))
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn marker: treat the folder as incomplete
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_complete(checkpoint_dir: Path) -> CheckpointInfo | None:
+    complete = list_complete(checkpoint_dir)
+    return complete[-1] if complete else None
+
+
+def save(
+    engine: Any,
+    checkpoint_dir: Path,
+    step: int,
+    *,
+    shared_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    rank: int,
+    world_size: int,
+    keep: int,
+) -> Path:
+    """Write a checkpoint on every rank (collective), mark it complete, prune old ones."""
+    tag = f"step-{step}"
+    folder = checkpoint_dir / tag
+    if rank == 0:
+        (folder / COMPLETE).unlink(missing_ok=True)  # rewriting a step: incomplete until done again
+    _barrier()
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=shared_state)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(rank_state, folder / f"rank-{rank}.pt")
+    _fsync_tree(folder, rank)
+    _barrier()
+    if rank == 0:
+        marker_tmp = folder / f".{COMPLETE}.tmp"
+        marker_tmp.write_text(json.dumps({"step": step, "world_size": world_size}) + "\n")
+        with marker_tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(marker_tmp, folder / COMPLETE)
+        _prune(checkpoint_dir, keep)
+    _barrier()
+    return folder
+
+
+def _fsync_tree(folder: Path, rank: int) -> None:
+    """Flush this rank's files so COMPLETE never reaches the disk before the data it vouches for."""
+    for child in folder.iterdir():
+        mine = rank == 0 or f"rank_{rank}_" in child.name or child.name == f"rank-{rank}.pt"
+        if child.is_file() and mine:
+            with child.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+def _prune(checkpoint_dir: Path, keep: int) -> None:
+    complete = list_complete(checkpoint_dir)
+    keep_paths = {c.path for c in complete[-keep:]}
+    newest = complete[-1].step if complete else -1
+    for child in checkpoint_dir.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if not match or child in keep_paths:
+            continue
+        is_complete = (child / COMPLETE).is_file()
+        # an incomplete folder older than the newest complete one is debris of a crash
+        if is_complete or int(match.group(1)) < newest:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def load(
+    engine: Any, info: CheckpointInfo, *, rank: int, world_size: int, log: Any
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load a complete checkpoint; returns (shared client state, this rank's state or None).
+
+    Same world size: everything, exactly. Different world size: the consolidated weights and the
+    LR schedule, with a fresh optimizer partition (ZeRO-1 shards Adam moments per rank), said in the log.
+    """
+    same_world = info.world_size == world_size
+    try:
+        if same_world:
+            path, client = engine.load_checkpoint(str(info.path.parent), tag=info.path.name)
+        else:
+            log(
+                f"checkpoint step {info.step} was written by {info.world_size} rank(s), this run has "
+                f"{world_size}: loading the consolidated weights and LR schedule with a fresh optimizer "
+                f"state (Adam moments restart); the data order continues from the saved position"
+            )
+            path, client = engine.load_checkpoint(
+                str(info.path.parent),
+                tag=info.path.name,
+                load_optimizer_states=False,
+                load_lr_scheduler_states=True,
+                load_module_only=False,
+            )
+    except (RuntimeError, OSError, KeyError, ValueError) as exc:
+        raise MicroBertError(
+            f"cannot resume from {info.path}: {exc}. Start afresh with --resume never "
+            f"(or a new --run-dir), or resume with the {info.world_size} GPU(s) that wrote it"
+        ) from None
+    if path is None or client is None:
+        raise MicroBertError(f"cannot resume from {info.path}: DeepSpeed found no checkpoint there")
+    rank_file = info.path / f"rank-{rank}.pt"
+    rank_state = torch.load(rank_file, weights_only=True) if same_world and rank_file.is_file() else None
+    if rank_state is None and (info.path / "rank-0.pt").is_file():
+        # another world size: the loader position is shared, the RNG streams are per rank and reseeded
+        rank_state = {"loader": torch.load(info.path / "rank-0.pt", weights_only=True)["loader"]}
+    return client, rank_state
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

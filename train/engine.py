@@ -1,0 +1,157 @@
+"""DeepSpeed engine construction: the config DeepSpeed sees, the client optimizer and LR schedule.
+
+The optimizer is always a client `torch.optim.AdamW` (fused where the accelerator supports it):
+DeepSpeed's own FusedAdam needs a CUDA build step that fails on some GPU images, and a client
+optimizer works the same on CPU. Nothing here names CUDA or NCCL: devices and the communication
+backend come from DeepSpeed's accelerator abstraction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from microbert.config import ModelConfig
+from microbert.errors import MicroBertError
+from microbert.model import BertForMaskedLM
+from train.settings import TrainConfig
+
+
+@dataclass
+class Placement:
+    """Where this process runs: its rank, the world, its device, and the numeric precision."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    precision: str  # "bf16" or "fp32"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
+def init_distributed(local_rank: int | None, precision: str) -> Placement:
+    """Join (or, alone, form) the process group; pick the device and precision."""
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    local = local_rank if local_rank is not None else rank
+    accelerator = get_accelerator()
+    device_name = accelerator.device_name(local) if accelerator.device_name() != "cpu" else "cpu"
+    device = torch.device(device_name)
+    if device.type != "cpu":
+        accelerator.set_device(local)
+    if precision == "auto":
+        precision = "bf16" if device.type != "cpu" and accelerator.is_bf16_supported() else "fp32"
+    return Placement(rank=rank, local_rank=local, world_size=world, device=device, precision=precision)
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to the peak, then cosine decay to `min_ratio` of it at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(t: TrainConfig, total_steps: int) -> int:
+    return t.warmup_steps if t.warmup_steps is not None else max(1, int(0.06 * total_steps))
+
+
+def deepspeed_config(
+    base: dict[str, Any], t: TrainConfig, micro_batch: int, place: Placement
+) -> dict[str, Any]:
+    """The config handed to `deepspeed.initialize`: batch geometry, ZeRO stage and precision from t."""
+    config = {k: v for k, v in base.items() if k not in ("bf16", "fp16", "train_batch_size")}
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = t.grad_accum
+    config["train_batch_size"] = micro_batch * t.grad_accum * place.world_size
+    config["gradient_clipping"] = float(t.grad_clip)
+    zero = dict(config.get("zero_optimization") or {})
+    zero["stage"] = t.zero_stage
+    config["zero_optimization"] = zero
+    config["bf16"] = {"enabled": place.precision == "bf16"}
+    config.setdefault("steps_per_print", 10**9)  # the trainer does its own logging
+    return config
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, place: Placement) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights (the BERT recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = not place.on_cpu  # fused AdamW kernels exist for accelerators, not for CPU
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=fused)
+
+
+def auto_micro_batch(model_config: ModelConfig, seq_len: int, place: Placement) -> int:
+    """Size the micro-batch from free accelerator memory (the seed's "configuration by GPU memory").
+
+    Static memory: bf16 weights and grads plus fp32 master weights and Adam moments, the latter
+    split across ranks by ZeRO-1. Per sample: activations kept for backward, about 34·T·d bytes
+    per layer in bf16 with fused attention (Korthikanti et al. 2022), plus fp32 logits over the
+    masked positions. 20% of the free memory is left for the allocator and communication buffers.
+    """
+    if place.on_cpu:
+        return 32
+    free_bytes, _total = get_accelerator().available_memory(place.local_rank), None
+    params = model_config.num_parameters()
+    static = params * (2 + 2) + params * (4 + 8) / place.world_size
+    d, layers, vocab = model_config.hidden_size, model_config.num_hidden_layers, model_config.vocab_size
+    per_sample = 34 * seq_len * d * layers + 0.15 * seq_len * vocab * 4 * 3
+    budget = 0.8 * free_bytes - static
+    if budget <= per_sample:
+        raise MicroBertError(
+            f"model {params / 1e6:.0f}M parameters leaves no room for a batch on this GPU "
+            f"({free_bytes / 2**30:.1f} GiB free): pick a smaller --model or lower --seq-len"
+        )
+    batch = int(budget // per_sample)
+    return max(1, min(512, 2 ** int(math.log2(batch))))
+
+
+def build_engine(
+    model: BertForMaskedLM,
+    t: TrainConfig,
+    base_config: dict[str, Any],
+    micro_batch: int,
+    total_steps: int,
+    place: Placement,
+) -> tuple[Any, torch.optim.lr_scheduler.LRScheduler, dict[str, Any]]:
+    """`deepspeed.initialize` with the client optimizer and schedule; returns engine, scheduler, config."""
+    config = deepspeed_config(base_config, t, micro_batch, place)
+    optimizer = build_optimizer(model, t, place)
+    warm = warmup_steps(t, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_lambda(step, warmup=warm, total=total_steps, min_ratio=t.min_lr_ratio),
+    )
+    engine, _optimizer, _loader, engine_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
+    return engine, engine_scheduler, config
+
+
+def oom_message(t: TrainConfig, micro_batch: int) -> str:
+    """What to do when a step runs out of accelerator memory: the flags that shrink it, in order."""
+    return (
+        f"out of GPU memory at micro-batch {micro_batch} × seq len {t.seq_len} (model {t.model}): "
+        f"lower --batch-size (now {micro_batch}; raise --grad-accum to keep the global batch), "
+        f"then --seq-len (now {t.seq_len}), or pick a smaller --model"
+    )

@@ -1,0 +1,425 @@
+"""The training run: data, model, engine, resume, the step loop, eval, checkpoints, exports, report.
+
+Exact resume rests on three things: the loader's (epoch, position) saved in every checkpoint; the
+masking generator and the dropout RNG reseeded every step from (seed, step, rank), so no random
+stream has to be carried across a restart; and DeepSpeed restoring weights, Adam moments and the
+LR schedule. On CPU a run stopped and resumed ends with the very same bits as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from microbert.checkpoint import save_artifact, update_latest
+from microbert.commands.predict import render
+from microbert.data import ShardLoader, mask_tokens, prepare_dataset
+from microbert.errors import MicroBertError
+from microbert.evaluate import MASK_TOKEN_ID, SPECIAL_TOKEN_IDS, evaluate
+from microbert.model import BertForMaskedLM
+from microbert.predict import FillMaskPredictor
+from train import checkpointing
+from train.engine import Placement, auto_micro_batch, build_engine, init_distributed, oom_message
+from train.reporting import Progress, RunLog, peak_flops, write_history
+from train.settings import Resolved
+
+DEFAULT_PROBES = [
+    "The [MASK] of the king was great.",
+    "I will not [MASK] it.",
+    "He went to the [MASK] and sat down.",
+    "What is your [MASK], my lord?",
+    "She looked at him with [MASK] eyes.",
+]
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed mixed from integers, so (seed, step, rank) streams never overlap."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits 0."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    def agreed(self, place: Placement) -> bool:
+        """True on every rank if any rank was asked to stop (ranks must checkpoint together)."""
+        flag = self.signal is not None
+        if place.world_size > 1:
+            tensor = torch.tensor([1 if flag else 0], device=place.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flag = bool(tensor.item())
+        return flag
+
+
+class Trainer:
+    def __init__(self, resolved: Resolved, local_rank: int | None, launch_command: str):
+        self.resolved = resolved
+        self.t = resolved.train
+        self.launch_command = launch_command
+        self.place = init_distributed(local_rank, self.t.precision)
+        self.run_dir = Path(self.t.run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.export_dir = self.run_dir / "export"
+        if self.place.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpointing._barrier()
+        self.log = RunLog(self.run_dir / "train.log", self.place.is_main)
+        self.stop = StopRequest()
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed_before = 0.0
+        self.history: dict[str, Any] = {"train": [], "eval": []}
+        self.last_eval: dict[str, Any] | None = None
+
+    # --- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        t, place = self.t, self.place
+        self.log(
+            f"run {self.run_dir} | {place.world_size} process(es) on {place.device.type} | precision "
+            f"{place.precision} | layers: {' < '.join(self.resolved.sources)}"
+        )
+        if t.resume == "never" and place.is_main:
+            self._clear_previous_run()
+        model_config = self.resolved.model_config
+        data = prepare_dataset(
+            t.dataset,
+            seq_len=t.seq_len,
+            vocab_size=model_config.vocab_size,
+            max_samples=t.max_samples,
+            streaming=t.streaming,
+            text_column=t.text_column,
+            progress=place.is_main,
+        )
+        self.data = data
+        vocab = data.tokenizer.get_vocab_size()
+        if vocab != model_config.vocab_size:
+            self.log(f"tokenizer has {vocab} tokens: the embedding matrix is sized to match")
+            model_config = model_config.replace(vocab_size=vocab)
+        self.model_config = model_config
+        self.log(
+            f"data {t.dataset}: {len(data.train)} training and {len(data.eval)} held-out sequences of "
+            f"{t.seq_len} tokens ({'cached' if data.cached else 'prepared'}, {data.path})"
+        )
+        torch.manual_seed(t.seed)  # the same initial weights on every rank and every restart
+        model = BertForMaskedLM(model_config)
+        if t.micro_batch_size == "auto":
+            self.micro_batch = auto_micro_batch(model_config, t.seq_len, place)
+        else:
+            self.micro_batch = int(t.micro_batch_size)
+        self.loader = ShardLoader(
+            data.train,
+            batch_size=self.micro_batch,
+            seed=t.seed,
+            rank=place.rank,
+            world_size=place.world_size,
+            device=place.device,
+        )
+        if self.loader.batches_per_epoch < 1:
+            raise MicroBertError(
+                f"{len(data.train)} training sequences give no full batch of {self.micro_batch} × "
+                f"{place.world_size} rank(s): lower --batch-size or use more data (--max-samples)"
+            )
+        if t.max_steps is not None:
+            self.total_steps = t.max_steps
+        else:
+            epochs = t.epochs if t.epochs is not None else 1.0
+            self.total_steps = max(1, math.ceil(epochs * self.loader.batches_per_epoch / t.grad_accum))
+        self.engine, self.scheduler, ds_config = build_engine(
+            model, t, self.resolved.deepspeed, self.micro_batch, self.total_steps, place
+        )
+        self.ds_config = ds_config
+        self.flops_per_token = model_config.training_flops_per_token(t.seq_len)
+        device_name = None if place.on_cpu else get_accelerator().get_device_name(place.local_rank)
+        peak = peak_flops(device_name)
+        self.peak_flops = peak * place.world_size if peak else None
+        self.log(
+            f"model {t.model}: {model_config.num_parameters() / 1e6:.2f}M parameters, "
+            f"{self.flops_per_token / 1e6:.1f} MFLOP per token (6N + 12·L·d·S); micro-batch "
+            f"{self.micro_batch} × accumulation {t.grad_accum} × {place.world_size} rank(s) = "
+            f"{ds_config['train_batch_size']} sequences per step; {self.total_steps} steps "
+            f"({self.loader.batches_per_epoch} batches per epoch per rank)"
+        )
+        if t.resume == "auto":
+            self._resume()
+        if place.is_main:
+            self._write_resolved_config()
+        checkpointing._barrier()
+
+    def _clear_previous_run(self) -> None:
+        import shutil
+
+        for folder in (self.checkpoint_dir, self.export_dir):
+            if folder.exists():
+                self.log(f"--resume never: removing the previous run's {folder}")
+                shutil.rmtree(folder)
+        for name in ("training_history.json", "training_history.png", "status.json"):
+            (self.run_dir / name).unlink(missing_ok=True)
+
+    def _resume(self) -> None:
+        info = checkpointing.latest_complete(self.checkpoint_dir)
+        if info is None:
+            return
+        client, rank_state = checkpointing.load(
+            self.engine, info, rank=self.place.rank, world_size=self.place.world_size, log=self.log
+        )
+        self.step = int(client["step"])
+        self.tokens_seen = int(client["tokens_seen"])
+        self.elapsed_before = float(client["elapsed_s"])
+        self.history = client["history"]
+        self.last_eval = self.history["eval"][-1] if self.history["eval"] else None
+        if rank_state is not None:
+            self.loader.load_state_dict(rank_state["loader"])
+            if "rng" in rank_state:
+                checkpointing.set_rng_state(rank_state["rng"])
+        self.log(
+            f"resumed from step {self.step} ({info.path}); {self.tokens_seen:,} tokens seen, "
+            f"loader at epoch {self.loader.epoch}"
+        )
+
+    def _write_resolved_config(self) -> None:
+        resolved = self.resolved.to_dict()
+        resolved["model"] = {"preset": self.t.model, **self.model_config.to_dict()}
+        resolved["deepspeed"] = self.ds_config
+        resolved["runtime"] = {
+            "world_size": self.place.world_size,
+            "device": self.place.device.type,
+            "precision": self.place.precision,
+            "micro_batch_size": self.micro_batch,
+            "total_steps": self.total_steps,
+            "dataset_cache_key": self.data.cache_key,
+            "launch_command": self.launch_command,
+        }
+        tmp = self.run_dir / ".resolved_config.json.tmp"
+        tmp.write_text(json.dumps(resolved, indent=2) + "\n")
+        os.replace(tmp, self.run_dir / "resolved_config.json")
+
+    # --- the loop --------------------------------------------------------------------------------
+    def train(self) -> str:
+        """Run to the end (or a stop); returns "finished" or "stopped"."""
+        t, place = self.t, self.place
+        self.stop.install()
+        progress = Progress(self.log, total=self.total_steps, initial=self.step, every=t.log_every)
+        start = time.perf_counter()
+        interval_start, interval_wait = start, 0.0
+        interval_tokens = torch.zeros((), dtype=torch.long, device=place.device)
+        interval_steps = 0
+        generator = torch.Generator(device=place.device)
+        outcome = "finished"
+        try:
+            while self.step < self.total_steps:
+                step = self.step
+                torch.manual_seed(_seed_for(t.seed, step, place.rank, 1))  # dropout stream of this step
+                loss_value = torch.zeros((), device=place.device)
+                for micro in range(t.grad_accum):
+                    wait_start = time.perf_counter()
+                    input_ids, attention_mask = next(self.loader)
+                    interval_wait += time.perf_counter() - wait_start
+                    generator.manual_seed(_seed_for(t.seed, step, place.rank, 2, micro))
+                    inputs, labels = mask_tokens(
+                        input_ids,
+                        vocab_size=self.model_config.vocab_size,
+                        mask_token_id=MASK_TOKEN_ID,
+                        special_token_ids=list(SPECIAL_TOKEN_IDS),
+                        mlm_probability=t.mlm_probability,
+                        generator=generator,
+                    )
+                    try:
+                        out = self.engine(input_ids=inputs, attention_mask=attention_mask, labels=labels)
+                        self.engine.backward(out.loss)
+                        self.engine.step()
+                    except torch.OutOfMemoryError:
+                        raise MicroBertError(oom_message(t, self.micro_batch)) from None
+                    loss_value = loss_value + out.loss.detach().float() / t.grad_accum
+                    interval_tokens += attention_mask.sum()
+                self.step += 1
+                interval_steps += 1
+                stopping = self.stop.agreed(place) or self.step == t.stop_at_step
+                last = self.step >= self.total_steps
+                if self.step % t.log_every == 0 or last or stopping or self.step % t.checkpoint_every == 0:
+                    now = time.perf_counter()
+                    tokens = self._global_sum(interval_tokens)
+                    self.tokens_seen += tokens
+                    seconds = max(now - interval_start, 1e-9)
+                    record = self._train_record(float(loss_value), tokens / seconds, interval_wait / seconds)
+                    self.history["train"].append(record)
+                    remaining = (self.total_steps - self.step) * seconds / max(interval_steps, 1)
+                    progress.update(self.step, record, remaining)
+                    interval_start, interval_wait, interval_steps = now, 0.0, 0
+                    interval_tokens.zero_()
+                if self.step % t.eval_every == 0 or last:
+                    self._evaluate()
+                if self.step % t.checkpoint_every == 0 or last or stopping:
+                    self._checkpoint(start)
+                if stopping:
+                    sig = self.stop.signal
+                    reason = f"signal {signal.Signals(sig).name}" if sig else "--stop-at-step"
+                    self.log(f"stopped at step {self.step} ({reason}); the same command resumes from here")
+                    outcome = "stopped"
+                    break
+        finally:
+            progress.close()
+        return outcome
+
+    def _global_sum(self, value: torch.Tensor) -> int:
+        if self.place.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return int(value.item())
+
+    def _train_record(self, loss: float, tokens_per_second: float, wait_share: float) -> dict[str, Any]:
+        grad_norm = self.engine.get_global_grad_norm()
+        mfu = tokens_per_second * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        return {
+            "step": self.step,
+            "loss": loss,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_second": tokens_per_second,
+            "mfu": mfu,
+            "data_wait_share": wait_share,
+            "tokens_seen": self.tokens_seen,
+        }
+
+    def _evaluate(self) -> None:
+        if self.place.is_main:
+            result = evaluate(
+                self.engine.module,
+                self.data.eval,
+                batch_size=self.micro_batch,
+                max_batches=self.t.eval_batches,
+                mlm_probability=self.t.mlm_probability,
+                seed=self.t.seed + 1,
+                device=self.place.device,
+            )
+            record = {"step": self.step, **result.to_dict()}
+            self.history["eval"].append(record)
+            self.last_eval = record
+            self.log(
+                f"eval step {self.step}: loss {result.loss:.4f} perplexity {result.perplexity:.1f} "
+                f"masked accuracy {result.accuracy * 100:.2f}% (most frequent token "
+                f"{result.baseline_accuracy * 100:.2f}%) over {result.num_masked} masked tokens"
+            )
+        checkpointing._barrier()
+
+    def _checkpoint(self, start: float) -> None:
+        if any(c.step == self.step for c in checkpointing.list_complete(self.checkpoint_dir)):
+            return  # already saved (e.g. a stop right after a scheduled checkpoint)
+        shared = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed_before + time.perf_counter() - start,
+            "history": self.history,
+        }
+        loader_state = json.loads(json.dumps(self.loader.state_dict(), default=_plain))
+        rank_state = {"loader": loader_state, "rng": checkpointing.rng_state()}
+        folder = checkpointing.save(
+            self.engine,
+            self.checkpoint_dir,
+            self.step,
+            shared_state=shared,
+            rank_state=rank_state,
+            rank=self.place.rank,
+            world_size=self.place.world_size,
+            keep=self.t.keep_checkpoints,
+        )
+        if self.place.is_main:
+            self._export()
+            write_history(self.run_dir, self.history)
+            self.log(f"checkpoint step {self.step}: {folder}; export {self.export_dir / f'step-{self.step}'}")
+        checkpointing._barrier()
+
+    def _export(self) -> None:
+        """The servable artifact of this step; `export/latest` moves only once it is complete."""
+        folder = self.export_dir / f"step-{self.step}"
+        metadata = {
+            "step": self.step,
+            "seq_len": self.t.seq_len,
+            "tokens_seen": self.tokens_seen,
+            "dataset": self.t.dataset,
+            "eval": self.last_eval,
+        }
+        save_artifact(self.engine.module, self.data.tokenizer, folder, metadata=metadata)
+        update_latest(self.export_dir, folder)
+        keep = {f"step-{c.step}" for c in checkpointing.list_complete(self.checkpoint_dir)}
+        keep.add(folder.name)
+        for old in self.export_dir.glob("step-*"):
+            if old.name not in keep:
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+
+    # --- the end ----------------------------------------------------------------------------------
+    def report(self, outcome: str, wall_s: float) -> None:
+        """Status file, peak memory and, at the end of a finished run, the probe predictions."""
+        if not self.place.is_main:
+            return
+        peak = _peak_memory(self.place)
+        elapsed = self.elapsed_before + wall_s
+        self.log(
+            f"{outcome} at step {self.step}/{self.total_steps}: {self.tokens_seen:,} non-padding tokens, "
+            f"{elapsed:.0f} s of training in all, peak memory {peak}"
+        )
+        status = {"state": outcome, "step": self.step, "total_steps": self.total_steps}
+        status["eval"] = self.last_eval
+        (self.run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+        if outcome == "finished":
+            probes = self.t.probe_texts or DEFAULT_PROBES
+            predictor = FillMaskPredictor.from_pretrained(self.run_dir, device="cpu")
+            block = render(probes, predictor.predict(probes, top_k=5))
+            for line in block.rstrip("\n").split("\n"):
+                self.log(line)
+
+
+def _plain(value: Any) -> Any:
+    """JSON for NumPy scalars and arrays in a loader state."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's loader state")
+
+
+def _peak_memory(place: Placement) -> str:
+    if place.on_cpu:
+        rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return f"{rss_kib / 2**20:.2f} GiB resident (CPU)"
+    peak = get_accelerator().max_memory_allocated(place.local_rank)
+    return f"{peak / 2**30:.2f} GiB allocated on {place.device}"
+
+
+def run(resolved: Resolved, local_rank: int | None) -> int:
+    """Train to the end or to a stop; 0 in both cases."""
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    trainer = Trainer(resolved, local_rank, command)
+    try:
+        trainer.setup()
+        started = time.perf_counter()
+        outcome = trainer.train()
+        trainer.report(outcome, time.perf_counter() - started)
+    except torch.OutOfMemoryError:
+        raise MicroBertError(oom_message(resolved.train, getattr(trainer, "micro_batch", 0))) from None
+    finally:
+        trainer.log.close()
+    return 0

@@ -1,0 +1,63 @@
+"""Entry point of `microbert-train`, `python -m train` and `deepspeed train/main.py`: parse, build, run.
+
+A profile naming more than one GPU, started without a launcher, starts `deepspeed --num_gpus N`
+(train/launcher.py); a one-process run stays in this process. Configuration problems are printed
+together as one `error:` message with exit code 2, before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+if __package__ in (None, ""):  # `deepspeed train/main.py`: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from microbert.errors import MicroBertError
+from train.args import flag_settings, parse
+from train.settings import resolve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    local_rank = args.local_rank
+    if local_rank is None and "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+    under_launcher = local_rank is not None
+    try:
+        resolved = resolve(
+            profile=args.profile,
+            ds_config=args.ds_config,
+            run_file=args.run_file,
+            flags=flag_settings(args),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")) if under_launcher else None,
+        )
+        if not under_launcher and resolved.train.num_gpus > 1:
+            from train.launcher import launch
+
+            return launch(resolved.train.num_gpus, argv, resolved.train.run_dir)
+        if not under_launcher:
+            _single_process_env()
+        from train.loop import run
+
+        return run(resolved, local_rank)
+    except MicroBertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _single_process_env() -> None:
+    """A one-process world without a launcher (else DeepSpeed falls back to MPI discovery)."""
+    from train.launcher import free_port
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
