@@ -1,0 +1,455 @@
+"""`prepare_dataset`: a source, tokenized once into packed rows in the content-addressed cache.
+
+The work is done once per cache key (source + sample limit + tokenizer + sequence length + held-out
+share); every later call — on this rank or any other — memory-maps the result. Preparing streams the
+source in batches: documents are encoded, packed into rows, and every `shard_tokens` tokens the rows
+are committed as a shard (written, flushed, renamed) together with the point to resume from. An
+interrupted prepare therefore keeps its finished shards and continues after the last one. When the
+source is exhausted the shards are joined into `train.bin` / `eval.bin` and `meta.json` is written;
+only then is the entry visible as data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from filelock import FileLock
+from tokenizers import Tokenizer
+
+from microbert.data import cache as cache_mod
+from microbert.data.cache import META_FILE, PROGRESS_FILE, ensure_dir, read_json, write_json_atomic
+from microbert.data.encode import Encoder, Packer
+from microbert.data.sources import Source, iter_documents, parse_count, resolve_source
+from microbert.errors import ConfigError, MicroBertError
+from microbert.tokenizer import (
+    CLS,
+    MASK,
+    PAD,
+    SEP,
+    SPECIAL_TOKENS,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_hash,
+)
+from microbert.tokenizer import train_tokenizer as _train_tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_SHARD_TOKENS = 32 << 20  # 64 MiB of uint16 per shard: little lost to an interruption
+BATCH_CHARS = 1 << 20  # text handed to the encoder at a time
+DEFAULT_TOKENIZER_SAMPLE_CHARS = 32 << 20  # WordPiece learns its vocabulary from the first 32 M characters
+MIN_SEQ_LEN, MAX_SEQ_LEN = 8, 65536
+
+
+@dataclass
+class PreparedDataset:
+    """A prepared dataset: the tokenizer and memory-mapped rows of token ids (0 = [PAD])."""
+
+    tokenizer: Tokenizer
+    train: np.ndarray  # (num_sequences, seq_len) uint16 | uint32
+    eval: np.ndarray  # (num_eval_sequences, seq_len), documents never seen in train
+    cache_key: str
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.meta["seq_len"])
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        return [self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+
+    @property
+    def mask_token_id(self) -> int:
+        return int(self.tokenizer.token_to_id(MASK))
+
+
+def prepare_dataset(
+    source: str | os.PathLike[str] = "embedded",
+    *,
+    seq_len: int,
+    vocab_size: int,
+    max_samples: int | str | None = None,
+    streaming: bool = False,
+    text_column: str = "text",
+    tokenizer: str | Path | Tokenizer | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    eval_fraction: float = 0.01,
+    tokenizer_sample_chars: int = DEFAULT_TOKENIZER_SAMPLE_CHARS,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+) -> PreparedDataset:
+    """Tokenize and pack `source` into the cache (once), then return it memory-mapped.
+
+    Safe to call from every rank at once: one process prepares under a file lock; the others wait
+    for it and then read the finished entry (`cached=True`).
+    """
+    started = time.perf_counter()
+    max_samples = _validate(seq_len, vocab_size, max_samples, text_column, eval_fraction, shard_tokens)
+    src = resolve_source(source, text_column=text_column)
+    given = _given_tokenizer(tokenizer, vocab_size)
+    key_fields = {
+        "format": FORMAT_VERSION,
+        "source": src.identity,
+        "max_samples": max_samples,
+        "seq_len": seq_len,
+        "eval_fraction": eval_fraction,
+        "tokenizer": tokenizer_hash(given)
+        if given is not None
+        else {"train": "wordpiece", "vocab_size": vocab_size, "sample_chars": tokenizer_sample_chars},
+    }
+    digest = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    key = f"{src.slug}-s{seq_len}-{digest}"
+    root = cache_mod.cache_root(cache_dir)
+    entry = cache_mod.datasets_dir(root) / key
+    if (entry / META_FILE).is_file():
+        return _open(entry, cached=True)
+    ensure_dir(cache_mod.locks_dir(root))
+    lock = FileLock(str(cache_mod.locks_dir(root) / f"{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Exception:  # filelock.Timeout: another process is preparing this key
+        log.info("waiting for another process to finish preparing %s", key)
+        lock.acquire()
+    try:
+        if (entry / META_FILE).is_file():
+            return _open(entry, cached=True)
+        job = _Job(src, entry, key_fields, seq_len, vocab_size, max_samples, streaming, eval_fraction)
+        job.run(given, root, tokenizer_sample_chars, shard_tokens, progress, started)
+        return _open(entry, cached=False)
+    finally:
+        lock.release()
+
+
+def _validate(
+    seq_len: Any, vocab_size: Any, max_samples: Any, text_column: Any, eval_fraction: Any, shard_tokens: Any
+) -> int | None:
+    problems = []
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or not MIN_SEQ_LEN <= seq_len <= MAX_SEQ_LEN:
+        problems.append(f"seq_len must be an integer from {MIN_SEQ_LEN} to {MAX_SEQ_LEN}, got {seq_len!r}")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 6 <= vocab_size < 2**32:
+        problems.append(f"vocab_size must be an integer of at least 6, got {vocab_size!r}")
+    try:
+        limit = parse_count(max_samples)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        limit = None
+    if not isinstance(text_column, str) or not text_column:
+        problems.append(f"text_column must be a column name, got {text_column!r}")
+    if not isinstance(eval_fraction, (int, float)) or not 0 <= eval_fraction <= 0.5:
+        problems.append(f"eval_fraction must be between 0 and 0.5, got {eval_fraction!r}")
+    if not isinstance(shard_tokens, int) or shard_tokens < 1:
+        problems.append(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
+    if problems:
+        raise ConfigError(problems)
+    return limit
+
+
+def _given_tokenizer(tokenizer: str | Path | Tokenizer | None, vocab_size: int) -> Tokenizer | None:
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        path = Path(tokenizer).expanduser()
+        if path.is_file():
+            try:
+                tok = Tokenizer.from_file(str(path))
+            except Exception as exc:
+                raise ConfigError(f"{path} is not a tokenizer.json: {exc}") from None
+        else:
+            tok = load_tokenizer(path)
+    missing = [t for t in (PAD, CLS, SEP, MASK) if tok.token_to_id(t) is None]
+    if missing:
+        raise ConfigError(
+            f"the tokenizer has no {', '.join(missing)} token(s); MicroBERT needs {SPECIAL_TOKENS}"
+        )
+    if tok.token_to_id(PAD) != 0:
+        raise ConfigError(f"the tokenizer's {PAD} id is {tok.token_to_id(PAD)}; the data format needs 0")
+    if tok.get_vocab_size() > vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tok.get_vocab_size()} tokens but vocab_size is {vocab_size}: "
+            "the model could not embed its ids"
+        )
+    return tok
+
+
+def _dtype(tok: Tokenizer) -> np.dtype:
+    return np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)
+
+
+def _open(entry: Path, *, cached: bool) -> PreparedDataset:
+    """Memory-map a finished entry (no tokenization, no copy)."""
+    meta = read_json(entry / META_FILE)
+    if meta is None or meta.get("format") != FORMAT_VERSION:
+        raise MicroBertError(
+            f"{entry / META_FILE} is unreadable or from another version; `microbert cache clear`"
+        )
+    tok = load_tokenizer(entry)
+    dtype, seq_len = np.dtype(meta["dtype"]), int(meta["seq_len"])
+
+    def rows(name: str, count: int) -> np.ndarray:
+        path = entry / name
+        expected = count * seq_len * dtype.itemsize
+        if not path.is_file() or path.stat().st_size != expected:
+            raise MicroBertError(
+                f"{path} is missing or has the wrong size; `microbert cache clear {entry.name}`"
+            )
+        if count == 0:
+            return np.empty((0, seq_len), dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", shape=(count, seq_len))
+
+    return PreparedDataset(
+        tokenizer=tok,
+        train=rows("train.bin", int(meta["train_sequences"])),
+        eval=rows("eval.bin", int(meta["eval_sequences"])),
+        cache_key=entry.name,
+        path=entry,
+        meta=meta,
+        cached=cached,
+    )
+
+
+class _Job:
+    """One preparation of one cache entry: resumable from its last committed shard."""
+
+    def __init__(
+        self,
+        src: Source,
+        entry: Path,
+        key_fields: dict[str, Any],
+        seq_len: int,
+        vocab_size: int,
+        max_samples: int | None,
+        streaming: bool,
+        eval_fraction: float,
+    ):
+        self.src, self.entry, self.key_fields = src, entry, key_fields
+        self.seq_len, self.vocab_size, self.max_samples = seq_len, vocab_size, max_samples
+        self.streaming = streaming
+        # document k is held out when k % eval_every == 0 (none when eval_fraction == 0)
+        self.eval_every = round(1 / eval_fraction) if eval_fraction > 0 else 0
+
+    def is_eval(self, index: int) -> bool:
+        return self.eval_every > 0 and index % self.eval_every == 0
+
+    def documents(self, hf_cache: Path) -> Iterator[str]:
+        docs = iter_documents(self.src, streaming=self.streaming, hf_cache_dir=hf_cache)
+        return islice(docs, self.max_samples) if self.max_samples is not None else docs
+
+    def run(
+        self,
+        given: Tokenizer | None,
+        root: Path,
+        sample_chars: int,
+        shard_tokens: int,
+        progress: bool,
+        started: float,
+    ) -> None:
+        ensure_dir(self.entry)
+        hf_cache = cache_mod.hf_datasets_dir(root)
+        state = read_json(self.entry / PROGRESS_FILE)
+        if state is not None and state.get("key") != self.key_fields:
+            state = None
+        tok = self._tokenizer(given, hf_cache, sample_chars)
+        dtype = _dtype(tok)
+        state = state or {
+            "key": self.key_fields,
+            "shards": [],
+            "documents": 0,
+            "stats": {"text_chars": 0, "text_tokens": 0, "eval_documents": 0, "padding_tokens": 0},
+            "carry": {"train": [], "eval": []},
+            "finished": False,
+        }
+        self._drop_orphans(state)
+        resumed_shards = len(state["shards"])
+        if not state["finished"]:
+            self._tokenize(tok, dtype, state, hf_cache, shard_tokens, progress, started)
+        self._finish(tok, dtype, state, resumed_shards, started)
+
+    def _tokenizer(self, given: Tokenizer | None, hf_cache: Path, sample_chars: int) -> Tokenizer:
+        if (self.entry / "tokenizer.json").is_file():  # resuming: the ids already written use it
+            return load_tokenizer(self.entry)
+        if given is None:
+            log.info("training a WordPiece tokenizer (vocab %d) on %s", self.vocab_size, self.src.name)
+            tok = _train_tokenizer(self._sample(hf_cache, sample_chars), self.vocab_size)
+        else:
+            tok = given
+        staging = ensure_dir(self.entry / ".tokenizer-tmp")
+        for name in save_tokenizer(tok, staging):
+            os.replace(staging / name, self.entry / name)
+        staging.rmdir()
+        return tok
+
+    def _sample(self, hf_cache: Path, sample_chars: int) -> Iterator[str]:
+        taken = 0
+        for index, doc in enumerate(self.documents(hf_cache)):
+            if self.is_eval(index):
+                continue
+            yield doc
+            taken += len(doc)
+            if taken >= sample_chars:
+                return
+
+    def _drop_orphans(self, state: dict[str, Any]) -> None:
+        """Remove shards no progress record names (written, but interrupted before being recorded)."""
+        keep = {f"shard-{s['index']:05d}.{part}.bin" for s in state["shards"] for part in ("train", "eval")}
+        for path in self.entry.iterdir():
+            if (path.name.startswith("shard-") and path.name not in keep) or ".tmp-" in path.name:
+                path.unlink(missing_ok=True)
+
+    def _tokenize(
+        self,
+        tok: Tokenizer,
+        dtype: np.dtype,
+        state: dict[str, Any],
+        hf_cache: Path,
+        shard_tokens: int,
+        progress: bool,
+        started: float,
+    ) -> None:
+        encoder = Encoder(tok, dtype=dtype)
+        packers = {part: Packer(tok, self.seq_len, dtype, state["carry"][part]) for part in ("train", "eval")}
+        pending: dict[str, list[np.ndarray]] = {"train": [], "eval": []}
+        pending_rows = 0
+        stats = state["stats"]
+        bar = _progress_bar(progress, self.src.name)
+        index = state["documents"]
+        docs = islice(self.documents(hf_cache), index, None)  # resume after the last committed shard
+        for batch in _batches(docs):
+            train_docs, eval_docs = [], []
+            for doc in batch:
+                (eval_docs if self.is_eval(index) else train_docs).append(doc)
+                index += 1
+            for part, part_docs in (("train", train_docs), ("eval", eval_docs)):
+                if part_docs:
+                    ids = encoder.encode(part_docs)
+                    stats["text_tokens"] += len(ids) - len(part_docs)  # less the [SEP] after each
+                    rows = packers[part].add(ids)
+                    pending[part].append(rows)
+                    pending_rows += len(rows)
+            chars = sum(map(len, batch))
+            stats["text_chars"] += chars
+            stats["eval_documents"] += len(eval_docs)
+            if bar is not None:
+                bar.update(chars)
+            if pending_rows * self.seq_len >= shard_tokens:
+                self._commit(state, pending, packers, index, started)
+                pending_rows = 0
+        for part in ("train", "eval"):
+            last = packers[part].finish()
+            stats["padding_tokens"] += int(np.count_nonzero(last == packers[part].pad_id))
+            pending[part].append(last)
+        state["finished"] = True
+        self._commit(state, pending, packers, index, started)
+        if bar is not None:
+            bar.close()
+
+    def _commit(
+        self,
+        state: dict[str, Any],
+        pending: dict[str, list[np.ndarray]],
+        packers: dict[str, Packer],
+        documents: int,
+        started: float,
+    ) -> None:
+        """Write the pending rows as the next shard, then record it (and where to resume)."""
+        shard = len(state["shards"])
+        counts = {}
+        for part in ("train", "eval"):
+            rows = [r for r in pending[part] if len(r)]
+            counts[part] = sum(len(r) for r in rows)
+            path = self.entry / f"shard-{shard:05d}.{part}.bin"
+            cache_mod.write_bytes_atomic(path, (memoryview(np.ascontiguousarray(r)).cast("B") for r in rows))
+            pending[part].clear()
+        state["shards"].append(
+            {"index": shard, "train_sequences": counts["train"], "eval_sequences": counts["eval"]}
+        )
+        state["documents"] = documents
+        state["carry"] = {part: packers[part].carry.tolist() for part in ("train", "eval")}
+        write_json_atomic(self.entry / PROGRESS_FILE, state)
+
+    def _finish(
+        self, tok: Tokenizer, dtype: np.dtype, state: dict[str, Any], resumed_shards: int, started: float
+    ) -> None:
+        """Join the shards into train.bin / eval.bin, then write meta.json: the entry is complete."""
+        totals = {part: sum(s[f"{part}_sequences"] for s in state["shards"]) for part in ("train", "eval")}
+        if totals["train"] == 0:
+            raise MicroBertError(
+                f"{self.src.name} has too little text: {state['documents']} document(s) gave no training "
+                "sequence (the first document of every 100 is held out for evaluation); give more text"
+            )
+        for part in ("train", "eval"):
+            shards = [self.entry / f"shard-{s['index']:05d}.{part}.bin" for s in state["shards"]]
+            cache_mod.write_bytes_atomic(
+                self.entry / f"{part}.bin", (memoryview(np.fromfile(p, dtype=np.uint8)) for p in shards)
+            )
+        total_slots = (totals["train"] + totals["eval"]) * self.seq_len
+        non_padding = total_slots - state["stats"]["padding_tokens"]
+        stats = state["stats"]
+        meta = {
+            "format": FORMAT_VERSION,
+            "cache_key": self.entry.name,
+            "source": self.src.name,
+            "source_identity": self.src.identity,
+            "max_samples": self.max_samples,
+            "seq_len": self.seq_len,
+            "vocab_size": tok.get_vocab_size(),
+            "tokenizer_hash": tokenizer_hash(tok),
+            "dtype": dtype.name,
+            "documents": state["documents"],
+            "eval_documents": stats["eval_documents"],
+            "text_chars": stats["text_chars"],
+            "text_tokens": stats["text_tokens"],
+            "tokens": non_padding,
+            "padding_tokens": total_slots - non_padding,
+            "padding_fraction": round((total_slots - non_padding) / max(total_slots, 1), 6),
+            "sequences": totals["train"] + totals["eval"],
+            "train_sequences": totals["train"],
+            "eval_sequences": totals["eval"],
+            "eval_every": self.eval_every,
+            "shards": len(state["shards"]),
+            "resumed_shards": resumed_shards,
+            "seconds": round(time.perf_counter() - started, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "key": self.key_fields,
+        }
+        write_json_atomic(self.entry / META_FILE, meta)
+        for part in ("train", "eval"):
+            for s in state["shards"]:
+                (self.entry / f"shard-{s['index']:05d}.{part}.bin").unlink(missing_ok=True)
+        (self.entry / PROGRESS_FILE).unlink(missing_ok=True)
+
+
+def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _progress_bar(enabled: bool, name: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=f"preparing {name}", unit="char", unit_scale=True, dynamic_ncols=True)
