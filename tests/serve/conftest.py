@@ -1,4 +1,4 @@
-"""Service fixtures: run folders, an app under `with TestClient(app)`, and a real `microbert-serve` process."""
+"""Service fixtures: run folders, an app under `with TestClient(app)`, a real `microbert-serve` process."""
 
 from __future__ import annotations
 

@@ -1,0 +1,202 @@
+"""A real `microbert-serve` (uvicorn) process on 127.0.0.1: clients, reloads, shutdown, workers, load."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import huggingface_hub.constants
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import HfHubHTTPError
+
+from bench.serve_load import run_load
+from microbert.predict import FillMaskPredictor
+from tests.serve.conftest import add_step
+from tests.serve.test_api import TEXT, TWO_MASKS, sample
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_inference_client_works_unchanged(
+    start_server: Any, run_dir: Path, tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The suite runs offline (HF_HUB_OFFLINE=1), which blocks every huggingface_hub request, loopback too.
+    # A URL model and a token mean the client makes no request but ours, to 127.0.0.1.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    server = start_server(run_dir, env={"MICROBERT_API_KEY": "k3y"})
+    expected = FillMaskPredictor.from_pretrained(tiny_artifact)
+    client = InferenceClient(model=server.url + "/fill-mask", token="k3y")
+    answer = client.fill_mask(TEXT)
+    assert [(c.token, c.token_str, c.sequence) for c in answer] == [
+        (c["token"], c["token_str"], c["sequence"]) for c in expected.predict(TEXT)[0]
+    ]
+    assert answer[0].score == pytest.approx(expected.predict(TEXT)[0][0]["score"], rel=1e-6)
+    with_targets = client.fill_mask(TEXT, targets=["king", "queen"], top_k=2)
+    assert {c.token_str for c in with_targets} == {"king", "queen"}
+    with pytest.raises(HfHubHTTPError) as error:
+        client.fill_mask("no mask here")
+    assert error.value.response.status_code == 400
+    with pytest.raises(HfHubHTTPError) as error:
+        InferenceClient(model=server.url + "/fill-mask", token="wrong").fill_mask(TEXT)
+    assert error.value.response.status_code == 401
+    # Plain HTTP: several masks, list inputs.
+    headers = {"authorization": "Bearer k3y"}
+    several = httpx.post(server.url + "/fill-mask", json={"inputs": TWO_MASKS}, headers=headers).json()
+    assert len(several) == 2 and len(several[0]) == 5
+    listed = httpx.post(server.url + "/fill-mask", json={"inputs": [TEXT, TWO_MASKS]}, headers=headers).json()
+    # Padding in a shared batch moves scores in the last float digits only.
+    assert same_result(listed, expected.predict([TEXT, TWO_MASKS]))
+    assert same_result(listed[1], several)
+
+
+def same_result(a: Any, b: Any) -> bool:
+    """Equal structure, tokens and sequences; scores equal to 1e-5 relative."""
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(same_result, a, b))
+    rest_a = {k: v for k, v in a.items() if k != "score"}
+    rest_b = {k: v for k, v in b.items() if k != "score"}
+    return rest_a == rest_b and a["score"] == pytest.approx(b["score"], rel=1e-5)
+
+
+class Traffic:
+    """Background clients sending requests until stopped; every status is recorded."""
+
+    def __init__(self, url: str, clients: int = 4):
+        self.url, self.statuses, self.steps = url, Counter[str](), set[int]()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as http:
+            while not self._stop.is_set():
+                try:
+                    status = str(http.post(self.url + "/fill-mask", json={"inputs": TEXT}).status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                self.statuses[status] += 1
+
+    def stop(self) -> Counter[str]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        return self.statuses
+
+
+def wait_for_step(url: str, step: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(url + "/info").json()["step"] != step:
+        assert time.monotonic() < deadline, f"step {step} was not loaded"
+        time.sleep(0.1)
+
+
+def test_reload_under_traffic_fails_no_request(
+    start_server: Any, run_dir: Path, tiny_tokenizer: Any, tiny_config: Any
+) -> None:
+    server = start_server(run_dir, env={"MICROBERT_RELOAD_INTERVAL_S": "0.2"})
+    traffic = Traffic(server.url)
+    time.sleep(0.5)
+    add_step(run_dir, tiny_tokenizer, tiny_config, step=8, seed=8)  # picked up by the export/latest watch
+    wait_for_step(server.url, 8)
+    add_step(run_dir, tiny_tokenizer, tiny_config, step=9, seed=9)
+    wait_for_step(server.url, 9)
+    time.sleep(0.3)
+    statuses = traffic.stop()
+    assert set(statuses) == {"200"} and statuses["200"] > 20, statuses
+    metrics = httpx.get(server.url + "/metrics").text
+    assert sample(metrics, "microbert_model_reloads_total", result="ok") == 2
+    assert sample(metrics, "microbert_model_info", step="9") == 1
+    assert sample(metrics, "microbert_model_info", step="7") == 0
+
+
+def test_sighup_reloads_and_a_broken_export_is_refused(
+    start_server: Any, run_dir: Path, tiny_tokenizer: Any, tiny_config: Any
+) -> None:
+    server = start_server(run_dir)  # no polling: only SIGHUP reloads
+    traffic = Traffic(server.url, clients=2)
+    add_step(run_dir, tiny_tokenizer, tiny_config, step=8, seed=8)
+    time.sleep(0.3)
+    assert httpx.get(server.url + "/info").json()["step"] == 7
+    server.process.send_signal(signal.SIGHUP)
+    wait_for_step(server.url, 8)
+    broken = add_step(run_dir, tiny_tokenizer, tiny_config, step=9, seed=9)
+    (broken / "model.safetensors").write_bytes(b"not the weights")  # no longer matches its manifest
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while (
+        sample(httpx.get(server.url + "/metrics").text, "microbert_model_reloads_total", result="failed") < 1
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    statuses = traffic.stop()
+    assert httpx.get(server.url + "/info").json()["step"] == 8  # still serving the last good model
+    assert set(statuses) == {"200"}, statuses
+    assert server.alive()
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(start_server: Any, run_dir: Path) -> None:
+    # A long batching wait keeps the requests in flight when SIGTERM arrives.
+    server = start_server(run_dir, env={"MICROBERT_MAX_WAIT_MS": "700"})
+    results: list[int] = []
+    senders = [
+        threading.Thread(
+            target=lambda: results.append(
+                httpx.post(server.url + "/fill-mask", json={"inputs": TEXT}, timeout=30).status_code
+            )
+        )
+        for _ in range(4)
+    ]
+    for sender in senders:
+        sender.start()
+    time.sleep(0.3)
+    server.process.send_signal(signal.SIGTERM)
+    for sender in senders:
+        sender.join(30)
+    assert results == [200] * 4
+    assert server.stop() == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health", timeout=2)
+
+
+def test_workers_share_one_metrics_view(start_server: Any, run_dir: Path) -> None:
+    server = start_server(run_dir, workers=2)
+    with httpx.Client() as http:  # new connections, so both workers take some
+        pids = set()
+        for _ in range(30):
+            response = httpx.post(server.url + "/fill-mask", json={"inputs": TEXT})
+            assert response.status_code == 200
+        for _ in range(6):
+            assert http.post(server.url + "/fill-mask", json={"inputs": "no mask"}).status_code == 400
+        del pids
+    totals = [
+        sample(
+            httpx.get(server.url + "/metrics").text,
+            "microbert_requests_total",
+            route="/fill-mask",
+            status="200",
+        )
+        for _ in range(6)
+    ]
+    assert totals == [30] * 6  # whichever worker answers /metrics, it counts both workers' requests
+    text = httpx.get(server.url + "/metrics").text
+    assert sample(text, "microbert_request_failures_total", error_type="no_mask") == 6
+    assert sample(text, "microbert_queue_duration_seconds_count") == 30
+    assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_64_clients_get_only_200_or_429_and_the_server_stays_up(start_server: Any, run_dir: Path) -> None:
+    server = start_server(run_dir, env={"MICROBERT_MAX_QUEUE": "64"})  # small: some clients must get 429
+    result = asyncio.run(run_load("127.0.0.1", server.port, concurrency=64, duration_s=3))
+    assert set(result.statuses) <= {"200", "429"}, result.statuses
+    assert result.ok > 0
+    assert server.alive() and httpx.get(server.url + "/health").status_code == 200
+    assert httpx.post(server.url + "/fill-mask", json={"inputs": TEXT}).status_code == 200
