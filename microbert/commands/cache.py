@@ -56,7 +56,8 @@ def run_info(args: argparse.Namespace) -> int:
     for e in entries:
         state = "" if e["complete"] else f"  UNFINISHED ({e.get('finished_shards', 0)} shards done)"
         print(
-            f"  {e['cache_key']:<48} {_size(e['bytes']):>10}  {e.get('source', '?')}  seq {e.get('seq_len', '?')}"
+            f"  {e['cache_key']:<48} {_size(e['bytes']):>10}  {e.get('source', '?')}"
+            f"  seq {e.get('seq_len', '?')}"
             f"  {e.get('sequences', '?')} sequences  {e['modified']}{state}"
         )
     return 0

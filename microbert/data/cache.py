@@ -17,6 +17,7 @@ removed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -115,10 +116,8 @@ def folder_bytes(path: Path) -> int:
     total = 0
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
     return total
 
 

@@ -11,6 +11,7 @@ consumed are not counted, so a checkpoint taken between steps resumes at exactly
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from typing import Any
@@ -182,7 +183,5 @@ class ShardLoader:
         )
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass

@@ -151,7 +151,11 @@ def resolve_source(source: str | os.PathLike[str], *, text_column: str = "text")
     if path.exists() or os.sep in text or text.startswith(".") or Path(text).suffix:
         files = _local_files(path)
         return Source(
-            str(path.resolve()), "local", {"files": _fingerprint(files), "column": text_column}, files=files
+            str(path.resolve()),
+            "local",
+            {"files": _fingerprint(files), "column": text_column},
+            files=files,
+            text_column=text_column,
         )
     raise DataSourceError(
         unknown_name("dataset", text, KNOWN_NAMES)

@@ -1,0 +1,165 @@
+"""prepare_dataset: cache hits, streaming = downloaded, resume after interruption or a full disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from microbert.data import cache as data_cache
+from microbert.data import prepare as prepare_mod
+from microbert.data import prepare_dataset
+from microbert.data.cache import CacheWriteError
+from microbert.data.encode import Encoder
+from microbert.errors import ConfigError
+
+
+def _same(a, b) -> None:
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.eval, b.eval)
+    for key in ("documents", "tokens", "sequences", "train_sequences", "eval_sequences", "tokenizer_hash"):
+        assert a.meta[key] == b.meta[key], key
+
+
+def test_embedded_prepare_then_cache_hit(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> None:
+    first = prepare_dataset(seq_len=64, vocab_size=600, max_samples=600)
+    assert not first.cached and first.path.parent == cache_dir / "datasets"
+    assert first.train.dtype == np.uint16 and first.train.shape[1] == 64 and len(first.eval) > 0
+    assert first.meta["documents"] == 600 and first.meta["eval_documents"] == 6
+    assert first.meta["padding_tokens"] < 2 * 64  # only the last train and the last eval row are padded
+    assert (first.train[:, 0] == 2).all() and first.tokenizer.get_vocab_size() <= 600
+    assert (first.path / "tokenizer.json").is_file() and not (first.path / "progress.json").exists()
+
+    def no_tokenizing(self, documents):
+        raise AssertionError("a cache hit must not tokenize")
+
+    monkeypatch.setattr(Encoder, "encode", no_tokenizing)
+    monkeypatch.setattr(prepare_mod, "_train_tokenizer", no_tokenizing)
+    started = time.perf_counter()
+    second = prepare_dataset("embedded", seq_len=64, vocab_size=600, max_samples="600")
+    assert time.perf_counter() - started < 1.0
+    assert second.cached and second.cache_key == first.cache_key
+    assert isinstance(second.train, np.memmap)
+    _same(first, second)
+    assert Tokenizer.to_str(second.tokenizer) == Tokenizer.to_str(first.tokenizer)
+
+
+def test_key_changes_with_what_changes_the_data(tiny_tokenizer: Tokenizer) -> None:
+    base = prepare_dataset(seq_len=32, vocab_size=1000, max_samples=300, tokenizer=tiny_tokenizer)
+    assert base.tokenizer.to_str() == tiny_tokenizer.to_str()
+    for change in ({"seq_len": 48}, {"max_samples": 200}):
+        args = {"seq_len": 32, "vocab_size": 1000, "max_samples": 300, "tokenizer": tiny_tokenizer, **change}
+        assert prepare_dataset(**args).cache_key != base.cache_key
+
+
+def test_streaming_and_downloaded_give_the_same_cache_content(
+    imdb_head: Path, tiny_tokenizer: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hub code path (`datasets.load_dataset`, both modes) over IMDB rows in the Hub's schema."""
+    monkeypatch.setenv("MICROBERT_DATASET_IMDB", str(imdb_head))
+    args = {"seq_len": 64, "vocab_size": 1000, "max_samples": 300, "tokenizer": tiny_tokenizer}
+    streamed = prepare_dataset("imdb", streaming=True, cache_dir=tmp_path / "a", **args)
+    downloaded = prepare_dataset("imdb", streaming=False, cache_dir=tmp_path / "b", **args)
+    assert not streamed.cached and not downloaded.cached
+    assert streamed.cache_key == downloaded.cache_key
+    assert streamed.meta["documents"] == 300
+    _same(streamed, downloaded)
+    assert (tmp_path / "b" / "hf-datasets").is_dir()  # `datasets`' own files stay inside our cache
+
+
+def test_interrupted_prepare_keeps_shards_and_resumes(
+    monkeypatch: pytest.MonkeyPatch, tiny_tokenizer: Tokenizer, text_folder: Path, tmp_path: Path
+) -> None:
+    args = {"seq_len": 16, "vocab_size": 1000, "tokenizer": tiny_tokenizer, "shard_tokens": 400}
+    monkeypatch.setattr(prepare_mod, "BATCH_CHARS", 500)
+    clean = prepare_dataset(text_folder, cache_dir=tmp_path / "clean", **args)
+    assert clean.meta["shards"] > 4
+
+    real_commit = prepare_mod._Job._commit
+    commits = []
+
+    def commit_then_die(self, *a, **k):
+        real_commit(self, *a, **k)
+        commits.append(1)
+        if len(commits) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_mod._Job, "_commit", commit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(text_folder, **args)
+    entries = list((data_cache.cache_root() / "datasets").iterdir())
+    assert len(entries) == 1 and not (entries[0] / "meta.json").exists()
+    progress = json.loads((entries[0] / "progress.json").read_text())
+    assert len(progress["shards"]) == 3
+    monkeypatch.setattr(prepare_mod._Job, "_commit", real_commit)
+
+    encoded = []
+    real_encode = Encoder.encode
+    monkeypatch.setattr(Encoder, "encode", lambda self, docs: encoded.extend(docs) or real_encode(self, docs))
+    resumed = prepare_dataset(text_folder, **args)
+    assert resumed.meta["resumed_shards"] == 3
+    assert len(encoded) == clean.meta["documents"] - progress["documents"]  # finished work is not redone
+    _same(clean, resumed)
+
+
+def test_full_disk_is_a_clear_error_and_nothing_half_written_is_read(
+    monkeypatch: pytest.MonkeyPatch, tiny_tokenizer: Tokenizer, text_folder: Path, tmp_path: Path
+) -> None:
+    args = {"seq_len": 16, "vocab_size": 1000, "tokenizer": tiny_tokenizer, "shard_tokens": 400}
+    monkeypatch.setattr(prepare_mod, "BATCH_CHARS", 500)
+    clean = prepare_dataset(text_folder, cache_dir=tmp_path / "clean", **args)
+    real_write = data_cache._write
+    writes = []
+
+    def fill_up(handle, chunk):
+        writes.append(Path(handle.name).name)
+        progress_writes = sum(".progress.json" in name for name in writes)
+        if progress_writes >= 2 and ".shard-" in writes[-1]:  # fail part-way through the third shard
+            real_write(handle, bytes(chunk)[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(handle, chunk)
+
+    monkeypatch.setattr(data_cache, "_write", fill_up)
+    with pytest.raises(CacheWriteError, match="disk is full") as info:
+        prepare_dataset(text_folder, **args)
+    assert "MICROBERT_CACHE_DIR" in str(info.value)
+    entry = next((data_cache.cache_root() / "datasets").iterdir())
+    progress = json.loads((entry / "progress.json").read_text())
+    recorded = {f"shard-{s['index']:05d}.{p}.bin" for s in progress["shards"] for p in ("train", "eval")}
+    on_disk = {p.name for p in entry.iterdir() if p.name.startswith(("shard-", ".shard-"))}
+    assert on_disk == recorded  # the failed shard left nothing behind
+    assert not (entry / "meta.json").exists()
+    monkeypatch.setattr(data_cache, "_write", real_write)
+    again = prepare_dataset(text_folder, **args)
+    assert again.meta["resumed_shards"] == len(progress["shards"])
+    _same(clean, again)
+
+
+def test_bad_arguments_are_reported_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        prepare_dataset(seq_len=0, vocab_size=3, max_samples="many")
+    message = str(info.value)
+    assert "seq_len" in message and "vocab_size" in message and "--max-samples" in message
+
+
+def test_too_small_a_tokenizer_vocab_is_refused(tiny_tokenizer: Tokenizer) -> None:
+    with pytest.raises(ConfigError, match="1000 tokens but vocab_size is 100"):
+        prepare_dataset(seq_len=32, vocab_size=100, tokenizer=tiny_tokenizer)
+
+
+def _rank(args: tuple[str, int]) -> tuple[bool, str, bytes]:
+    cache, _rank_index = args
+    ds = prepare_dataset(seq_len=32, vocab_size=400, max_samples=300, cache_dir=cache)
+    return ds.cached, ds.cache_key, np.asarray(ds.train).tobytes()
+
+
+def test_ranks_prepare_once_and_share(tmp_path: Path) -> None:
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map(_rank, [(str(tmp_path / "shared"), r) for r in range(2)])
+    assert sorted(r[0] for r in results) == [False, True]  # one prepared, the other waited and read
+    assert results[0][1:] == results[1][1:]
