@@ -133,14 +133,10 @@ def _fsync_tree(folder: Path, rank: int) -> None:
 def _prune(checkpoint_dir: Path, keep: int) -> None:
     complete = list_complete(checkpoint_dir)
     keep_paths = {c.path for c in complete[-keep:]}
-    newest = complete[-1].step if complete else -1
     for child in checkpoint_dir.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if not match or child in keep_paths:
-            continue
-        is_complete = (child / COMPLETE).is_file()
-        # an incomplete folder older than the newest complete one is debris of a crash
-        if is_complete or int(match.group(1)) < newest:
+        # older complete checkpoints, and incomplete folders: saves are sequential and the one just
+        # written is complete, so an incomplete folder is debris of a process that died mid-save
+        if _STEP_DIR.match(child.name) and child not in keep_paths:
             shutil.rmtree(child, ignore_errors=True)
 
 
