@@ -24,12 +24,12 @@ from microbert.tokenizer import CLS, PAD, SEP
 # Control characters that Python's str.split() treats as whitespace but BERT's normaliser deletes
 # (it keeps only \t \n \r among the controls, as spaces): drop them first so the chunks agree.
 _DROP_CONTROLS = {c: None for c in (0x0B, 0x0C, 0x1C, 0x1D, 0x1E, 0x1F, 0x85)}
-_SPLIT_CONTROLS = re.compile("[\x0b\x0c\x1c-\x1f\x85]")
+_SPLIT_CONTROL_CHARS = [chr(c) for c in _DROP_CONTROLS]
 # Normalisers and pre-tokenisers that act within a whitespace-separated chunk.
 _LOCAL_NORMALIZERS = {"BertNormalizer", "Lowercase", "NFD", "StripAccents"}
 _LOCAL_PRE_TOKENIZERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
 # ASCII punctuation as BERT's pre-tokeniser defines it (every character is a word of its own)
-_ASCII_PUNCTUATION = re.compile(r"[!-/:-@\[-`{-~]|[^!-/:-@\[-`{-~]+")
+_ASCII_PUNCTUATION = re.compile(r"[!-/:-@\[-`{-~ ]|[^!-/:-@\[-`{-~ ]+")
 # Marks a document boundary in the chunk list: NUL, which text does not contain (a batch whose text
 # does takes the slow path); ASCII, so strings keep their compact one-byte form. Joined with spaces
 # so it always forms a chunk of its own.
@@ -99,7 +99,7 @@ class Encoder:
         joined = _DOC_END.join(documents)
         if joined.count(_DOC_MARK) == len(documents) - 1:  # one split() call for the whole batch
             joined += _DOC_END
-            if _SPLIT_CONTROLS.search(joined):
+            if any(c in joined for c in _SPLIT_CONTROL_CHARS):
                 joined = joined.translate(_DROP_CONTROLS)
             chunks = joined.split()
         else:  # a document contains the marker character itself
@@ -112,7 +112,8 @@ class Encoder:
         unseen = set(chunks).difference(self._index)
         if unseen:
             self._add(sorted(unseen))
-        chunk_ids = np.fromiter(map(self._index.__getitem__, chunks), dtype=np.int64, count=len(chunks))
+        index = self._index
+        chunk_ids = np.array([index[c] for c in chunks], dtype=np.int64)  # the hot loop: keep it plain
         return _gather(self._ids, self._starts[chunk_ids], self._lengths[chunk_ids])
 
     def _add(self, chunks: list[str]) -> None:
@@ -123,19 +124,24 @@ class Encoder:
         chunks send to the (slow) normaliser several times over.
         """
         if self.split_punctuation:
-            pieces = [_ASCII_PUNCTUATION.findall(chunk) for chunk in chunks]
+            # one regex pass over all new chunks; the spaces between them come back as " " pieces
+            pieces = _ASCII_PUNCTUATION.findall(" ".join(chunks) + " ")
         else:
-            pieces = [[chunk] for chunk in chunks]
-        unseen = sorted({w for piece in pieces for w in piece}.difference(self._word_index))
+            pieces = [piece for chunk in chunks for piece in (chunk, " ")]
+        unseen = set(pieces)
+        unseen.discard(" ")
+        unseen.difference_update(self._word_index)
         if unseen:
-            self._add_words(unseen)
-        counts = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
-        word_ids = np.fromiter(
-            (self._word_index[w] for piece in pieces for w in piece), dtype=np.int64, count=int(counts.sum())
-        )
+            self._add_words(sorted(unseen))
+        self._word_index[" "] = -1
+        word_index = self._word_index
+        word_ids = np.array([word_index[w] for w in pieces], dtype=np.int64)
+        del self._word_index[" "]
+        is_space = word_ids < 0
+        owner = np.cumsum(is_space) - is_space  # the chunk each piece belongs to
+        word_ids, owner = word_ids[~is_space], owner[~is_space]
         word_lengths = self._word_lengths[word_ids]
         ids = _gather(self._word_ids, self._word_starts[word_ids], word_lengths)
-        owner = np.repeat(np.arange(len(chunks)), counts)
         lengths = np.bincount(owner, weights=word_lengths, minlength=len(chunks)).astype(np.int64)
         base = len(self._index)
         self._index.update((chunk, base + i) for i, chunk in enumerate(chunks))
@@ -150,7 +156,7 @@ class Encoder:
             groups, self.tokenizer.encode_batch(texts, add_special_tokens=False), strict=True
         ):
             ids = np.asarray(encoding.ids, dtype=self.dtype)
-            token_starts = np.fromiter((o[0] for o in encoding.offsets), dtype=np.int64, count=len(ids))
+            token_starts = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
             word_starts = np.cumsum([0] + [len(w) + 1 for w in group[:-1]], dtype=np.int64)
             owner = np.searchsorted(word_starts, token_starts, side="right") - 1
             lengths = np.bincount(owner, minlength=len(group)).astype(np.int64)

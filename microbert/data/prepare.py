@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 from microbert.data import cache as cache_mod
 from microbert.data.cache import META_FILE, PROGRESS_FILE, ensure_dir, read_json, write_json_atomic
 from microbert.data.encode import Encoder, Packer
+from microbert.data.parallel import EncoderPool, default_workers
 from microbert.data.sources import Source, iter_documents, parse_count, resolve_source
 from microbert.errors import ConfigError, MicroBertError
 from microbert.tokenizer import (
@@ -50,6 +51,7 @@ DEFAULT_SHARD_TOKENS = 32 << 20  # 64 MiB of uint16 per shard: little lost to an
 BATCH_CHARS = 1 << 20  # text handed to the encoder at a time
 DEFAULT_TOKENIZER_SAMPLE_CHARS = 32 << 20  # WordPiece learns its vocabulary from the first 32 M characters
 MIN_SEQ_LEN, MAX_SEQ_LEN = 8, 65536
+POOL_AFTER_BATCHES = 3  # sources of more than ~3 MB of text are encoded by a pool of processes
 
 
 @dataclass
@@ -91,6 +93,7 @@ def prepare_dataset(
     eval_fraction: float = 0.01,
     tokenizer_sample_chars: int = DEFAULT_TOKENIZER_SAMPLE_CHARS,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    workers: int | None = None,
 ) -> PreparedDataset:
     """Tokenize and pack `source` into the cache (once), then return it memory-mapped.
 
@@ -128,7 +131,8 @@ def prepare_dataset(
         if (entry / META_FILE).is_file():
             return _open(entry, cached=True)
         job = _Job(src, entry, key_fields, seq_len, vocab_size, max_samples, streaming, eval_fraction)
-        job.run(given, root, tokenizer_sample_chars, shard_tokens, progress, started)
+        workers = default_workers() if workers is None else max(1, workers)
+        job.run(given, root, tokenizer_sample_chars, shard_tokens, progress, started, workers)
         return _open(entry, cached=False)
     finally:
         lock.release()
@@ -258,6 +262,7 @@ class _Job:
         shard_tokens: int,
         progress: bool,
         started: float,
+        workers: int,
     ) -> None:
         ensure_dir(self.entry)
         hf_cache = cache_mod.hf_datasets_dir(root)
@@ -277,7 +282,7 @@ class _Job:
         self._drop_orphans(state)
         resumed_shards = len(state["shards"])
         if not state["finished"]:
-            self._tokenize(tok, dtype, state, hf_cache, shard_tokens, progress, started)
+            self._tokenize(tok, dtype, state, hf_cache, shard_tokens, progress, started, workers)
         self._finish(tok, dtype, state, resumed_shards, started)
 
     def _tokenizer(self, given: Tokenizer | None, hf_cache: Path, sample_chars: int) -> Tokenizer:
@@ -320,6 +325,7 @@ class _Job:
         shard_tokens: int,
         progress: bool,
         started: float,
+        workers: int,
     ) -> None:
         encoder = Encoder(tok, dtype=dtype)
         packers = {part: Packer(tok, self.seq_len, dtype, state["carry"][part]) for part in ("train", "eval")}
@@ -327,28 +333,47 @@ class _Job:
         pending_rows = 0
         stats = state["stats"]
         bar = _progress_bar(progress, self.src.name)
-        index = state["documents"]
-        docs = islice(self.documents(hf_cache), index, None)  # resume after the last committed shard
-        for batch in _batches(docs):
-            train_docs, eval_docs = [], []
-            for doc in batch:
-                (eval_docs if self.is_eval(index) else train_docs).append(doc)
-                index += 1
-            for part, part_docs in (("train", train_docs), ("eval", eval_docs)):
-                if part_docs:
-                    ids = encoder.encode(part_docs)
-                    stats["text_tokens"] += len(ids) - len(part_docs)  # less the [SEP] after each
-                    rows = packers[part].add(ids)
-                    pending[part].append(rows)
-                    pending_rows += len(rows)
-            chars = sum(map(len, batch))
+
+        def take(encoded: list[np.ndarray], tag: tuple[int, int, int, int]) -> None:
+            """Pack one encoded batch (in source order) and commit a shard when one is full."""
+            nonlocal pending_rows
+            end_index, chars, n_train, n_eval = tag
+            for part, ids, n_docs in (("train", encoded[0], n_train), ("eval", encoded[1], n_eval)):
+                stats["text_tokens"] += len(ids) - n_docs  # less the [SEP] after each document
+                rows = packers[part].add(ids)
+                pending[part].append(rows)
+                pending_rows += len(rows)
             stats["text_chars"] += chars
-            stats["eval_documents"] += len(eval_docs)
+            stats["eval_documents"] += n_eval
             if bar is not None:
                 bar.update(chars)
             if pending_rows * self.seq_len >= shard_tokens:
-                self._commit(state, pending, packers, index, started)
+                self._commit(state, pending, packers, end_index, started)
                 pending_rows = 0
+
+        pool: EncoderPool | None = None
+        index = state["documents"]
+        docs = islice(self.documents(hf_cache), index, None)  # resume after the last committed shard
+        try:
+            for number, batch in enumerate(_batches(docs)):
+                parts: list[list[str]] = [[], []]  # train, eval
+                for doc in batch:
+                    parts[self.is_eval(index)].append(doc)
+                    index += 1
+                tag = (index, sum(map(len, batch)), len(parts[0]), len(parts[1]))
+                if pool is None and workers > 1 and number + 1 >= POOL_AFTER_BATCHES:
+                    pool = EncoderPool(tok, dtype, workers)  # the source is large: use every core
+                if pool is None:
+                    take([encoder.encode(p) for p in parts], tag)
+                else:
+                    for encoded, done_tag in pool.submit(parts, tag):
+                        take(encoded, done_tag)
+            if pool is not None:
+                for encoded, done_tag in pool.drain():
+                    take(encoded, done_tag)
+        finally:
+            if pool is not None:
+                pool.close()
         for part in ("train", "eval"):
             last = packers[part].finish()
             stats["padding_tokens"] += int(np.count_nonzero(last == packers[part].pad_id))

@@ -75,7 +75,7 @@ def test_streaming_and_downloaded_give_the_same_cache_content(
 def test_interrupted_prepare_keeps_shards_and_resumes(
     monkeypatch: pytest.MonkeyPatch, tiny_tokenizer: Tokenizer, text_folder: Path, tmp_path: Path
 ) -> None:
-    args = {"seq_len": 16, "vocab_size": 1000, "tokenizer": tiny_tokenizer, "shard_tokens": 400}
+    args = {"seq_len": 16, "vocab_size": 1000, "tokenizer": tiny_tokenizer, "shard_tokens": 400, "workers": 1}
     monkeypatch.setattr(prepare_mod, "BATCH_CHARS", 500)
     clean = prepare_dataset(text_folder, cache_dir=tmp_path / "clean", **args)
     assert clean.meta["shards"] > 4
@@ -163,3 +163,15 @@ def test_ranks_prepare_once_and_share(tmp_path: Path) -> None:
         results = pool.map(_rank, [(str(tmp_path / "shared"), r) for r in range(2)])
     assert sorted(r[0] for r in results) == [False, True]  # one prepared, the other waited and read
     assert results[0][1:] == results[1][1:]
+
+
+def test_worker_processes_give_the_same_data(
+    monkeypatch: pytest.MonkeyPatch, tiny_tokenizer: Tokenizer, text_folder: Path, tmp_path: Path
+) -> None:
+    args = {"seq_len": 16, "vocab_size": 1000, "tokenizer": tiny_tokenizer, "shard_tokens": 400}
+    monkeypatch.setattr(prepare_mod, "BATCH_CHARS", 500)
+    monkeypatch.setattr(prepare_mod, "POOL_AFTER_BATCHES", 2)
+    single = prepare_dataset(text_folder, cache_dir=tmp_path / "one", workers=1, **args)
+    pooled = prepare_dataset(text_folder, cache_dir=tmp_path / "two", workers=2, **args)
+    _same(single, pooled)
+    assert pooled.meta["shards"] == single.meta["shards"]
