@@ -123,7 +123,7 @@ def folder_bytes(path: Path) -> int:
 
 def list_entries(root: Path) -> list[dict[str, Any]]:
     """One row per prepared (or unfinished) dataset in the cache, newest first."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     folder = datasets_dir(root)
     if not folder.is_dir():
         return rows

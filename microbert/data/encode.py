@@ -138,7 +138,7 @@ class Encoder:
         word_ids = np.array([word_index[w] for w in pieces], dtype=np.int64)
         del self._word_index[" "]
         is_space = word_ids < 0
-        owner = np.cumsum(is_space) - is_space  # the chunk each piece belongs to
+        owner: np.ndarray = np.cumsum(is_space) - is_space  # the chunk each piece belongs to
         word_ids, owner = word_ids[~is_space], owner[~is_space]
         word_lengths = self._word_lengths[word_ids]
         ids = _gather(self._word_ids, self._word_starts[word_ids], word_lengths)

@@ -72,11 +72,12 @@ class PreparedDataset:
 
     @property
     def special_token_ids(self) -> list[int]:
-        return [self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+        ids = [self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+        return [i for i in ids if i is not None]
 
     @property
     def mask_token_id(self) -> int:
-        return int(self.tokenizer.token_to_id(MASK))
+        return int(self.tokenizer.token_to_id(MASK))  # type: ignore[arg-type]  # checked on load
 
 
 def prepare_dataset(
@@ -398,7 +399,7 @@ class _Job:
             rows = [r for r in pending[part] if len(r)]
             counts[part] = sum(len(r) for r in rows)
             path = self.entry / f"shard-{shard:05d}.{part}.bin"
-            cache_mod.write_bytes_atomic(path, (memoryview(np.ascontiguousarray(r)).cast("B") for r in rows))
+            cache_mod.write_bytes_atomic(path, (np.ascontiguousarray(r).data.cast("B") for r in rows))
             pending[part].clear()
         state["shards"].append(
             {"index": shard, "train_sequences": counts["train"], "eval_sequences": counts["eval"]}
@@ -420,7 +421,7 @@ class _Job:
         for part in ("train", "eval"):
             shards = [self.entry / f"shard-{s['index']:05d}.{part}.bin" for s in state["shards"]]
             cache_mod.write_bytes_atomic(
-                self.entry / f"{part}.bin", (memoryview(np.fromfile(p, dtype=np.uint8)) for p in shards)
+                self.entry / f"{part}.bin", (np.fromfile(p, dtype=np.uint8).data for p in shards)
             )
         total_slots = (totals["train"] + totals["eval"]) * self.seq_len
         non_padding = total_slots - state["stats"]["padding_tokens"]
