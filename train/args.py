@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from train.settings import parse_count
+from microbert.run_config import parse_count
 
 
 def _bool(text: str) -> bool:

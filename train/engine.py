@@ -19,7 +19,7 @@ from deepspeed.accelerator import get_accelerator
 from microbert.config import ModelConfig
 from microbert.errors import MicroBertError
 from microbert.model import BertForMaskedLM
-from train.settings import TrainConfig
+from microbert.run_config import TrainConfig
 
 
 @dataclass

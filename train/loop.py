@@ -31,10 +31,10 @@ from microbert.errors import MicroBertError
 from microbert.evaluate import MASK_TOKEN_ID, SPECIAL_TOKEN_IDS, evaluate
 from microbert.model import BertForMaskedLM
 from microbert.predict import FillMaskPredictor
+from microbert.run_config import Resolved
 from train import checkpointing
 from train.engine import Placement, auto_micro_batch, build_engine, init_distributed, oom_message
 from train.reporting import Progress, RunLog, peak_flops, write_history
-from train.settings import Resolved
 
 DEFAULT_PROBES = [
     "The [MASK] of the king was great.",

@@ -15,8 +15,8 @@ if __package__ in (None, ""):  # `deepspeed train/main.py`: make the repository 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from microbert.errors import MicroBertError
+from microbert.run_config import resolve
 from train.args import flag_settings, parse
-from train.settings import resolve
 
 
 def main(argv: Sequence[str] | None = None) -> int:

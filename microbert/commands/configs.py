@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from microbert.config import PRESETS, get_preset
+from microbert.config import PRESETS, ModelConfig, get_preset
+from microbert.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("configs", help="list or show model presets and hardware profiles")
     sub = parser.add_subparsers(dest="configs_command", metavar="{list,show}", required=True)
-    list_parser = sub.add_parser("list", help="all presets with parameter counts")
+    list_parser = sub.add_parser("list", help="all presets and hardware profiles")
     list_parser.add_argument("--json", action="store_true")
     list_parser.set_defaults(func=run_list)
     show_parser = sub.add_parser("show", help="one preset (or profile) in full")
@@ -47,8 +48,9 @@ def _millions(n: int) -> str:
 
 def run_list(args: argparse.Namespace) -> int:
     rows = preset_rows()
+    profiles = profile_rows()
     if args.json:
-        print(json.dumps({"presets": rows}, indent=2))
+        print(json.dumps({"presets": rows, "profiles": profiles}, indent=2))
         return 0
     header = f"{'preset':<12} {'layers':>6} {'heads':>5} {'hidden':>6} {'vocab':>6} {'seq':>5} "
     header += f"{'params':>9}  source"
@@ -60,10 +62,33 @@ def run_list(args: argparse.Namespace) -> int:
             f"{r['name']:<12} {r['layers']:>6} {r['heads']:>5} {r['hidden']:>6} {r['vocab']:>6} "
             f"{r['positions']:>5} {_millions(int(r['parameters'])):>9}  {r['description']}"  # type: ignore[call-overload]
         )
+    if profiles:
+        print("\nHardware profiles (microbert-train --profile NAME)")
+        header = (
+            f"{'profile':<18} {'gpus':>4} {'model':<11} {'params':>8} {'seq':>4} {'batch':>5} "
+            f"{'GiB/GPU':>7}  dataset"
+        )
+        print(header)
+        print("-" * len(header))
+        for p in profiles:
+            params = _millions(int(p["parameters"]))  # type: ignore[call-overload]
+            print(
+                f"{p['name']:<18} {p['num_gpus']:>4} {p['model']:<11} {params:>8} "
+                f"{p['seq_len']:>4} {p['micro_batch_size']!s:>5} {p['static_gib_per_gpu']:>7}  {p['dataset']}"
+            )
     return 0
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from microbert.run_config import profile_names
+
+    if args.name not in PRESETS and args.name in profile_names():
+        return show_profile(args.name, as_json=args.json)
+    if args.name not in PRESETS:
+        raise ConfigError(
+            f"unknown preset or profile {args.name!r}; presets: {', '.join(sorted(PRESETS))}; "
+            f"profiles: {', '.join(profile_names())}"
+        )
     config = get_preset(args.name)
     data = {
         "preset": args.name,
@@ -77,4 +102,90 @@ def run_show(args: argparse.Namespace) -> int:
         width = max(len(k) for k in data)
         for key, value in data.items():
             print(f"{key:<{width}}  {value}")
+    return 0
+
+
+# --- hardware profiles (data files in train/profiles, resolved without importing the trainer) ------
+def static_memory_gib(config: ModelConfig, num_gpus: int, precision: str) -> float:
+    """Weights, gradients and Adam state per GPU under ZeRO-1, before activations.
+
+    bf16: 2-byte weights and gradients on every GPU plus fp32 master weights and two fp32 moments
+    (12 bytes per parameter) split across GPUs; fp32: 4 + 4 bytes plus the 8-byte moments split.
+    """
+    n = config.num_parameters()
+    replicated, sharded = (4 + 4, 8) if precision == "fp32" else (2 + 2, 12)
+    per_gpu = n * replicated + n * sharded / num_gpus
+    return round(per_gpu / 2**30, 2)
+
+
+def profile_rows() -> list[dict[str, object]]:
+    from microbert.run_config import profile_names, resolve
+
+    rows: list[dict[str, object]] = []
+    for name in profile_names():
+        try:
+            r = resolve(profile=name, ds_config=None, run_file=None, flags={})
+        except ConfigError as exc:
+            rows.append({"name": name, "error": str(exc)})
+            continue
+        t = r.train
+        rows.append(
+            {
+                "name": name,
+                "num_gpus": t.num_gpus,
+                "model": t.model,
+                "parameters": r.model_config.num_parameters(),
+                "seq_len": t.seq_len,
+                "micro_batch_size": t.micro_batch_size,
+                "dataset": t.dataset,
+                "static_gib_per_gpu": static_memory_gib(r.model_config, t.num_gpus, t.precision),
+            }
+        )
+    return [row for row in rows if "error" not in row] + [row for row in rows if "error" in row]
+
+
+def launch_commands(name: str, num_gpus: int) -> list[str]:
+    """What `microbert-train --profile NAME` runs: in-process for one GPU, the DeepSpeed launcher for more."""
+    commands = [f"microbert-train --profile {name}"]
+    if num_gpus > 1:
+        commands.append(
+            f"  = deepspeed --num_gpus {num_gpus} --module train.main --profile {name}   (started for you)"
+        )
+    return commands
+
+
+def show_profile(name: str, *, as_json: bool) -> int:
+    from microbert.run_config import resolve
+
+    r = resolve(profile=name, ds_config=None, run_file=None, flags={})
+    data = r.to_dict()
+    data["parameters"] = r.model_config.num_parameters()
+    data["training_flops_per_token"] = r.model_config.training_flops_per_token(r.train.seq_len)
+    data["static_gib_per_gpu"] = static_memory_gib(r.model_config, r.train.num_gpus, r.train.precision)
+    data["launch"] = launch_commands(name, r.train.num_gpus)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return 0
+    t = r.train
+    print(
+        f"profile {name}: {t.num_gpus} GPU(s), model {t.model} ({_millions(r.model_config.num_parameters())})"
+    )
+    print(f"layers: {' < '.join(r.sources)}")
+    print("\nlaunch:")
+    for line in data["launch"]:
+        print(f"  {line}")
+    print(
+        f"\nmemory: ~{data['static_gib_per_gpu']} GiB per GPU for weights, gradients and Adam state "
+        f"(ZeRO-1, {t.precision}); activations scale with the micro-batch"
+    )
+    print("\ntrain:")
+    train = t.to_dict()
+    width = max(len(k) for k in train)
+    for key, value in train.items():
+        print(f"  {key:<{width}}  {value}")
+    print("\nmodel:")
+    for key, value in r.model_config.to_dict().items():
+        print(f"  {key:<{width}}  {value}")
+    print("\ndeepspeed (before the trainer sets batch, precision and ZeRO stage from the above):")
+    print("  " + json.dumps(r.deepspeed))
     return 0

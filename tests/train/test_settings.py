@@ -12,9 +12,9 @@ import pytest
 from train_helpers import REPO
 
 from microbert.errors import ConfigError
+from microbert.run_config import profile_names, resolve
 from train.engine import lr_lambda, oom_message
 from train.main import main
-from train.settings import profile_names, resolve
 
 EXPECTED_PROFILES = {
     "cpu",

@@ -1,15 +1,19 @@
-"""Run settings: one flat `TrainConfig`, resolved from four layers with every problem reported at once.
+"""Trainer run settings: one flat `TrainConfig` from four layers, every problem reported at once.
 
 Precedence, lowest first: hardware profile < DeepSpeed config < run file (`--config`) < command-line
 flags. Each layer is a partial dict of `TrainConfig` field names; a DeepSpeed config contributes its
 batch, optimizer and scheduler numbers plus an optional `"microbert"` section (the model preset and
 data settings of the seed's v1–v4 setups). The resolved result is plain JSON, written into the run
 folder before the first step so a run can always be explained after the fact.
+
+It lives in `microbert/` (not `train/`) so `microbert configs show PROFILE` can resolve a profile
+without importing the trainer or DeepSpeed; profiles and DeepSpeed configs stay data files in `train/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,9 +23,18 @@ from typing import Any
 from microbert.config import PRESETS, ModelConfig
 from microbert.errors import ConfigError, unknown_name
 
-TRAIN_DIR = Path(__file__).resolve().parent
-PROFILES_DIR = TRAIN_DIR / "profiles"
-CONFIGS_DIR = TRAIN_DIR / "configs"
+
+def _train_data_dir() -> Path:
+    """The trainer's folder, found without importing it (microbert never imports train/)."""
+    spec = importlib.util.find_spec("train")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[1] / "train"  # a source checkout
+
+
+TRAIN_DIR = _train_data_dir()
+PROFILES_DIR = TRAIN_DIR / "profiles"  # hardware profiles: data files, one per machine
+CONFIGS_DIR = TRAIN_DIR / "configs"  # DeepSpeed configs (v1.json … v4.json, zero1.json)
 
 # Keys of a DeepSpeed config that the trainer owns (it always passes a client optimizer and
 # scheduler); their numbers are read into TrainConfig and the keys removed before DeepSpeed sees them.

@@ -1,0 +1,59 @@
+"""`microbert configs list|show` for hardware profiles, and the import direction it must keep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from train_helpers import REPO
+
+from microbert.cli import main
+
+
+def test_configs_list_shows_profiles(capsys):
+    assert main(["configs", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "Hardware profiles" in out
+    for name in (
+        "cpu",
+        "a10_1gpu",
+        "h100_1gpu",
+        "h200_1gpu",
+        "h200_8gpu",
+        "h200_8gpu_fast",
+        "h200_8gpu_quality",
+    ):
+        assert f"\n{name} " in out
+    assert main(["configs", "list", "--json"]) == 0
+    profiles = {p["name"]: p for p in json.loads(capsys.readouterr().out)["profiles"]}
+    assert profiles["h200_8gpu"]["num_gpus"] == 8 and profiles["cpu"]["dataset"] == "embedded"
+
+
+def test_configs_show_profile_prints_resolved_config_and_launch_command(capsys):
+    assert main(["configs", "show", "h200_8gpu"]) == 0
+    out = capsys.readouterr().out
+    assert "microbert-train --profile h200_8gpu" in out
+    assert "deepspeed --num_gpus 8 --module train.main --profile h200_8gpu" in out
+    assert "max_steps" in out and "bert-base" in out
+    assert main(["configs", "show", "cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["train"]["dataset"] == "embedded" and data["launch"] == ["microbert-train --profile cpu"]
+
+
+def test_configs_show_unknown_name_lists_presets_and_profiles(capsys):
+    assert main(["configs", "show", "h900_64gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "bert-tiny" in err and "h200_8gpu_fast" in err
+
+
+def test_configs_never_import_the_trainer_or_deepspeed():
+    code = (
+        "import sys; from microbert.cli import main; main(['configs', 'show', 'h200_8gpu']);"
+        "bad = [m for m in sys.modules if m == 'train' or m.startswith(('train.', 'deepspeed'))];"
+        "assert not bad, bad"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
