@@ -71,6 +71,7 @@ def run_usage(args: argparse.Namespace) -> int:
     print(f"cache: {report['cache_dir']}")
     print(f"  prepared datasets  {_size(report['datasets_bytes']):>10}  ({report['entries']} entries)")
     print(f"    of which unfinished {_size(report['unfinished_bytes']):>7}")
+    print(f"  tokenizers         {_size(report['tokenizers_bytes']):>10}")
     print(f"  Hub downloads      {_size(report['hf_datasets_bytes']):>10}")
     print(f"  total              {_size(report['total_bytes']):>10}")
     return 0

@@ -7,6 +7,7 @@ Layout (under `$MICROBERT_CACHE_DIR`, default `~/.cache/microbert`):
         tokenizer.json …        the tokenizer the ids belong to
         train.bin  eval.bin     packed rows, (sequences, seq_len) uint16/uint32, memory-mapped
         progress.json  shard-*  only while preparing: finished shards and where to resume
+    tokenizers/<source>-v<vocab>-<hash>/   a tokenizer trained on a source, shared by its sequence lengths
     locks/<key>.lock            one preparer per key; other processes wait on it
     hf-datasets/                `datasets`' own cache for downloaded Hub and structured files
 
@@ -51,6 +52,10 @@ def datasets_dir(root: Path) -> Path:
 
 def hf_datasets_dir(root: Path) -> Path:
     return root / "hf-datasets"
+
+
+def tokenizers_dir(root: Path) -> Path:
+    return root / "tokenizers"
 
 
 def locks_dir(root: Path) -> Path:
@@ -157,6 +162,7 @@ def usage(root: Path) -> dict[str, Any]:
         "cache_dir": str(root),
         "datasets_bytes": sum(e["bytes"] for e in entries),
         "unfinished_bytes": sum(e["bytes"] for e in entries if not e["complete"]),
+        "tokenizers_bytes": folder_bytes(tokenizers_dir(root)),
         "hf_datasets_bytes": folder_bytes(hf_datasets_dir(root)),
         "total_bytes": folder_bytes(root) if root.is_dir() else 0,
         "entries": len(entries),
@@ -164,7 +170,7 @@ def usage(root: Path) -> dict[str, Any]:
 
 
 def clear(root: Path, keys: Iterable[str] = (), *, unfinished_only: bool = False) -> list[str]:
-    """Delete the named entries (all when none are named, with the Hub downloads); returns what went."""
+    """Delete the named entries (all when none are named, with tokenizers and Hub downloads)."""
     from filelock import FileLock, Timeout
 
     keys = list(keys)
@@ -187,7 +193,9 @@ def clear(root: Path, keys: Iterable[str] = (), *, unfinished_only: bool = False
                 removed.append(entry["cache_key"])
         except Timeout:
             continue
-    if not keys and not unfinished_only and hf_datasets_dir(root).is_dir():
-        shutil.rmtree(hf_datasets_dir(root), ignore_errors=True)
-        removed.append("hf-datasets")
+    if not keys and not unfinished_only:
+        for folder in (tokenizers_dir(root), hf_datasets_dir(root)):
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
     return removed

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -289,15 +290,34 @@ class _Job:
     def _tokenizer(self, given: Tokenizer | None, hf_cache: Path, sample_chars: int) -> Tokenizer:
         if (self.entry / "tokenizer.json").is_file():  # resuming: the ids already written use it
             return load_tokenizer(self.entry)
-        if given is None:
-            log.info("training a WordPiece tokenizer (vocab %d) on %s", self.vocab_size, self.src.name)
-            tok = _train_tokenizer(self._sample(hf_cache, sample_chars), self.vocab_size)
-        else:
-            tok = given
+        tok = given if given is not None else self._trained_tokenizer(hf_cache, sample_chars)
         staging = ensure_dir(self.entry / ".tokenizer-tmp")
         for name in save_tokenizer(tok, staging):
             os.replace(staging / name, self.entry / name)
         staging.rmdir()
+        return tok
+
+    def _trained_tokenizer(self, hf_cache: Path, sample_chars: int) -> Tokenizer:
+        """Train on the source, or reuse the tokenizer trained on it before (for another seq_len).
+
+        Kept in `tokenizers/<key>/` so every sequence length of a source shares one vocabulary
+        (WordPiece training is not bit-for-bit repeatable, so retraining could differ).
+        """
+        recipe = {key: self.key_fields[key] for key in ("format", "source", "max_samples", "eval_fraction")}
+        recipe["tokenizer"] = self.key_fields["tokenizer"]
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+        folder = self.entry.parent.parent / "tokenizers" / f"{self.src.slug}-v{self.vocab_size}-{digest}"
+        if (folder / "tokenizer.json").is_file():
+            return load_tokenizer(folder)
+        log.info("training a WordPiece tokenizer (vocab %d) on %s", self.vocab_size, self.src.name)
+        tok = _train_tokenizer(self._sample(hf_cache, sample_chars), self.vocab_size)
+        staging = ensure_dir(folder.with_name(f".{folder.name}.tmp-{os.getpid()}"))
+        save_tokenizer(tok, staging)
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another process finished the same tokenizer first: use theirs
+            shutil.rmtree(staging, ignore_errors=True)
+            return load_tokenizer(folder)
         return tok
 
     def _sample(self, hf_cache: Path, sample_chars: int) -> Iterator[str]:

@@ -49,6 +49,19 @@ def test_embedded_prepare_then_cache_hit(monkeypatch: pytest.MonkeyPatch, cache_
     assert Tokenizer.to_str(second.tokenizer) == Tokenizer.to_str(first.tokenizer)
 
 
+def test_sequence_lengths_of_a_source_share_its_trained_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    short = prepare_dataset(seq_len=32, vocab_size=500, max_samples=300)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer trained for seq_len 32 must be reused")
+
+    monkeypatch.setattr(prepare_mod, "_train_tokenizer", no_training)
+    long = prepare_dataset(seq_len=96, vocab_size=500, max_samples=300)
+    assert long.cache_key != short.cache_key and not long.cached
+    assert long.tokenizer.to_str() == short.tokenizer.to_str()
+    assert long.meta["text_tokens"] == short.meta["text_tokens"]
+
+
 def test_key_changes_with_what_changes_the_data(tiny_tokenizer: Tokenizer) -> None:
     base = prepare_dataset(seq_len=32, vocab_size=1000, max_samples=300, tokenizer=tiny_tokenizer)
     assert base.tokenizer.to_str() == tiny_tokenizer.to_str()
