@@ -9,12 +9,18 @@
                                     special_token_ids=ds.special_token_ids)
 
 Additions to the agreed API (all keyword arguments with defaults, or extra attributes):
-- `prepare_dataset(..., eval_fraction=0.01, tokenizer_sample_chars=32M, shard_tokens=32M)`;
-  `max_samples` also accepts "500k" / "5M" strings.
+- `prepare_dataset(..., eval_fraction=0.01, tokenizer_sample_chars=32M, shard_tokens=32M,
+  workers=None)` (workers: encoder processes for sources over ~3 MB; default one per core);
+  `max_samples` also accepts "500k" / "5M" strings. A tokenizer trained on a source is cached once and
+  shared by all sequence lengths prepared from it.
+- `PreparedDataset.meta` keys: documents, eval_documents, tokens (non-padding ids), text_tokens,
+  padding_tokens, padding_fraction, sequences, train_sequences, eval_sequences, seq_len, vocab_size,
+  dtype, tokenizer_hash, source, seconds, shards, resumed_shards.
 - `PreparedDataset.seq_len`, `.mask_token_id`, `.special_token_ids` (ids of [PAD] [UNK] [CLS] [SEP] [MASK]).
 - `mask_tokens(..., whole_word_mask: torch.BoolTensor | None)`: the vocabulary-sized "continues a
   word" mask from `continuation_token_mask(tokenizer)`; when given, whole words are masked together.
-- `ShardLoader.state_dict()` also carries seed, world_size, batch_size and num_sequences; loading a
+- `ShardLoader(..., pad_token_id=0)`; `loader.close()` stops the CUDA prefetch thread;
+  `ShardLoader.state_dict()` also carries seed, world_size, batch_size and num_sequences; loading a
   state saved with another world size keeps the same global batches when batch_size * world_size is
   unchanged.
 - `parse_count("500k") -> 500000` for `--max-samples`.
