@@ -21,3 +21,12 @@ lint:
 format:
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# The embedded-corpus demo: train the cpu profile from scratch, time it, compare its held-out
+# masked-token accuracy with the most-frequent-token guess, and fill a few masks.
+demo:
+	@start=$$(date +%s); \
+	.venv/bin/microbert-train --profile cpu --resume never || exit $$?; \
+	echo "== wall time: $$(( $$(date +%s) - start )) s (data preparation, training, checkpoints, export)"; \
+	.venv/bin/microbert eval --model-dir runs/cpu --dataset embedded && \
+	.venv/bin/microbert predict --model-dir runs/cpu "The [MASK] of the king was great." "I will not [MASK] it."

@@ -36,6 +36,8 @@ from train import checkpointing
 from train.engine import Placement, auto_micro_batch, build_engine, init_distributed, oom_message
 from train.reporting import Progress, RunLog, peak_flops, write_history
 
+PLOT_EVERY_S = 300.0  # redraw training_history.png at most this often before the end
+
 DEFAULT_PROBES = [
     "The [MASK] of the king was great.",
     "I will not [MASK] it.",
@@ -92,6 +94,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self.history: dict[str, Any] = {"train": [], "eval": []}
         self.last_eval: dict[str, Any] | None = None
+        self.last_plot = time.monotonic()
 
     # --- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -110,7 +113,7 @@ class Trainer:
             max_samples=t.max_samples,
             streaming=t.streaming,
             text_column=t.text_column,
-            progress=place.is_main,
+            progress=place.is_main and sys.stderr.isatty(),
         )
         self.data = data
         vocab = data.tokenizer.get_vocab_size()
@@ -271,7 +274,7 @@ class Trainer:
                 if self.step % t.eval_every == 0 or last:
                     self._evaluate()
                 if self.step % t.checkpoint_every == 0 or last or stopping:
-                    self._checkpoint(start)
+                    self._checkpoint(start, final=last or stopping)
                 if stopping:
                     sig = self.stop.signal
                     reason = f"signal {signal.Signals(sig).name}" if sig else "--stop-at-step"
@@ -309,7 +312,8 @@ class Trainer:
                 self.data.eval,
                 batch_size=self.micro_batch,
                 max_batches=self.t.eval_batches,
-                mlm_probability=self.t.mlm_probability,
+                # the standard 15%, whatever the training rate, so runs stay comparable
+                mlm_probability=0.15,
                 seed=self.t.seed + 1,
                 device=self.place.device,
             )
@@ -323,7 +327,7 @@ class Trainer:
             )
         checkpointing._barrier()
 
-    def _checkpoint(self, start: float) -> None:
+    def _checkpoint(self, start: float, *, final: bool) -> None:
         if any(c.step == self.step for c in checkpointing.list_complete(self.checkpoint_dir)):
             return  # already saved (e.g. a stop right after a scheduled checkpoint)
         shared = {
@@ -346,7 +350,10 @@ class Trainer:
         )
         if self.place.is_main:
             self._export()
-            write_history(self.run_dir, self.history)
+            plot = final or time.monotonic() - self.last_plot > PLOT_EVERY_S
+            write_history(self.run_dir, self.history, plot=plot)
+            if plot:
+                self.last_plot = time.monotonic()
             self.log(f"checkpoint step {self.step}: {folder}; export {self.export_dir / f'step-{self.step}'}")
         checkpointing._barrier()
 

@@ -109,11 +109,17 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def write_history(run_dir: Path, history: dict[str, Any]) -> None:
-    """`training_history.json` (atomically) and `training_history.png` (loss, accuracy, LR, throughput)."""
+def write_history(run_dir: Path, history: dict[str, Any], *, plot: bool = True) -> None:
+    """`training_history.json` (atomically) and `training_history.png` (loss, accuracy, LR, throughput).
+
+    Drawing costs a second or two (matplotlib), so callers plot at the end of a run and at most every
+    few minutes in between; the JSON is written at every checkpoint.
+    """
     tmp = run_dir / ".training_history.json.tmp"
     tmp.write_text(json.dumps(history, indent=1) + "\n")
     os.replace(tmp, run_dir / "training_history.json")
+    if not plot:
+        return
     try:
         plot_history(history, run_dir / "training_history.png")
     except Exception as exc:  # a plot must never cost a checkpoint

@@ -18,7 +18,19 @@ from microbert.predict import FillMaskPredictor
 
 pytestmark = pytest.mark.slow
 
-STEPS_24 = [*TINY, "--max-steps", "24", "--checkpoint-every", "8", "--eval-every", "8"]
+# the run file turns dropout back on (the cpu profile has none), so exact resume covers its RNG too
+DROPOUT_RUN_FILE = str(REPO / "tests" / "train" / "dropout_run.json")
+STEPS_24 = [
+    *TINY,
+    "--config",
+    DROPOUT_RUN_FILE,
+    "--max-steps",
+    "24",
+    "--checkpoint-every",
+    "8",
+    "--eval-every",
+    "8",
+]
 
 
 def _ok(result: subprocess.CompletedProcess[str]) -> None:
@@ -56,6 +68,7 @@ def test_run_folder_outputs(full_run, capsys):
     resolved = json.loads((full_run / "resolved_config.json").read_text())
     assert resolved["train"]["max_steps"] == 24 and resolved["runtime"]["world_size"] == 1
     assert resolved["deepspeed"]["zero_optimization"]["stage"] == 1
+    assert resolved["model"]["hidden_dropout_prob"] == 0.1  # the run file's layer
     h = history(full_run)
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_second", "mfu", "data_wait_share"} <= set(
         h["train"][0]
@@ -169,48 +182,45 @@ def test_out_of_memory_is_reported_with_the_flag_to_lower(tmp_path, train_env):
     )
 
 
-def test_two_ranks_through_the_deepspeed_launcher_then_resume_on_one(tmp_path, train_env):
+def test_two_ranks_through_the_launcher_train_checkpoint_stop_on_sigterm_then_resume_on_one(
+    tmp_path, train_env
+):
+    """The multi-GPU path on CPU: a profile naming 2 GPUs makes `python -m train` start
+    `deepspeed --num_gpus 2`; SIGTERM to it reaches both ranks, which checkpoint together and exit 0."""
     profile = json.loads((REPO / "train" / "profiles" / "cpu.json").read_text())
     profile_path = tmp_path / "cpu_2ranks.json"
     profile_path.write_text(json.dumps({**profile, "num_gpus": 2}))
     run_dir = tmp_path / "run"
     common = [*TINY[2:], "--checkpoint-every", "4", "--eval-every", "4", "--run-dir", str(run_dir)]
     env = {**train_env, "OMP_NUM_THREADS": "1"}
-    result = run_train(env, "--profile", str(profile_path), *common, "--max-steps", "8")
-    _ok(result)
-    assert "launching 2 ranks" in result.stderr and "deepspeed.launcher.runner" in result.stderr
-    step8 = run_dir / "checkpoints" / "step-8"
-    assert json.loads((step8 / "COMPLETE").read_text()) == {"step": 8, "world_size": 2}
-    assert {p.name for p in step8.glob("zero_pp_rank_*")} == {
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-    }
-    assert (step8 / "rank-1.pt").is_file()
-    assert json.loads((run_dir / "resolved_config.json").read_text())["runtime"]["world_size"] == 2
-    # 2 ranks × 8 sequences × 32 tokens per step, none of them padding in the packed corpus
-    assert history(run_dir)["train"][-1]["tokens_seen"] == 8 * 2 * 8 * 32
-    # the same run continued on one process: weights and schedule carry over, optimizer restarts
-    result = run_train(train_env, "--profile", "cpu", *common, "--max-steps", "12")
-    _ok(result)
-    log = (run_dir / "train.log").read_text()
-    assert "written by 2 rank(s), this run has 1" in log and "resumed from step 8" in log
-    assert json.loads((run_dir / "status.json").read_text())["step"] == 12
-
-
-def test_sigterm_to_launcher_stops_all_ranks_with_a_checkpoint(tmp_path, train_env):
-    profile = json.loads((REPO / "train" / "profiles" / "cpu.json").read_text())
-    profile_path = tmp_path / "cpu_2ranks.json"
-    profile_path.write_text(json.dumps({**profile, "num_gpus": 2}))
-    run_dir = tmp_path / "run"
-    args = ["--profile", str(profile_path), *TINY[2:], "--max-steps", "5000", "--checkpoint-every", "1000",
-            "--run-dir", str(run_dir)]  # fmt: skip
-    env = {**train_env, "OMP_NUM_THREADS": "1"}
+    args = ["--profile", str(profile_path), *common, "--max-steps", "5000"]
     proc = subprocess.Popen(train_cmd(*args), env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _logged_step(run_dir, 2), 180, proc)
+    _wait_for(lambda: (run_dir / "checkpoints" / "step-4" / "COMPLETE").is_file(), 180, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr[-3000:]
-    step = json.loads((run_dir / "status.json").read_text())["step"]
-    assert json.loads((run_dir / "checkpoints" / f"step-{step}" / "COMPLETE").read_text())["world_size"] == 2
+    assert "launching 2 ranks" in stderr and "deepspeed.launcher.runner --num_gpus 2" in stderr
     leftover = subprocess.run(["pgrep", "-f", f"--run-dir {run_dir}"], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", "a rank outlived the launcher"
+    step = json.loads((run_dir / "status.json").read_text())["step"]
+    assert step >= 4 and f"stopped at step {step} (signal SIGTERM)" in (run_dir / "train.log").read_text()
+    folder = run_dir / "checkpoints" / f"step-{step}"
+    assert json.loads((folder / "COMPLETE").read_text()) == {"step": step, "world_size": 2}
+    assert {p.name for p in folder.glob("zero_pp_rank_*")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    }
+    assert (folder / "rank-0.pt").is_file() and (folder / "rank-1.pt").is_file()
+    assert json.loads((run_dir / "resolved_config.json").read_text())["runtime"]["world_size"] == 2
+    # 2 ranks × 8 sequences × 32 tokens per step, none of them padding in the packed corpus
+    assert history(run_dir)["train"][-1]["tokens_seen"] == step * 2 * 8 * 32
+    # the same run continued on one process: weights and schedule carry over, the optimizer restarts
+    result = run_train(train_env, "--profile", "cpu", *common, "--max-steps", str(step + 2))
+    _ok(result)
+    log = (run_dir / "train.log").read_text()
+    assert "written by 2 rank(s), this run has 1" in log and f"resumed from step {step}" in log
+    assert json.loads((run_dir / "status.json").read_text()) == {
+        **json.loads((run_dir / "status.json").read_text()),
+        "state": "finished",
+        "step": step + 2,
+    }
