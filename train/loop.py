@@ -154,8 +154,7 @@ class Trainer:
         )
         self.ds_config = ds_config
         self.flops_per_token = model_config.training_flops_per_token(t.seq_len)
-        device_name = None if place.on_cpu else get_accelerator().get_device_name(place.local_rank)
-        peak = peak_flops(device_name)
+        peak = peak_flops(_device_model(place))
         self.peak_flops = peak * place.world_size if peak else None
         self.log(
             f"model {t.model}: {model_config.num_parameters() / 1e6:.2f}M parameters, "
@@ -262,19 +261,23 @@ class Trainer:
                 last = self.step >= self.total_steps
                 if self.step % t.log_every == 0 or last or stopping or self.step % t.checkpoint_every == 0:
                     now = time.perf_counter()
-                    tokens = self._global_sum(interval_tokens)
+                    tokens = int(self._all_ranks(interval_tokens, dist.ReduceOp.SUM))
+                    loss = float(self._all_ranks(loss_value, dist.ReduceOp.AVG))
                     self.tokens_seen += tokens
                     seconds = max(now - interval_start, 1e-9)
-                    record = self._train_record(float(loss_value), tokens / seconds, interval_wait / seconds)
+                    record = self._train_record(loss, tokens / seconds, interval_wait / seconds)
                     self.history["train"].append(record)
                     remaining = (self.total_steps - self.step) * seconds / max(interval_steps, 1)
                     progress.update(self.step, record, remaining)
                     interval_start, interval_wait, interval_steps = now, 0.0, 0
                     interval_tokens.zero_()
+                paused_at = time.perf_counter()
                 if self.step % t.eval_every == 0 or last:
                     self._evaluate()
                 if self.step % t.checkpoint_every == 0 or last or stopping:
                     self._checkpoint(start, final=last or stopping)
+                # eval and checkpoint time is not training time: keep it out of tokens/s
+                interval_start += time.perf_counter() - paused_at
                 if stopping:
                     sig = self.stop.signal
                     reason = f"signal {signal.Signals(sig).name}" if sig else "--stop-at-step"
@@ -285,11 +288,16 @@ class Trainer:
             progress.close()
         return outcome
 
-    def _global_sum(self, value: torch.Tensor) -> int:
+    def _all_ranks(self, value: torch.Tensor, op: Any) -> float:
+        """Sum or mean over ranks (logged steps only: one small collective, one host sync)."""
         if self.place.world_size > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-        return int(value.item())
+            value = value.detach().clone().float() if op == dist.ReduceOp.AVG else value.clone()
+            if op == dist.ReduceOp.AVG and self.place.device.type == "cpu":
+                dist.all_reduce(value)  # gloo has no AVG
+                value /= self.place.world_size
+            else:
+                dist.all_reduce(value, op=op)
+        return float(value.item())
 
     def _train_record(self, loss: float, tokens_per_second: float, wait_share: float) -> dict[str, Any]:
         grad_norm = self.engine.get_global_grad_norm()
@@ -406,6 +414,17 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's loader state")
+
+
+def _device_model(place: Placement) -> str | None:
+    """The accelerator's model name (e.g. "NVIDIA H200"), for its peak FLOP/s; None on CPU."""
+    if place.on_cpu:
+        return None
+    module = getattr(torch, place.device.type, None)
+    try:
+        return str(module.get_device_name(place.local_rank)) if module is not None else None
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _peak_memory(place: Placement) -> str:
