@@ -17,7 +17,9 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
+import pyarrow as pa
+import pyarrow.compute as pc
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
 from microbert.tokenizer import CLS, PAD, SEP
 
@@ -35,6 +37,8 @@ _ASCII_PUNCTUATION = re.compile(r"[!-/:-@\[-`{-~ ]|[^!-/:-@\[-`{-~ ]+")
 # so it always forms a chunk of its own.
 _DOC_MARK = "\x00"
 _DOC_END = f" {_DOC_MARK} "
+# how a document's end is keyed in the chunk cache: whitespace, so no chunk of text can collide with it
+_DOC_CHUNK = "\n"
 _MAX_CACHED_CHUNKS = 1_000_000  # ~150 MB of strings and ids; reset when exceeded
 
 
@@ -74,13 +78,17 @@ class Encoder:
         self.sep_id = _special_id(tokenizer, SEP)
         self.fast = chunk_local(tokenizer)
         self.split_punctuation = self.fast and _pre_tokenizer_kinds(tokenizer) == ["BertPreTokenizer"]
+        self._plain, self._lowercase = (
+            _plain_word_tokenizer(tokenizer) if self.split_punctuation else (None, False)
+        )
         self._reset_cache()
 
     def _reset_cache(self) -> None:
-        self._index: dict[str, int] = {_DOC_MARK: 0}
+        # entry 0: a document's end ([SEP]); entry 1: "", which Arrow's split yields at the ends
+        self._index: dict[str, int] = {_DOC_CHUNK: 0, "": 1}
         self._ids = np.array([self.sep_id], dtype=self.dtype)  # all cached chunks' ids, concatenated
-        self._starts = np.array([0], dtype=np.int64)
-        self._lengths = np.array([1], dtype=np.int64)
+        self._starts = np.array([0, 1], dtype=np.int64)
+        self._lengths = np.array([1, 0], dtype=np.int64)
         self._word_index: dict[str, int] = {}
         self._word_ids = np.empty(0, dtype=self.dtype)
         self._word_starts = np.empty(0, dtype=np.int64)
@@ -97,23 +105,28 @@ class Encoder:
                 flat.append(self.sep_id)
             return np.array(flat, dtype=self.dtype)
         joined = _DOC_END.join(documents)
-        if joined.count(_DOC_MARK) == len(documents) - 1:  # one split() call for the whole batch
+        if joined.count(_DOC_MARK) == len(documents) - 1:
             joined += _DOC_END
             if any(c in joined for c in _SPLIT_CONTROL_CHARS):
                 joined = joined.translate(_DROP_CONTROLS)
-            chunks = joined.split()
-        else:  # a document contains the marker character itself
-            chunks = []
+            uniques, positions = _split_unique(joined)
+            uniques[uniques.index(_DOC_MARK)] = _DOC_CHUNK  # the markers: here, and only here, NUL
+        else:  # a document contains the marker character itself: split document by document
+            chunks: list[str] = []
             for doc in documents:
                 chunks += doc.translate(_DROP_CONTROLS).split()
-                chunks.append(_DOC_MARK)
+                chunks.append(_DOC_CHUNK)
+            uniques = list(dict.fromkeys(chunks))
+            where = {chunk: i for i, chunk in enumerate(uniques)}
+            positions = np.array([where[c] for c in chunks], dtype=np.int64)
         if len(self._index) > _MAX_CACHED_CHUNKS:
             self._reset_cache()
-        unseen = set(chunks).difference(self._index)
-        if unseen:
-            self._add(sorted(unseen))
         index = self._index
-        chunk_ids = np.array([index[c] for c in chunks], dtype=np.int64)  # the hot loop: keep it plain
+        unseen = [u for u in uniques if u not in index]
+        if unseen:
+            self._add(unseen)
+        unique_ids = np.array([index[u] for u in uniques], dtype=np.int64)
+        chunk_ids = unique_ids[positions]
         return _gather(self._ids, self._starts[chunk_ids], self._lengths[chunk_ids])
 
     def _add(self, chunks: list[str]) -> None:
@@ -143,28 +156,70 @@ class Encoder:
         word_lengths = self._word_lengths[word_ids]
         ids = _gather(self._word_ids, self._word_starts[word_ids], word_lengths)
         lengths = np.bincount(owner, weights=word_lengths, minlength=len(chunks)).astype(np.int64)
-        base = len(self._index)
+        base = len(self._starts)
         self._index.update((chunk, base + i) for i, chunk in enumerate(chunks))
         self._ids, self._starts, self._lengths = _append(self._ids, self._starts, self._lengths, ids, lengths)
 
     def _add_words(self, words: list[str]) -> None:
-        """Encode words a few large texts at a time, then split the ids back by their offsets."""
+        """Encode new words, then split the ids back by their offsets.
+
+        Printable-ASCII words (nearly all of English) skip BERT's normaliser, the slowest step of
+        `tokenizers` here: for them it only lowercases, which `str.lower` does the same way.
+        """
+        if self._plain is not None:
+            plain: list[str] = []
+            other: list[str] = []
+            for w in words:
+                (plain if w.isascii() and w.isprintable() else other).append(w)
+            if plain:
+                lowered = [w.lower() for w in plain] if self._lowercase else plain
+                self._encode_words(self._plain, plain, lowered)
+            if other:
+                self._encode_words(self.tokenizer, other, other)
+        else:
+            self._encode_words(self.tokenizer, words, words)
+
+    def _encode_words(self, tokenizer: Tokenizer, words: list[str], texts_of: list[str]) -> None:
+        """Cache `words`, encoded as `texts_of` (the same words, maybe lowercased), a few large calls."""
         parts = max(1, min(64, len(words) // 2000))
-        groups = [words[i::parts] for i in range(parts)]
-        texts = [" ".join(group) for group in groups]
-        for group, encoding in zip(
-            groups, self.tokenizer.encode_batch(texts, add_special_tokens=False), strict=True
-        ):
+        for part in range(parts):
+            group, texts = words[part::parts], texts_of[part::parts]
+            encoding = tokenizer.encode(" ".join(texts), add_special_tokens=False)
             ids = np.asarray(encoding.ids, dtype=self.dtype)
-            token_starts = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
-            word_starts = np.cumsum([0] + [len(w) + 1 for w in group[:-1]], dtype=np.int64)
-            owner = np.searchsorted(word_starts, token_starts, side="right") - 1
+            if tokenizer is self._plain:  # split on spaces only: the pre-tokenizer's words are ours
+                owner = np.array(encoding.word_ids, dtype=np.int64)
+            else:
+                token_starts = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+                word_starts = np.cumsum([0] + [len(w) + 1 for w in texts[:-1]], dtype=np.int64)
+                owner = np.searchsorted(word_starts, token_starts, side="right") - 1
             lengths = np.bincount(owner, minlength=len(group)).astype(np.int64)
-            base = len(self._word_index)
+            base = len(self._word_starts)
             self._word_index.update((word, base + i) for i, word in enumerate(group))
             self._word_ids, self._word_starts, self._word_lengths = _append(
                 self._word_ids, self._word_starts, self._word_lengths, ids, lengths
             )
+
+
+def _plain_word_tokenizer(tokenizer: Tokenizer) -> tuple[Tokenizer | None, bool]:
+    """A copy without normaliser that splits on spaces only, and whether the original lowercases.
+
+    Equivalent to the original on printable-ASCII words without punctuation, when the original's
+    normaliser does nothing to such text but (perhaps) lowercase it.
+    """
+    state = json.loads(tokenizer.to_str())
+    normalizer = state.get("normalizer")
+    kinds = _kinds(normalizer, "normalizers")
+    if not set(kinds) <= {"BertNormalizer", "Lowercase", "NFD", "StripAccents"}:
+        return None, False
+    parts = normalizer.get("normalizers", [normalizer]) if normalizer else []
+    lowercase = any(
+        p.get("type") == "Lowercase" or (p.get("type") == "BertNormalizer" and p.get("lowercase"))
+        for p in parts
+    )
+    plain = Tokenizer.from_str(tokenizer.to_str())
+    plain.normalizer = normalizers.Sequence([])
+    plain.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return plain, lowercase
 
 
 def _append(
@@ -181,6 +236,18 @@ def _append(
         np.concatenate([starts, new_starts]),
         np.concatenate([lengths, new_lengths]),
     )
+
+
+def _split_unique(text: str) -> tuple[list[str], np.ndarray]:
+    """`text.split()` as (distinct chunks, position of each chunk in that list), computed in Arrow.
+
+    Only the distinct chunks (about a tenth) become Python strings. Arrow's whitespace is Python's
+    (checked for every code point, and by a test); it also yields empty strings at the ends, which
+    map to the cache's empty entry.
+    """
+    pieces = pc.utf8_split_whitespace(pa.array([text], type=pa.large_string())).flatten()
+    encoded = pieces.dictionary_encode()
+    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _gather(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -34,7 +34,8 @@ def default_workers() -> int:
 def _init(tokenizer_json: str, dtype: str) -> None:
     global _worker_encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; see EncoderPool
-    _worker_encoder = Encoder(Tokenizer.from_str(tokenizer_json), dtype=np.dtype(dtype))
+    if _worker_encoder is None:  # spawned; a forked worker inherits the parent's warm encoder
+        _worker_encoder = Encoder(Tokenizer.from_str(tokenizer_json), dtype=np.dtype(dtype))
 
 
 def _encode_parts(parts: list[list[str]]) -> list[np.ndarray]:
@@ -45,7 +46,8 @@ def _encode_parts(parts: list[list[str]]) -> list[np.ndarray]:
 class EncoderPool:
     """Encode batches in worker processes; `results()` yields them in submission order."""
 
-    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype, workers: int):
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype, workers: int, encoder: Encoder | None = None):
+        global _worker_encoder
         # fork where there is one: spawn would re-import the caller's main module (a trainer imports
         # torch and deepspeed) in every worker. The workers touch only numpy and tokenizers, like
         # PyTorch's DataLoader workers. `tokenizers` must not use its thread pool in a forked child:
@@ -61,10 +63,13 @@ class EncoderPool:
         self.max_in_flight = 2 * workers
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # forked workers start with a copy of the caller's encoder: its chunk cache is already warm
+        _worker_encoder = encoder
         try:  # start every worker now, while the variable is set
             for future in [self._executor.submit(os.getpid) for _ in range(workers)]:
                 future.result()
         finally:
+            _worker_encoder = None
             if saved is None:
                 del os.environ["TOKENIZERS_PARALLELISM"]
             else:

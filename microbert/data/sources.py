@@ -41,6 +41,9 @@ STRUCTURED_SUFFIXES = {
 }
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + tuple(STRUCTURED_SUFFIXES)
 _READ_BLOCK = 4 << 20  # bytes read from a text file at a time: memory stays flat for any file size
+# a text without blank lines is cut into documents of at most this many characters, at line ends,
+# so that memory stays bounded whatever the file looks like
+_MAX_DOCUMENT_CHARS = 1 << 20
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 _HUB_PROBE_SECONDS = 3.0
 
@@ -256,6 +259,10 @@ def _text_file_documents(path: Path) -> Iterator[str]:
                     text = text.removeprefix("\ufeff")  # a byte-order mark is not text
                 pieces = _PARAGRAPH_BREAK.split(carry + text.replace("\r\n", "\n"))
                 carry = pieces.pop()
+                if len(carry) > _MAX_DOCUMENT_CHARS:  # no blank line for megabytes: cut at a line end
+                    cut = carry.rfind("\n", 0, _MAX_DOCUMENT_CHARS) + 1 or _MAX_DOCUMENT_CHARS
+                    pieces.append(carry[:cut])
+                    carry = carry[cut:]
                 for piece in pieces:
                     if piece and not piece.isspace():
                         yield piece.strip("\n")

@@ -35,6 +35,13 @@ def test_fast_encoder_equals_tokenizers(tiny_tokenizer: Tokenizer, sample_texts:
         assert np.array_equal(encoder.encode(batch), _reference(tiny_tokenizer, batch, sep))
 
 
+def test_documents_containing_the_boundary_marker(tiny_tokenizer: Tokenizer) -> None:
+    docs = ["a NUL\x00inside", "plain text", "\x00"]
+    encoder = Encoder(tiny_tokenizer, dtype=np.uint16)
+    sep = tiny_tokenizer.token_to_id("[SEP]")
+    assert np.array_equal(encoder.encode(docs), _reference(tiny_tokenizer, docs, sep))
+
+
 def test_other_pre_tokenizers_fall_back_to_plain_encoding(tiny_tokenizer: Tokenizer) -> None:
     tok = Tokenizer.from_str(tiny_tokenizer.to_str())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()  # joins across whitespace: chunks are not independent

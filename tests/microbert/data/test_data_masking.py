@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from microbert.data import continuation_token_mask, mask_tokens
+from microbert.tokenizer import train_tokenizer
 
 SPECIALS = [0, 1, 2, 3, 4]
 VOCAB = 1000
@@ -60,14 +61,16 @@ def test_rate_is_configurable() -> None:
     assert 0.47 < (labels != -100).float().mean().item() / 0.95 < 0.55
 
 
-def test_whole_word_masking_takes_all_pieces_of_a_word(tiny_tokenizer) -> None:
-    continues = continuation_token_mask(tiny_tokenizer)
-    text = " ".join(["unbelievably extraordinary circumstances notwithstanding"] * 40)
-    ids = torch.tensor([tiny_tokenizer.encode(text).ids[:200]] * 8)
+def test_whole_word_masking_takes_all_pieces_of_a_word() -> None:
+    # a small vocabulary over long words: most words are several WordPiece pieces
+    words = ["unbelievably", "extraordinary", "circumstances", "notwithstanding", "the", "a"]
+    tokenizer = train_tokenizer([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20, 60)
+    continues = continuation_token_mask(tokenizer)
+    ids = torch.tensor([tokenizer.encode(" ".join(words * 30)).ids[:200]] * 8)
     assert continues[ids].any(), "the sample should contain multi-piece words"
     _, labels = mask_tokens(
         ids,
-        vocab_size=tiny_tokenizer.get_vocab_size(),
+        vocab_size=tokenizer.get_vocab_size(),
         mask_token_id=4,
         special_token_ids=SPECIALS,
         generator=torch.Generator().manual_seed(0),

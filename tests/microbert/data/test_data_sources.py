@@ -24,6 +24,19 @@ def test_text_file_paragraphs_survive_block_boundaries(
     assert list(iter_documents(resolve_source(path))) == paragraphs
 
 
+def test_text_without_blank_lines_is_cut_at_line_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "_READ_BLOCK", 64)
+    monkeypatch.setattr(sources, "_MAX_DOCUMENT_CHARS", 100)
+    lines = [f"line {i} of a file with no paragraphs" for i in range(50)]
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(lines) + "\n")
+    docs = list(iter_documents(resolve_source(path)))
+    assert len(docs) > 10 and all(len(d) <= 100 for d in docs)
+    assert "\n".join(docs).split("\n") == lines  # cut between lines, nothing lost
+
+
 def test_gzipped_text_and_folder_order(tmp_path: Path) -> None:
     (tmp_path / "b.txt").write_text("second\n\nthird\n")
     with gzip.open(tmp_path / "a.txt.gz", "wt") as handle:
