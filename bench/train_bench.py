@@ -121,7 +121,14 @@ def bench_microbert(shape: Shape, args: argparse.Namespace) -> dict:
         from train.flat import FlatParameters
 
         model = FlatParameters(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+    if args.client_clip:
+        from train.optim import ClippedAdamW
+
+        optimizer = ClippedAdamW(
+            model.parameters(), max_grad_norm=1.0, lr=1e-4, weight_decay=0.01, fused=True
+        )
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
     ds_config = {
         "train_micro_batch_size_per_gpu": shape.batch_size,
         "gradient_accumulation_steps": 1,
@@ -139,6 +146,9 @@ def bench_microbert(shape: Shape, args: argparse.Namespace) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if args.client_clip:  # the optimizer clips; DeepSpeed computes no norm
+        ds_config["gradient_clipping"] = 0.0
+        ds_config["zero_optimization"]["compute_grad_norm"] = False
     for key, value in json.loads(args.ds_extra).items():
         ds_config[key] = {**ds_config.get(key, {}), **value} if isinstance(value, dict) else value
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -263,6 +273,7 @@ def main() -> None:
     parser.add_argument(
         "--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)"
     )
+    parser.add_argument("--client-clip", action="store_true", help="microbert: clip in the optimizer")
     parser.add_argument("--exact-head", action="store_true", help="microbert: head on the exact masked set")
     parser.add_argument("--profile", action="store_true", help="write a torch.profiler table per run")
     parser.add_argument("--peak-tflops", type=float, default=None)

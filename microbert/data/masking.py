@@ -7,12 +7,20 @@ batch's masks are reproducible from the generator state alone.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from tokenizers import Tokenizer
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and transformers) skips
+
+
+@functools.lru_cache(maxsize=16)
+def _id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The special ids on the device, made once: a per-step copy from host memory would make the
+    CPU wait for the GPU's queue to drain (pageable copies are synchronous)."""
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def mask_tokens(
@@ -39,7 +47,7 @@ def mask_tokens(
     device = input_ids.device
     input_ids = input_ids.long()
     special_ids = list(special_token_ids)
-    specials = torch.as_tensor(special_ids, dtype=torch.long, device=device)
+    specials = _id_tensor(tuple(special_ids), device)
     maskable = ~torch.isin(input_ids, specials)  # (B, T); padding is a special token
     draw = torch.rand(input_ids.shape, device=device, generator=generator)  # (B, T)
     if whole_word_mask is not None:
