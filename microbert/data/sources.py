@@ -326,8 +326,15 @@ def _load_error(what: str, path: str, config: str | None, exc: Exception) -> Dat
                 f"path (--dataset /path/to/files){hint}, or prepare on a machine with Hub access and copy "
                 f"the cache folder (MICROBERT_CACHE_DIR)"
             )
-        return DataSourceError(f"cannot load {what} from the Hugging Face Hub: {exc}")
-    return DataSourceError(f"cannot read {what}: {exc}")
+        return DataSourceError(f"cannot load {what} from the Hugging Face Hub: {_describe(exc)}")
+    return DataSourceError(f"cannot read {what}: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    """The root cause of a wrapped exception ("An error occurred while generating the dataset")."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _rows(dataset: Any, column: str, row_filter: tuple[str, str] | None, *, what: str) -> Iterator[str]:
@@ -355,7 +362,7 @@ def _rows(dataset: Any, column: str, row_filter: tuple[str, str] | None, *, what
     except MicroBertError:
         raise
     except Exception as exc:  # a corrupt file, a dropped connection mid-stream
-        raise DataSourceError(f"cannot read {what}: {type(exc).__name__}: {exc}") from None
+        raise DataSourceError(f"cannot read {what}: {_describe(exc)}") from None
 
 
 def _dotted(value: Any, keys: list[str]) -> Any:

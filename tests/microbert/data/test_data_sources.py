@@ -122,3 +122,9 @@ def test_parse_count() -> None:
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_non_utf8_structured_file_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path / "latin.jsonl", b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataSourceError, match=r"cannot read .*latin\.jsonl: UnicodeDecodeError"):
+        list(iter_documents(resolve_source(path)))
