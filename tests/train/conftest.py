@@ -1,13 +1,14 @@
 """Trainer test fixtures: a shared data cache and one compiled DeepSpeed op directory.
 
-DeepSpeed's CPU accelerator compiles a small C++ op on first use (30–50 s); every test process
-points TORCH_EXTENSIONS_DIR at the same stable folder so that happens once per machine, not per test.
+DeepSpeed's CPU accelerator compiles a small C++ op on first use (30–50 s). Every test process
+uses the same stable folder for it (TORCH_EXTENSIONS_DIR when set, else torch's default under
+~/.cache/torch_extensions, the one `microbert-train` itself uses), never a temporary one, so the
+op is compiled once per machine, not per test, and is shared with real runs.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -17,9 +18,6 @@ def train_env(tmp_path_factory) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         DS_ACCELERATOR="cpu",
-        TORCH_EXTENSIONS_DIR=os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")
-        ),
         MICROBERT_CACHE_DIR=str(tmp_path_factory.mktemp("data-cache")),
         MICROBERT_NO_BAR="1",
         PYTHONUNBUFFERED="1",
