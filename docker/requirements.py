@@ -1,8 +1,9 @@
-"""Print requirements from pyproject.toml, one a line: the project's dependencies and those of the named
-extras, or with --build the build system's (setuptools, wheel).
+"""Print one section of pyproject.toml's requirements, one a line:
+`build` (the build system's), `core` (the project's dependencies) or the name of an extra (its own only).
 
 The Dockerfiles install these before copying the source, so a change to the code reuses the
-dependency layers:  python3 docker/requirements.py pyproject.toml train > requirements.txt
+dependency layers, and both images share the layers up to `core`:
+    python3 docker/requirements.py pyproject.toml core > requirements.txt
 """
 
 import sys
@@ -10,23 +11,21 @@ import sys
 import tomllib
 
 
-def requirements(pyproject: str, extras: list[str], build: bool) -> list[str]:
+def requirements(pyproject: str, section: str) -> list[str]:
     with open(pyproject, "rb") as file:
         data = tomllib.load(file)
-    if build:
+    if section == "build":
         return list(data["build-system"]["requires"])
     project = data["project"]
+    if section == "core":
+        return list(project["dependencies"])
     optional = project.get("optional-dependencies", {})
-    unknown = [extra for extra in extras if extra not in optional]
-    if unknown:
-        sys.exit(f"unknown extras {unknown}; pyproject.toml has {sorted(optional)}")
-    return list(project["dependencies"]) + [req for extra in extras for req in optional[extra]]
+    if section not in optional:
+        sys.exit(f"unknown section {section!r}: build, core or an extra of {sorted(optional)}")
+    return list(optional[section])
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    build = "--build" in args
-    args = [arg for arg in args if arg != "--build"]
-    if not args:
-        sys.exit("usage: requirements.py PYPROJECT [--build | EXTRA ...]")
-    print("\n".join(requirements(args[0], args[1:], build)))
+    if len(sys.argv) != 3:
+        sys.exit("usage: requirements.py PYPROJECT build|core|EXTRA")
+    print("\n".join(requirements(sys.argv[1], sys.argv[2])))

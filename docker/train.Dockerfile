@@ -12,28 +12,23 @@
 # /cache/microbert (MICROBERT_CACHE_DIR: tokenized shards).
 ARG BASE_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu24.04
 
-# --- base: Python, its venv module and, next to nvcc, what DeepSpeed's op builds need ----------------
-FROM ${BASE_IMAGE} AS base
-# $packages is a word list on purpose.
-# hadolint ignore=DL3008,SC2086
-RUN packages=""; \
-    python3 -c 'import ensurepip, venv' 2>/dev/null || packages="python3 python3-venv ca-certificates"; \
-    if [ -x /usr/local/cuda/bin/nvcc ]; then packages="$packages python3-dev g++"; fi; \
-    if [ -n "$packages" ]; then \
+# --- python: Python, a venv, torch and the project's core dependencies. The same instructions open
+# docker/train.Dockerfile and docker/serve.Dockerfile, so one image's build reuses the other's layers
+# and both share them on disk. Dependencies come before any source: a code change reuses them.
+FROM ${BASE_IMAGE} AS python
+# The CUDA images have no Python; Debian's python images have it and its venv module.
+# hadolint ignore=DL3008
+RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
       apt-get update \
-      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $packages \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
       && rm -rf /var/lib/apt/lists/*; \
     fi
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-
-# --- deps: every dependency, installed before any source is copied, so code changes reuse the layer ---
-FROM base AS deps
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+RUN python3 -m venv /opt/venv
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=
-RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-# torch alone first, by exact version: a CPU image that asked for +cpu fails here if the wheel is missing,
-# instead of quietly downloading the multi-GB CUDA build. (Pinned, through TORCH_SPEC.)
+# torch alone first, by exact version (TORCH_SPEC): a CPU image that asked for +cpu fails here if the
+# wheel is missing, instead of quietly downloading the multi-GB CUDA build. Later installs keep it.
 # hadolint ignore=DL3013
 RUN --mount=type=secret,id=pip_ca \
     --mount=type=bind,source=docker/wheels,target=/wheels \
@@ -42,20 +37,49 @@ RUN --mount=type=secret,id=pip_ca \
     if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi; \
     pip install --find-links /wheels "$TORCH_SPEC" \
     && python3 -c 'from importlib.metadata import version; print("torch==" + version("torch"))' \
-       > /opt/venv/torch-constraint.txt
-COPY pyproject.toml docker/requirements.py /src/
+       > /opt/venv/constraints.txt
+WORKDIR /opt/venv/requirements
+COPY pyproject.toml docker/requirements.py ./
+RUN --mount=type=secret,id=pip_ca \
+    --mount=type=cache,target=/root/.cache/pip \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
+    python3 requirements.py pyproject.toml build > build.txt \
+    && python3 requirements.py pyproject.toml core > core.txt \
+    && pip install --constraint /opt/venv/constraints.txt -r build.txt -r core.txt
+
+# --- trainer: DeepSpeed -------------------------------------------------------------------------------
+FROM python AS trainer
 # DeepSpeed is an sdist whose setup imports torch: build it against the torch above, not in an isolated
 # environment (which would download another torch).
 RUN --mount=type=secret,id=pip_ca \
     --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
-    python3 /src/requirements.py /src/pyproject.toml --build > /src/build-requirements.txt \
-    && python3 /src/requirements.py /src/pyproject.toml train > /src/requirements.txt \
-    && pip install -r /src/build-requirements.txt \
-    && pip install --no-build-isolation --constraint /opt/venv/torch-constraint.txt -r /src/requirements.txt
+    python3 requirements.py pyproject.toml train > train.txt \
+    && pip install --no-build-isolation --constraint /opt/venv/constraints.txt -r train.txt
+ENV TORCH_EXTENSIONS_DIR=/opt/torch_extensions
 
-# --- the image: the base, the venv, the source in /app (installed editable) --------------------------
-FROM base
+# --- ops: on the CPU accelerator, DeepSpeed's shared-memory op, compiled here once instead of in every
+# new container (a minute on two cores), so the CPU image needs no compiler.
+FROM trainer AS ops
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-dev g++ \
+    && rm -rf /var/lib/apt/lists/*
+RUN mkdir -p /opt/torch_extensions \
+    && if python3 -c 'import sys, torch; sys.exit(torch.version.cuda is not None)'; then \
+      python3 -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'; \
+    fi
+
+# --- the image ----------------------------------------------------------------------------------------
+FROM trainer
+# Next to nvcc (the devel base), what DeepSpeed's JIT-compiled CUDA ops need: Python's headers, a C++
+# compiler.
+# hadolint ignore=DL3008
+RUN if [ -x /usr/local/cuda/bin/nvcc ]; then \
+      apt-get update \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-dev g++ \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 ARG APP_UID=1000
 # CUDA's Ubuntu images ship a user with uid 1000: make room for ours, whose uid matches most hosts' first
 # user, so files in a mounted run folder belong to them. The volume folders belong to it, so named
@@ -64,17 +88,16 @@ RUN if getent passwd "$APP_UID" >/dev/null; then userdel --remove "$(id -nu "$AP
     && useradd --create-home --uid "$APP_UID" --user-group --shell /bin/bash microbert \
     && mkdir -p /runs /cache/huggingface /cache/microbert \
     && chown microbert:microbert /runs /cache/huggingface /cache/microbert
-COPY --from=deps /opt/venv /opt/venv
+# The user takes the op's build lock at load time, so the folder is its own.
+COPY --from=ops --chown=${APP_UID} /opt/torch_extensions /opt/torch_extensions
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY microbert microbert
 COPY train train
 # runs/<profile>, the trainer's default run folder, lands in the /runs volume.
-RUN /opt/venv/bin/pip install --no-deps --no-build-isolation --no-cache-dir -e . \
+RUN pip install --no-deps --no-build-isolation --no-cache-dir -e . \
     && ln -s /runs /app/runs
-ENV PATH=/opt/venv/bin:$PATH \
-    HF_HOME=/cache/huggingface \
-    MICROBERT_CACHE_DIR=/cache/microbert
+ENV HF_HOME=/cache/huggingface MICROBERT_CACHE_DIR=/cache/microbert
 VOLUME ["/runs", "/cache/huggingface", "/cache/microbert"]
 USER ${APP_UID}
 ENTRYPOINT ["microbert-train"]

