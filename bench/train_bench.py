@@ -149,6 +149,7 @@ def bench_microbert(shape: Shape, args: argparse.Namespace) -> dict:
     if args.client_clip:  # the optimizer clips; DeepSpeed computes no norm
         ds_config["gradient_clipping"] = 0.0
         ds_config["zero_optimization"]["compute_grad_norm"] = False
+        ds_config["zero_allow_untested_optimizer"] = True  # an AdamW subclass
     for key, value in json.loads(args.ds_extra).items():
         ds_config[key] = {**ds_config.get(key, {}), **value} if isinstance(value, dict) else value
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
