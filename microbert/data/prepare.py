@@ -52,7 +52,7 @@ DEFAULT_SHARD_TOKENS = 32 << 20  # 64 MiB of uint16 per shard: little lost to an
 BATCH_CHARS = 1 << 20  # text handed to the encoder at a time
 DEFAULT_TOKENIZER_SAMPLE_CHARS = 32 << 20  # WordPiece learns its vocabulary from the first 32 M characters
 MIN_SEQ_LEN, MAX_SEQ_LEN = 8, 65536
-POOL_AFTER_BATCHES = 2  # sources of more than ~2 MB of text are encoded by a pool of processes
+POOL_AFTER_BATCHES = 8  # sources of more than ~8 MB of text are encoded by a pool of processes
 
 
 @dataclass
