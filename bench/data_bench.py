@@ -58,13 +58,13 @@ def bench_prepare(
     }
 
 
-def bench_loader(ds, batch_size: int, seconds: float) -> dict:
+def bench_loader(ds, batch_size: int, seconds: float, device: str = "cpu") -> dict:
     """One core: read rows from the memory-mapped cache, make tensors, mask them (as the trainer does)."""
     import torch
 
     torch.set_num_threads(1)
-    loader = ShardLoader(ds.train, batch_size=batch_size, seed=0)
-    generator = torch.Generator().manual_seed(0)
+    loader = ShardLoader(ds.train, batch_size=batch_size, seed=0, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
     specials = ds.special_token_ids
     vocab = ds.tokenizer.get_vocab_size()
     tokens = batches = 0
@@ -78,10 +78,13 @@ def bench_loader(ds, batch_size: int, seconds: float) -> dict:
             special_token_ids=specials,
             generator=generator,
         )
-        tokens += int(attention_mask.sum())
+        tokens += attention_mask.sum()  # a tensor: no device sync per batch
         batches += 1
+    tokens = int(tokens)
     elapsed = time.perf_counter() - started
+    loader.close()
     return {
+        "device": device,
         "batch": f"{batch_size}x{ds.seq_len}",
         "batches": batches,
         "loader_tokens_per_s": round(tokens / elapsed),
@@ -157,6 +160,7 @@ def main() -> int:
     parser.add_argument("--loader-seconds", type=float, default=5.0)
     parser.add_argument("--big-gb", type=float, default=1.0)
     parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--cuda-loader", action="store_true", help="also time the loader + masking on a GPU")
     parser.add_argument("--workers", type=int, default=None, help="encoder processes (default: one per core)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -169,6 +173,9 @@ def main() -> int:
         )
         print(json.dumps({"prepare": results["prepare"]}), flush=True)
         results["loader"] = bench_loader(ds, args.batch_size, args.loader_seconds)
+        if args.cuda_loader:
+            results["loader_cuda"] = bench_loader(ds, args.batch_size, args.loader_seconds, "cuda")
+            print(json.dumps({"loader_cuda": results["loader_cuda"]}), flush=True)
         del ds
         print(json.dumps({"loader": results["loader"]}), flush=True)
     if not args.skip_big:
