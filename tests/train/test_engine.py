@@ -1,0 +1,52 @@
+"""Engine pieces that need no process group: the DeepSpeed config the trainer hands over, and the
+micro-batch sized from free accelerator memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from microbert.config import get_preset
+from microbert.errors import MicroBertError
+from microbert.run_config import resolve
+from train import engine
+from train.engine import Placement, auto_micro_batch, deepspeed_config
+
+
+def _place(device: str = "cuda:0", world: int = 8, precision: str = "bf16") -> Placement:
+    return Placement(rank=0, local_rank=0, world_size=world, device=torch.device(device), precision=precision)
+
+
+def test_deepspeed_config_sets_batch_geometry_precision_and_zero_stage():
+    resolved = resolve(profile="h200_8gpu", ds_config=None, run_file=None, flags={"grad_accum": 2})
+    config = deepspeed_config(resolved.deepspeed, resolved.train, 48, _place())
+    assert config["train_micro_batch_size_per_gpu"] == 48
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["train_batch_size"] == 48 * 2 * 8
+    assert config["zero_optimization"]["stage"] == 1
+    assert config["bf16"] == {"enabled": True}
+    assert "optimizer" not in config and "scheduler" not in config  # always a client optimizer
+    cpu = deepspeed_config(resolved.deepspeed, resolved.train, 8, _place("cpu", 1, "fp32"))
+    assert cpu["bf16"] == {"enabled": False} and cpu["train_batch_size"] == 16
+
+
+class _FakeAccelerator:
+    def __init__(self, free_bytes: int):
+        self.free_bytes = free_bytes
+
+    def available_memory(self, device_index: int | None = None) -> int:
+        return self.free_bytes
+
+
+def test_auto_micro_batch_grows_with_free_memory_and_refuses_when_nothing_fits(monkeypatch):
+    config = get_preset("bert-base")
+    sizes = []
+    for gib in (20, 70, 130):
+        monkeypatch.setattr(engine, "get_accelerator", lambda gib=gib: _FakeAccelerator(gib * 2**30))
+        sizes.append(auto_micro_batch(config, 128, _place()))
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert all(s & (s - 1) == 0 and 1 <= s <= 512 for s in sizes)  # powers of two
+    monkeypatch.setattr(engine, "get_accelerator", lambda: _FakeAccelerator(2**28))
+    with pytest.raises(MicroBertError, match="smaller --model or lower --seq-len"):
+        auto_micro_batch(config, 512, _place(world=1))
+    assert auto_micro_batch(config, 128, _place("cpu", 1, "fp32")) == 32  # no GPU memory to size from
