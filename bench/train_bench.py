@@ -298,9 +298,13 @@ def main() -> None:
             shape = Shape(shape.name, shape.config, shape.seq_len, args.batch_size)
         for impl in args.impls.split(","):
             if impl == "microbert":
-                rec = record(
-                    shape, impl, bench_microbert(shape, args), args, {"compiled": not args.no_compile}
-                )
+                variant = {
+                    "compiled": not args.no_compile,
+                    "flat": args.flat,
+                    "client_clip": args.client_clip,
+                    "ds_extra": args.ds_extra,
+                }
+                rec = record(shape, impl, bench_microbert(shape, args), args, variant)
             else:
                 best = None
                 for mode in args.hf_modes.split(","):
