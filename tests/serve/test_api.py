@@ -221,11 +221,16 @@ def test_queue_full_is_a_429_at_once(tiny_artifact: Path) -> None:
             )
             for _ in range(3)
         ]
-        for sender in senders:
-            sender.start()
         deadline = time.monotonic() + 10
-        while batcher.depth < 2:  # one input taken into the waiting batch, two queued
+        senders[0].start()
+        # The first input is taken into the batch that waits for the model thread...
+        while batcher._idle.is_set() or batcher.depth:
             assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for sender in senders[1:]:
+            sender.start()
+        while batcher.depth < 2:  # ...and the next two fill the queue.
+            assert time.monotonic() < deadline, (batcher.depth, results)
             time.sleep(0.01)
         started = time.perf_counter()
         response = c.post("/fill-mask", json={"inputs": TEXT})
