@@ -9,6 +9,7 @@ backend come from DeepSpeed's accelerator abstraction.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from microbert.config import ModelConfig
 from microbert.errors import MicroBertError
 from microbert.model import BertForMaskedLM
 from microbert.run_config import TrainConfig
+from train.flat import FlatParameters
+from train.optim import ClippedAdamW
 
 
 @dataclass
@@ -77,28 +80,41 @@ def deepspeed_config(
     config["train_micro_batch_size_per_gpu"] = micro_batch
     config["gradient_accumulation_steps"] = t.grad_accum
     config["train_batch_size"] = micro_batch * t.grad_accum * place.world_size
-    config["gradient_clipping"] = float(t.grad_clip)
+    # The client optimizer clips on the device (train/optim.py); DeepSpeed's own clip reads the
+    # norm back to the host every step, so it computes no norm and clips nothing.
+    config["gradient_clipping"] = 0.0
+    config["zero_allow_untested_optimizer"] = True  # ClippedAdamW, an AdamW subclass
     zero = dict(config.get("zero_optimization") or {})
     zero["stage"] = t.zero_stage
+    zero["compute_grad_norm"] = False
+    # One bucket and no overlap machinery: `overlap_comm` synchronises the device per bucket, and
+    # with flat parameters there is little to overlap (bench/NOTES.md). A config may override.
+    zero.setdefault("overlap_comm", False)
+    zero.setdefault("contiguous_gradients", False)
+    zero.setdefault("reduce_bucket_size", 500_000_000)
     config["zero_optimization"] = zero
-    config["bf16"] = {"enabled": place.precision == "bf16"}
+    # bf16 has no loss scale to protect, so no per-parameter inf/NaN scan (and host sync) per step;
+    # a diverged loss is caught by the trainer at its logging cadence.
+    config["bf16"] = {"enabled": place.precision == "bf16", "check_grad_overflow": False}
     config.setdefault("steps_per_print", 10**9)  # the trainer does its own logging
     return config
 
 
-def build_optimizer(model: torch.nn.Module, t: TrainConfig, place: Placement) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and LayerNorm weights (the BERT recipe)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+def build_optimizer(model: FlatParameters, t: TrainConfig, place: Placement) -> ClippedAdamW:
+    """AdamW without weight decay on biases and LayerNorm weights (the BERT recipe), clipping itself."""
     groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [model.flat_decay], "weight_decay": t.weight_decay},
+        {"params": [model.flat_no_decay], "weight_decay": 0.0},
     ]
     fused = not place.on_cpu  # fused AdamW kernels exist for accelerators, not for CPU
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=fused)
+    return ClippedAdamW(
+        groups,
+        max_grad_norm=float(t.grad_clip),
+        lr=t.lr,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps,
+        fused=fused,
+    )
 
 
 def auto_micro_batch(model_config: ModelConfig, seq_len: int, place: Placement) -> int:
@@ -133,19 +149,27 @@ def build_engine(
     micro_batch: int,
     total_steps: int,
     place: Placement,
-) -> tuple[Any, torch.optim.lr_scheduler.LRScheduler, dict[str, Any]]:
-    """`deepspeed.initialize` with the client optimizer and schedule; returns engine, scheduler, config."""
+) -> tuple[Any, torch.optim.lr_scheduler.LRScheduler, dict[str, Any], ClippedAdamW]:
+    """`deepspeed.initialize` over the model's flat parameters with the client optimizer and schedule.
+
+    On an accelerator the encoder is compiled (`MICROBERT_COMPILE=0` turns it off): the fused
+    LayerNorm, dropout and GELU kernels matter more for BERT than anything else but the matmuls.
+    Returns the engine, its scheduler, the DeepSpeed config and the client optimizer.
+    """
+    if not place.on_cpu and os.environ.get("MICROBERT_COMPILE", "1") != "0":
+        model.bert.compile()
+    flat = FlatParameters(model)
     config = deepspeed_config(base_config, t, micro_batch, place)
-    optimizer = build_optimizer(model, t, place)
+    optimizer = build_optimizer(flat, t, place)
     warm = warmup_steps(t, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_lambda(step, warmup=warm, total=total_steps, min_ratio=t.min_lr_ratio),
     )
     engine, _optimizer, _loader, engine_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        model=flat, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
-    return engine, engine_scheduler, config
+    return engine, engine_scheduler, config, optimizer
 
 
 def oom_message(t: TrainConfig, micro_batch: int) -> str:

@@ -29,7 +29,7 @@ from microbert.commands.predict import render
 from microbert.data import ShardLoader, mask_tokens, prepare_dataset
 from microbert.errors import MicroBertError
 from microbert.evaluate import MASK_TOKEN_ID, SPECIAL_TOKEN_IDS, evaluate
-from microbert.model import BertForMaskedLM
+from microbert.model import BertForMaskedLM, masked_positions_cap
 from microbert.predict import FillMaskPredictor
 from microbert.run_config import Resolved
 from train import checkpointing
@@ -149,10 +149,13 @@ class Trainer:
         else:
             epochs = t.epochs if t.epochs is not None else 1.0
             self.total_steps = max(1, math.ceil(epochs * self.loader.batches_per_epoch / t.grad_accum))
-        self.engine, self.scheduler, ds_config = build_engine(
+        self.engine, self.scheduler, ds_config, self.optimizer = build_engine(
             model, t, self.resolved.deepspeed, self.micro_batch, self.total_steps, place
         )
         self.ds_config = ds_config
+        # On an accelerator the MLM head runs on a fixed number of slots per row: static shapes, no
+        # host sync per step. On a CPU the exact masked set is cheaper.
+        self.masked_slots = None if place.on_cpu else masked_positions_cap(t.seq_len, t.mlm_probability)
         self.flops_per_token = model_config.training_flops_per_token(t.seq_len)
         peak = peak_flops(_device_model(place))
         self.peak_flops = peak * place.world_size if peak else None
@@ -248,7 +251,12 @@ class Trainer:
                         generator=generator,
                     )
                     try:
-                        out = self.engine(input_ids=inputs, attention_mask=attention_mask, labels=labels)
+                        out = self.engine(
+                            input_ids=inputs,
+                            attention_mask=attention_mask,
+                            labels=labels,
+                            max_masked_per_row=self.masked_slots,
+                        )
                         self.engine.backward(out.loss)
                         self.engine.step()
                     except torch.OutOfMemoryError:
@@ -300,7 +308,7 @@ class Trainer:
         return float(value.item())
 
     def _train_record(self, loss: float, tokens_per_second: float, wait_share: float) -> dict[str, Any]:
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.optimizer.last_grad_norm
         mfu = tokens_per_second * self.flops_per_token / self.peak_flops if self.peak_flops else None
         return {
             "step": self.step,
@@ -375,7 +383,8 @@ class Trainer:
             "dataset": self.t.dataset,
             "eval": self.last_eval,
         }
-        save_artifact(self.engine.module, self.data.tokenizer, folder, metadata=metadata)
+        model = self.engine.module.sync_to_model()  # the flat parameters' values, in the model's names
+        save_artifact(model, self.data.tokenizer, folder, metadata=metadata)
         update_latest(self.export_dir, folder)
         keep = {f"step-{c.step}" for c in checkpointing.list_complete(self.checkpoint_dir)}
         keep.add(folder.name)

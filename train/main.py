@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags=flag_settings(args),
             world_size=int(os.environ.get("WORLD_SIZE", "1")) if under_launcher else None,
         )
+        problem = _missing_gpu(resolved.train.precision, resolved.train.num_gpus, args.profile)
+        if problem:
+            raise MicroBertError(problem)
         if not under_launcher and resolved.train.num_gpus > 1:
             from train.launcher import launch
 
@@ -46,6 +49,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MicroBertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _missing_gpu(precision: str, num_gpus: int, profile: str | None) -> str | None:
+    """A GPU setup (bf16, or several GPUs) on a machine where no GPU is visible: say so up front,
+    instead of a slow fp32 run on the CPU. `DS_ACCELERATOR=cpu` asks for the CPU on purpose."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or (precision != "bf16" and num_gpus <= 1):
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    what = f"profile {profile!r}" if profile else "this configuration"
+    return (
+        f"{what} needs {max(num_gpus, 1)} GPU(s) (precision {precision}), but no GPU is visible to this "
+        "process: run it where a GPU is visible (in Docker: the NVIDIA container toolkit and a GPU "
+        "reservation), or train on the CPU with --profile cpu (or DS_ACCELERATOR=cpu to force it)"
+    )
 
 
 def _single_process_env() -> None:

@@ -397,10 +397,6 @@ def test_compose_run_train_with_unknown_profile_lists_the_valid_ones(compose: Co
 
 
 @pytest.mark.docker
-@pytest.mark.xfail(
-    strict=True,
-    reason="the trainer runs a GPU profile on the CPU when no GPU is visible instead of saying so (issue 6)",
-)
 def test_compose_run_train_with_gpu_profile_and_no_gpu_says_so(compose: Compose) -> None:
     result = compose("run", "--rm", "-T", "train", "--profile", "h100_1gpu", "--max-steps", "1", timeout=300)
     # DeepSpeed's own "Setting accelerator to CPU. If you have GPU ..." warning is not the trainer saying so.

@@ -24,10 +24,11 @@ def test_deepspeed_config_sets_batch_geometry_precision_and_zero_stage():
     assert config["gradient_accumulation_steps"] == 2
     assert config["train_batch_size"] == 48 * 2 * 8
     assert config["zero_optimization"]["stage"] == 1
-    assert config["bf16"] == {"enabled": True}
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert config["gradient_clipping"] == 0.0 and config["zero_optimization"]["compute_grad_norm"] is False
     assert "optimizer" not in config and "scheduler" not in config  # always a client optimizer
     cpu = deepspeed_config(resolved.deepspeed, resolved.train, 8, _place("cpu", 1, "fp32"))
-    assert cpu["bf16"] == {"enabled": False} and cpu["train_batch_size"] == 16
+    assert cpu["bf16"]["enabled"] is False and cpu["train_batch_size"] == 16
 
 
 class _FakeAccelerator:

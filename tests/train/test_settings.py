@@ -146,3 +146,15 @@ def test_profile_path_is_accepted(tmp_path):
     r = resolve(profile=str(profile), ds_config=None, run_file=None, flags={})
     assert (r.train.model, r.train.num_gpus, r.train.run_dir) == ("bert-mini", 2, "runs/mine")
     assert Path(r.train.run_dir).name == "mine"
+
+
+def test_gpu_profile_without_a_visible_gpu_says_so(monkeypatch, capsys):
+    import torch
+
+    from train.main import main
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--profile", "h100_1gpu", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "h100_1gpu" in err and "no GPU is visible" in err and "--profile cpu" in err
