@@ -53,10 +53,18 @@ def _seed_for(*parts: int) -> int:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits 0."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits 0.
 
-    def __init__(self) -> None:
+    With several ranks the flags are combined every step over a CPU (gloo) group: a reduction of a
+    GPU tensor read back with `.item()` would make every step wait for the GPU's queue to drain.
+    """
+
+    def __init__(self, place: Placement) -> None:
         self.signal: int | None = None
+        self.group = None
+        if place.world_size > 1:
+            # every rank creates the group, in the same order (a collective call)
+            self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -65,12 +73,12 @@ class StopRequest:
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signal = signum
 
-    def agreed(self, place: Placement) -> bool:
+    def agreed(self) -> bool:
         """True on every rank if any rank was asked to stop (ranks must checkpoint together)."""
         flag = self.signal is not None
-        if place.world_size > 1:
-            tensor = torch.tensor([1 if flag else 0], device=place.device)
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        if self.group is not None:
+            tensor = torch.tensor([1 if flag else 0])
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
             flag = bool(tensor.item())
         return flag
 
@@ -88,7 +96,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpointing._barrier()
         self.log = RunLog(self.run_dir / "train.log", self.place.is_main)
-        self.stop = StopRequest()
+        self.stop = StopRequest(self.place)
         self.step = 0
         self.tokens_seen = 0
         self.elapsed_before = 0.0
@@ -265,7 +273,7 @@ class Trainer:
                     interval_tokens += attention_mask.sum()
                 self.step += 1
                 interval_steps += 1
-                stopping = self.stop.agreed(place) or self.step == t.stop_at_step
+                stopping = self.stop.agreed() or self.step == t.stop_at_step
                 last = self.step >= self.total_steps
                 if self.step % t.log_every == 0 or last or stopping or self.step % t.checkpoint_every == 0:
                     now = time.perf_counter()
