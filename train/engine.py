@@ -101,15 +101,17 @@ def deepspeed_config(
 
 
 def build_optimizer(model: FlatParameters, t: TrainConfig, place: Placement) -> ClippedAdamW:
-    """AdamW without weight decay on biases and LayerNorm weights (the BERT recipe), clipping itself."""
-    groups = [
-        {"params": [model.flat_decay], "weight_decay": t.weight_decay},
-        {"params": [model.flat_no_decay], "weight_decay": 0.0},
-    ]
+    """AdamW without weight decay on biases and LayerNorm weights (the BERT recipe), clipping itself.
+
+    One parameter group, so the clip sees the global norm; the decay stops at the end of
+    `flat_decay`, the first of the two flat parameters (train/optim.py says why).
+    """
     fused = not place.on_cpu  # fused AdamW kernels exist for accelerators, not for CPU
     return ClippedAdamW(
-        groups,
+        [model.flat_decay, model.flat_no_decay],
         max_grad_norm=float(t.grad_clip),
+        weight_decay=t.weight_decay,
+        decay_elements=model.flat_decay.numel(),
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_eps,
@@ -169,6 +171,7 @@ def build_engine(
     engine, _optimizer, _loader, engine_scheduler = deepspeed.initialize(
         model=flat, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
+    optimizer.shard_rank = place.rank  # ZeRO-1 hands each rank one slice of the flat group
     return engine, engine_scheduler, config, optimizer
 
 

@@ -76,7 +76,7 @@ def test_clipped_adamw_clips_like_clip_grad_norm():
         pa.grad = torch.randn_like(pa) * 10
         pb.grad = pa.grad.clone()
     ours = ClippedAdamW(a, max_grad_norm=1.0, lr=0.1)
-    reference = torch.optim.AdamW(b, lr=0.1)
+    reference = torch.optim.AdamW(b, lr=0.1, weight_decay=0.0)
     expected_norm = torch.nn.utils.clip_grad_norm_(b, 1.0)
     ours.step()
     reference.step()
@@ -87,3 +87,33 @@ def test_clipped_adamw_clips_like_clip_grad_norm():
     small[0].grad = torch.full((3,), 0.01)
     ClippedAdamW(small, max_grad_norm=1.0, lr=0.1).step()  # under the limit: gradients untouched
     assert torch.allclose(small[0].grad, torch.full((3,), 0.01))
+
+
+def test_clipped_adamw_decays_only_the_leading_elements_like_two_adamw_groups():
+    torch.manual_seed(0)
+    decay, no_decay = torch.randn(12), torch.randn(5)
+    ours = [torch.nn.Parameter(decay.clone()), torch.nn.Parameter(no_decay.clone())]
+    ref = [torch.nn.Parameter(decay.clone()), torch.nn.Parameter(no_decay.clone())]
+    for step in range(3):
+        grads = [torch.randn(12) * 0.01, torch.randn(5) * 0.01]
+        for p, g in zip(ours + ref, grads + grads, strict=True):
+            p.grad = g.clone()
+        if step == 0:
+            optimizer = ClippedAdamW(ours, max_grad_norm=0.0, weight_decay=0.1, decay_elements=12, lr=0.5)
+            reference = torch.optim.AdamW(
+                [{"params": [ref[0]], "weight_decay": 0.1}, {"params": [ref[1]], "weight_decay": 0.0}], lr=0.5
+            )
+        optimizer.step()
+        reference.step()
+    for p, r in zip(ours, ref, strict=True):
+        assert torch.allclose(p, r, atol=1e-6)
+
+
+def test_clipped_adamw_finds_the_decay_boundary_in_its_zero_shard():
+    # A group of 10 elements split over 2 ranks, 7 decaying: rank 1 holds elements 5..9, decays 5 and 6.
+    shard = torch.nn.Parameter(torch.ones(5))
+    shard.grad = torch.zeros(5)
+    optimizer = ClippedAdamW([shard], max_grad_norm=0.0, weight_decay=0.5, decay_elements=7, lr=1.0)
+    optimizer.shard_rank = 1
+    optimizer.step()
+    assert torch.allclose(shard.detach(), torch.tensor([0.5, 0.5, 1.0, 1.0, 1.0]))
