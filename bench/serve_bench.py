@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from bench.records import append_records, commit
 from bench.serve_load import run_load
 from microbert.checkpoint import save_artifact, update_latest
 from microbert.config import get_preset
@@ -150,23 +151,12 @@ def main() -> None:
                 "duration_s": args.duration,
                 **measure(command, env, port, args),
                 "torch": torch.__version__,
-                "commit": subprocess.run(
-                    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-                ).stdout.strip()
-                or "unknown",
+                "commit": commit(),
                 "date": dt.date.today().isoformat(),
             }
             print(json.dumps(rec), flush=True)
             records.append(rec)
-    paths = [
-        REPO / "bench" / "results" / f"{dt.date.today().isoformat()}-{device_name.replace(' ', '_')}.json"
-    ]
-    if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / paths[0].name)
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        existing = json.loads(path.read_text()) if path.is_file() else []
-        path.write_text(json.dumps(existing + records, indent=1) + "\n")
+    append_records(records, device_name)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import argparse
 import datetime as dt
 import json
 import os
-import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +33,10 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # `python bench/train_bench.py` or the deepspeed launcher: repo on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.records import append_records, commit
 from microbert.config import ModelConfig, get_preset
 from microbert.data import ShardLoader, mask_tokens, prepare_dataset
 from microbert.model import BertForMaskedLM, masked_positions_cap
@@ -224,9 +228,6 @@ def record(
         * config.training_flops_per_token(shape.seq_len)
         / (peak_flops(name, args.peak_tflops) * world)
     )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout
     return {
         "bench": "train",
         "shape": shape.name,
@@ -240,23 +241,10 @@ def record(
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "final_loss": round(result["loss"], 4),
         "torch": torch.__version__,
-        "commit": commit.strip() or "unknown",
+        "commit": commit(),
         "date": dt.date.today().isoformat(),
         **(extra or {}),
     }
-
-
-def write(records: list[dict]) -> None:
-    if not records:
-        return
-    gpu = records[0]["device"].replace(" ", "_")
-    paths = [REPO / "bench" / "results" / f"{dt.date.today().isoformat()}-{gpu}.json"]
-    if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / paths[0].name)
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        existing = json.loads(path.read_text()) if path.is_file() else []
-        path.write_text(json.dumps(existing + records, indent=1) + "\n")
 
 
 def main() -> None:
@@ -319,7 +307,7 @@ def main() -> None:
                 records.append(rec)
             torch.cuda.empty_cache()
     if rank == 0:
-        write(records)
+        append_records(records, records[0]["device"] if records else "")
 
 
 if __name__ == "__main__":

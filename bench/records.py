@@ -1,0 +1,30 @@
+"""Benchmark records: appended as JSON lists to `bench/results/<date>-<device>.json` (and `$OUT`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    """The short commit the figures came from ("unknown" outside a git checkout)."""
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    return out.stdout.strip() or "unknown"
+
+
+def append_records(records: list[dict], device: str) -> None:
+    if not records:
+        return
+    name = f"{dt.date.today().isoformat()}-{device.replace(' ', '_')}.json"
+    paths = [REPO / "bench" / "results" / name]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / name)
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existing = json.loads(path.read_text()) if path.is_file() else []
+        path.write_text(json.dumps(existing + records, indent=1) + "\n")
