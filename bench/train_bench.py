@@ -9,7 +9,8 @@ Both implementations train on the same batches: packed sequences from MicroBERT'
 `--steps` timed steps with a CUDA synchronisation only at both ends.
 
 - microbert: `BertForMaskedLM` in the DeepSpeed engine (ZeRO stage 1, bf16, client fused AdamW),
-  MLM head on masked positions only, encoder compiled with `torch.compile`.
+  MLM head on a fixed number of slots holding the masked positions, the model compiled with
+  `torch.compile` (`--compile-mode reduce-overhead` adds CUDA graphs).
 - hf_transformers: `transformers.BertForMaskedLM` (SDPA attention), bf16 autocast, fused AdamW,
   the better of eager and `torch.compile`.
 
@@ -39,7 +40,7 @@ if __package__ in (None, ""):  # `python bench/train_bench.py` or the deepspeed 
 from bench.records import append_records, commit
 from microbert.config import ModelConfig, get_preset
 from microbert.data import ShardLoader, mask_tokens, prepare_dataset
-from microbert.model import BertForMaskedLM, masked_positions_cap
+from microbert.model import BertForMaskedLM, masked_slots_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,12 +120,15 @@ def bench_microbert(shape: Shape, args: argparse.Namespace) -> dict:
     next_batch, config = make_batches(shape, shape.config, device, rank, world, args.seed)
     torch.manual_seed(args.seed)
     model = BertForMaskedLM(config.replace(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
-    if not args.no_compile:
-        model.bert.compile(mode=args.compile_mode)
+    if not args.no_compile and args.compile_scope != "flat":
+        target = model.bert if args.compile_scope == "encoder" else model
+        target.compile(mode=args.compile_mode)
     if args.flat:
         from train.flat import FlatParameters
 
         model = FlatParameters(model)
+        if not args.no_compile and args.compile_scope == "flat":
+            model.compile(mode=args.compile_mode)  # the views into the flat parameters in the graph
     if args.client_clip:
         from train.optim import ClippedAdamW
 
@@ -157,19 +161,45 @@ def bench_microbert(shape: Shape, args: argparse.Namespace) -> dict:
     for key, value in json.loads(args.ds_extra).items():
         ds_config[key] = {**ds_config.get(key, {}), **value} if isinstance(value, dict) else value
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    slots = None if args.exact_head else masked_positions_cap(shape.seq_len, 0.15)
+    slots = None if args.exact_head else masked_slots_for(shape.batch_size * shape.seq_len, 0.15)
+    graphs = args.compile_mode == "reduce-overhead"
+    overflow = torch.zeros((), dtype=torch.long, device=device)
 
     def step() -> torch.Tensor:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         input_ids, attention_mask, labels = next_batch()
-        loss = engine(input_ids, attention_mask, labels=labels, max_masked_per_row=slots).loss
-        engine.backward(loss)
+        out = engine(input_ids, attention_mask, labels=labels, masked_slots=slots)
+        engine.backward(out.loss)
         engine.step()
-        return loss.detach()
+        if slots is not None:
+            overflow.add_((out.num_masked - slots).clamp(min=0))
+        return out.loss.detach().clone()
 
-    elapsed, loss = time_steps(step, args.warmup, args.steps)
-    if args.profile:
-        profile(step, f"microbert-{shape.name}")
-    return {"elapsed": elapsed, "loss": loss, "world": world, "config": config}
+    with sdpa_backend(args.sdpa_backend):
+        elapsed, loss = time_steps(step, args.warmup, args.steps)
+        if args.profile:
+            profile(step, f"microbert-{shape.name}")
+    if int(overflow):
+        print(f"warning: {int(overflow)} masked positions did not fit {slots} slots", flush=True)
+    return {"elapsed": elapsed, "loss": loss, "world": world, "config": config, "slots": slots}
+
+
+def sdpa_backend(name: str | None):
+    """A context that pins scaled_dot_product_attention to one backend (for the compile as well)."""
+    import contextlib
+
+    if not name:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    return sdpa_kernel(backends[name])
 
 
 def bench_hf(shape: Shape, args: argparse.Namespace, compiled: bool) -> dict:
@@ -263,6 +293,13 @@ def main() -> None:
         "--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)"
     )
     parser.add_argument("--client-clip", action="store_true", help="microbert: clip in the optimizer")
+    parser.add_argument(
+        "--compile-scope",
+        choices=("flat", "model", "encoder"),
+        default="flat",
+        help="microbert: compile the flat-parameter wrapper (with --flat), the model, or the encoder",
+    )
+    parser.add_argument("--sdpa-backend", choices=("flash", "efficient", "cudnn", "math"), default=None)
     parser.add_argument("--exact-head", action="store_true", help="microbert: head on the exact masked set")
     parser.add_argument("--profile", action="store_true", help="write a torch.profiler table per run")
     parser.add_argument("--peak-tflops", type=float, default=None)
@@ -288,11 +325,15 @@ def main() -> None:
             if impl == "microbert":
                 variant = {
                     "compiled": not args.no_compile,
+                    "compile_mode": args.compile_mode or "default",
+                    "compile_scope": args.compile_scope,
+                    "sdpa_backend": args.sdpa_backend or "auto",
                     "flat": args.flat,
                     "client_clip": args.client_clip,
                     "ds_extra": args.ds_extra,
                 }
-                rec = record(shape, impl, bench_microbert(shape, args), args, variant)
+                result = bench_microbert(shape, args)
+                rec = record(shape, impl, result, args, {**variant, "head_slots": result["slots"]})
             else:
                 best = None
                 for mode in args.hf_modes.split(","):

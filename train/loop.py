@@ -29,11 +29,18 @@ from microbert.commands.predict import render
 from microbert.data import ShardLoader, mask_tokens, prepare_dataset
 from microbert.errors import MicroBertError
 from microbert.evaluate import MASK_TOKEN_ID, SPECIAL_TOKEN_IDS, evaluate
-from microbert.model import BertForMaskedLM, masked_positions_cap
+from microbert.model import BertForMaskedLM, masked_slots_for
 from microbert.predict import FillMaskPredictor
 from microbert.run_config import Resolved
 from train import checkpointing
-from train.engine import Placement, auto_micro_batch, build_engine, init_distributed, oom_message
+from train.engine import (
+    Placement,
+    auto_micro_batch,
+    build_engine,
+    compile_mode,
+    init_distributed,
+    oom_message,
+)
 from train.reporting import Progress, RunLog, peak_flops, write_history
 
 PLOT_EVERY_S = 300.0  # redraw training_history.png at most this often before the end
@@ -161,9 +168,12 @@ class Trainer:
             model, t, self.resolved.deepspeed, self.micro_batch, self.total_steps, place
         )
         self.ds_config = ds_config
-        # On an accelerator the MLM head runs on a fixed number of slots per row: static shapes, no
-        # host sync per step. On a CPU the exact masked set is cheaper.
-        self.masked_slots = None if place.on_cpu else masked_positions_cap(t.seq_len, t.mlm_probability)
+        self.cuda_graphs = compile_mode(place) == "reduce-overhead"
+        # On an accelerator the MLM head runs on a fixed number of slots per micro-batch: static
+        # shapes, no host sync per step. On a CPU the exact masked set is cheaper.
+        self.masked_slots = (
+            None if place.on_cpu else masked_slots_for(self.micro_batch * t.seq_len, t.mlm_probability)
+        )
         self.flops_per_token = model_config.training_flops_per_token(t.seq_len)
         peak = peak_flops(_device_model(place))
         self.peak_flops = peak * place.world_size if peak else None
@@ -238,6 +248,8 @@ class Trainer:
         interval_start, interval_wait = start, 0.0
         interval_tokens = torch.zeros((), dtype=torch.long, device=place.device)
         interval_steps = 0
+        # masked positions that did not fit the head's slots (odds < 1e-9 a batch); read when logging
+        dropped = torch.zeros((), dtype=torch.long, device=place.device)
         generator = torch.Generator(device=place.device)
         outcome = "finished"
         try:
@@ -259,11 +271,13 @@ class Trainer:
                         generator=generator,
                     )
                     try:
+                        if self.cuda_graphs:
+                            torch.compiler.cudagraph_mark_step_begin()
                         out = self.engine(
                             input_ids=inputs,
                             attention_mask=attention_mask,
                             labels=labels,
-                            max_masked_per_row=self.masked_slots,
+                            masked_slots=self.masked_slots,
                         )
                         self.engine.backward(out.loss)
                         self.engine.step()
@@ -271,6 +285,8 @@ class Trainer:
                         raise MicroBertError(oom_message(t, self.micro_batch)) from None
                     loss_value = loss_value + out.loss.detach().float() / t.grad_accum
                     interval_tokens += attention_mask.sum()
+                    if self.masked_slots is not None:
+                        dropped += (out.num_masked - self.masked_slots).clamp(min=0)
                 self.step += 1
                 interval_steps += 1
                 stopping = self.stop.agreed() or self.step == t.stop_at_step
@@ -278,6 +294,12 @@ class Trainer:
                 if self.step % t.log_every == 0 or last or stopping or self.step % t.checkpoint_every == 0:
                     now = time.perf_counter()
                     tokens = int(self._all_ranks(interval_tokens, dist.ReduceOp.SUM))
+                    if self.masked_slots is not None and int(dropped):
+                        self.log(
+                            f"warning: {int(dropped)} masked positions did not fit the MLM head's "
+                            f"{self.masked_slots} slots before step {self.step} and were left out of the loss"
+                        )
+                        dropped.zero_()
                     loss = float(self._all_ranks(loss_value, dist.ReduceOp.AVG))
                     self.tokens_seen += tokens
                     seconds = max(now - interval_start, 1e-9)
@@ -331,16 +353,19 @@ class Trainer:
 
     def _evaluate(self) -> None:
         if self.place.is_main:
-            result = evaluate(
-                self.engine.module,
-                self.data.eval,
-                batch_size=self.micro_batch,
-                max_batches=self.t.eval_batches,
-                # the standard 15%, whatever the training rate, so runs stay comparable
-                mlm_probability=0.15,
-                seed=self.t.seed + 1,
-                device=self.place.device,
-            )
+            # Eagerly: held-out batches have their own shapes (the exact masked set, a short last
+            # batch), which would recompile the training graph or record more CUDA graphs.
+            with torch.compiler.set_stance("force_eager"):
+                result = evaluate(
+                    self.engine.module,
+                    self.data.eval,
+                    batch_size=self.micro_batch,
+                    max_batches=self.t.eval_batches,
+                    # the standard 15%, whatever the training rate, so runs stay comparable
+                    mlm_probability=0.15,
+                    seed=self.t.seed + 1,
+                    device=self.place.device,
+                )
             record = {"step": self.step, **result.to_dict()}
             self.history["eval"].append(record)
             self.last_eval = record
@@ -448,8 +473,10 @@ def _peak_memory(place: Placement) -> str:
     if place.on_cpu:
         rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return f"{rss_kib / 2**20:.2f} GiB resident (CPU)"
-    peak = get_accelerator().max_memory_allocated(place.local_rank)
-    return f"{peak / 2**30:.2f} GiB allocated on {place.device}"
+    accelerator = get_accelerator()
+    peak = accelerator.max_memory_allocated(place.local_rank)
+    reserved = accelerator.max_memory_reserved(place.local_rank)
+    return f"{peak / 2**30:.2f} GiB allocated ({reserved / 2**30:.2f} GiB reserved) on {place.device}"
 
 
 def run(resolved: Resolved, local_rank: int | None) -> int:

@@ -132,22 +132,51 @@ def test_fixed_slot_head_gives_the_exact_loss_and_gradients():
     torch.manual_seed(2)
     labels = torch.where(torch.rand(input_ids.shape) < 0.2, input_ids, IGNORE_INDEX)
     labels[attention_mask == 0] = IGNORE_INDEX
-    most = int((labels != IGNORE_INDEX).sum(1).max())
+    masked = int((labels != IGNORE_INDEX).sum())
     exact = ours(input_ids, attention_mask, labels=labels)
     exact.loss.backward()
     expected_grad = ours.bert.embeddings.word_embeddings.weight.grad.clone()
     ours.zero_grad()
-    fixed = ours(input_ids, attention_mask, labels=labels, max_masked_per_row=most + 3)
+    fixed = ours(input_ids, attention_mask, labels=labels, masked_slots=masked + 5)
     fixed.loss.backward()
-    assert fixed.logits.shape == (3 * (most + 3), CONFIG.vocab_size)
-    assert int(fixed.num_masked) == int(exact.num_masked)
+    assert fixed.logits.shape == (masked + 5, CONFIG.vocab_size)
+    assert int(fixed.num_masked) == int(exact.num_masked) == masked
     assert torch.allclose(fixed.loss, exact.loss, atol=1e-6)
     assert torch.allclose(ours.bert.embeddings.word_embeddings.weight.grad, expected_grad, atol=1e-6)
 
 
-def test_masked_positions_cap():
-    from microbert.model import masked_positions_cap
+def test_too_few_slots_are_visible_in_num_masked():
+    ours, _ = _pair()
+    input_ids, attention_mask, _ = _batch()
+    labels = torch.where(attention_mask.bool(), input_ids, IGNORE_INDEX)
+    out = ours(input_ids, attention_mask, labels=labels, masked_slots=4)
+    assert out.logits.shape[0] == 4
+    assert int(out.num_masked) == int(attention_mask.sum()) > 4  # the caller can see the overflow
 
-    assert masked_positions_cap(128, 0.15) == 47
-    assert masked_positions_cap(8, 0.5) == 8  # never more than the row
-    assert 0.15 * 512 < masked_positions_cap(512, 0.15) < 0.3 * 512
+
+def test_masked_slots_for():
+    from microbert.model import masked_slots_for
+
+    slots = masked_slots_for(256 * 128, 0.15)
+    assert slots % 64 == 0
+    assert 0.15 * 256 * 128 + 6.5 * (256 * 128 * 0.15 * 0.85) ** 0.5 < slots < 0.17 * 256 * 128
+    assert masked_slots_for(8, 0.5) == 8  # never more than the batch
+
+
+@pytest.mark.parametrize("out_features", [30522, 64, 7])
+def test_aligned_linear_equals_linear(out_features):
+    from microbert.model import aligned_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 16, requires_grad=True)
+    weight = torch.randn(out_features, 16, requires_grad=True)
+    bias = torch.randn(out_features, requires_grad=True)
+    got = aligned_linear(x, weight, bias)
+    want = torch.nn.functional.linear(x, weight, bias)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5)
+    upstream = torch.randn_like(want)
+    grads = torch.autograd.grad(got, (x, weight, bias), upstream)
+    expected = torch.autograd.grad(want, (x, weight, bias), upstream)
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-4)

@@ -51,3 +51,17 @@ def test_auto_micro_batch_grows_with_free_memory_and_refuses_when_nothing_fits(m
     with pytest.raises(MicroBertError, match="smaller --model or lower --seq-len"):
         auto_micro_batch(config, 512, _place(world=1))
     assert auto_micro_batch(config, 128, _place("cpu", 1, "fp32")) == 32  # no GPU memory to size from
+
+
+def test_compile_mode_defaults_to_cuda_graphs_on_cuda_and_never_compiles_on_cpu(monkeypatch):
+    from train.engine import compile_mode
+
+    monkeypatch.delenv("MICROBERT_COMPILE", raising=False)
+    assert compile_mode(_place()) == "reduce-overhead"
+    assert compile_mode(_place("cpu", 1, "fp32")) is None
+    for value, expected in (("0", None), ("off", None), ("1", "default"), ("cuda-graphs", "reduce-overhead")):
+        monkeypatch.setenv("MICROBERT_COMPILE", value)
+        assert compile_mode(_place()) == expected
+    monkeypatch.setenv("MICROBERT_COMPILE", "fastest")
+    with pytest.raises(MicroBertError, match="MICROBERT_COMPILE='fastest' is not one of"):
+        compile_mode(_place())
