@@ -12,8 +12,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
-    """The short commit the figures came from ("unknown" outside a git checkout)."""
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    """The short commit the figures came from, "-dirty" when the tree differs from it.
+
+    `MICROBERT_COMMIT` overrides it: a copy of the tree on a benchmark machine may carry a stale
+    `.git` ("unknown" outside a git checkout).
+    """
+    if os.environ.get("MICROBERT_COMMIT"):
+        return os.environ["MICROBERT_COMMIT"]
+    out = subprocess.run(
+        ["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, cwd=REPO
+    )
     return out.stdout.strip() or "unknown"
 
 

@@ -180,3 +180,29 @@ def test_aligned_linear_equals_linear(out_features):
     expected = torch.autograd.grad(want, (x, weight, bias), upstream)
     for g, e in zip(grads, expected, strict=True):
         assert torch.allclose(g, e, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_head_pads_the_vocabulary_matmul_and_matches_the_cpu():
+    """On a GPU the head pads its 30,522-wide matmul to 30,528 (`aligned_linear`); same numbers."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = ModelConfig(
+        vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
+    )
+    torch.manual_seed(0)
+    cpu = BertForMaskedLM(config).eval()
+    gpu = BertForMaskedLM(config).eval().cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    input_ids = torch.randint(5, config.vocab_size, (4, 32))
+    labels = torch.where(torch.rand(input_ids.shape) < 0.15, input_ids, IGNORE_INDEX)
+    mask = input_ids % 3 == 0
+    with torch.no_grad():
+        want = cpu(input_ids, positions=mask).logits
+        got = gpu(input_ids.cuda(), positions=mask.cuda()).logits
+        assert got.shape == want.shape == (int(mask.sum()), config.vocab_size)
+        assert (got.cpu() - want).abs().max() < 1e-4
+        slots = int((labels != IGNORE_INDEX).sum()) + 7
+        want_loss = cpu(input_ids, labels=labels).loss
+        got_loss = gpu(input_ids.cuda(), labels=labels.cuda(), masked_slots=slots).loss
+        assert abs(float(got_loss) - float(want_loss)) < 1e-4
