@@ -349,6 +349,9 @@ def main() -> None:
             torch.cuda.empty_cache()
     if rank == 0:
         append_records(records, records[0]["device"] if records else "")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -488,6 +488,10 @@ def run(resolved: Resolved, local_rank: int | None) -> int:
         started = time.perf_counter()
         outcome = trainer.train()
         trainer.report(outcome, time.perf_counter() - started)
+        if dist.is_initialized():
+            # every rank leaves together: no NCCL watchdog is left polling a closed store at exit
+            dist.barrier()
+            dist.destroy_process_group()
     except torch.OutOfMemoryError:
         raise MicroBertError(oom_message(resolved.train, getattr(trainer, "micro_batch", 0))) from None
     finally:
