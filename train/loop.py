@@ -114,6 +114,8 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         t, place = self.t, self.place
+        # read first, so a bad MICROBERT_COMPILE is reported before any data is prepared
+        self.cuda_graphs = compile_mode(place) == "reduce-overhead"
         self.log(
             f"run {self.run_dir} | {place.world_size} process(es) on {place.device.type} | precision "
             f"{place.precision} | layers: {' < '.join(self.resolved.sources)}"
@@ -168,7 +170,6 @@ class Trainer:
             model, t, self.resolved.deepspeed, self.micro_batch, self.total_steps, place
         )
         self.ds_config = ds_config
-        self.cuda_graphs = compile_mode(place) == "reduce-overhead"
         # On an accelerator the MLM head runs on a fixed number of slots per micro-batch: static
         # shapes, no host sync per step. On a CPU the exact masked set is cheaper.
         self.masked_slots = (

@@ -23,18 +23,13 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return code, out, err
 
 
+def _prepare_argv(folder: Path) -> list[str]:
+    """`microbert data prepare` of a small text folder, with a JSON report."""
+    return ["data", "prepare", "--dataset", str(folder), "--seq-len", "32", "--vocab-size", "300", "--json"]
+
+
 def test_prepare_json_then_cache_hit(capsys: pytest.CaptureFixture[str], text_folder: Path) -> None:
-    argv = [
-        "data",
-        "prepare",
-        "--dataset",
-        str(text_folder),
-        "--seq-len",
-        "32",
-        "--vocab-size",
-        "300",
-        "--json",
-    ]
+    argv = _prepare_argv(text_folder)
     code, out, _ = _run(capsys, *argv)
     first = json.loads(out)
     assert code == 0
@@ -49,18 +44,7 @@ def test_prepare_json_then_cache_hit(capsys: pytest.CaptureFixture[str], text_fo
 def test_cache_info_usage_clear(
     capsys: pytest.CaptureFixture[str], text_folder: Path, cache_dir: Path
 ) -> None:
-    _run(
-        capsys,
-        "data",
-        "prepare",
-        "--dataset",
-        str(text_folder),
-        "--seq-len",
-        "32",
-        "--vocab-size",
-        "300",
-        "--json",
-    )
+    _run(capsys, *_prepare_argv(text_folder))
     code, out, _ = _run(capsys, "cache", "info", "--json")
     info = json.loads(out)
     assert code == 0 and info["cache_dir"] == str(cache_dir)
