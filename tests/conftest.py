@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -14,7 +15,6 @@ from microbert.model import BertForMaskedLM
 from microbert.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CORPORA = REPO.parent / "shared" / "corpora"
 
 # Tests never reach the network: the Hub clients fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,31 +24,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _sample_text() -> list[str]:
-    path = SHARED_CORPORA / "tinyshakespeare.txt"
-    if path.is_file():
-        return [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()][:3000]
-    # Fallback when ../shared is absent: enough repeated English to train a small vocabulary.
-    words = [
-        "the",
-        "king",
-        "is",
-        "dead",
-        "long",
-        "live",
-        "the",
-        "queen",
-        "to",
-        "be",
-        "or",
-        "not",
-        "to",
-        "be",
-        "that",
-        "is",
-        "the",
-        "question",
-    ]
-    return [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 50
+    """Tiny Shakespeare, from the copy embedded in the package: the same text everywhere, with or
+    without ../shared beside the checkout."""
+    text = gzip.decompress((REPO / "microbert" / "corpus" / "tinyshakespeare.txt.gz").read_bytes())
+    return [p for p in text.decode("utf-8").split("\n\n") if p.strip()][:3000]
 
 
 @pytest.fixture(scope="session")
