@@ -22,6 +22,7 @@ from microbert.errors import MicroBertError
 from microbert.model import BertForMaskedLM
 from microbert.run_config import TrainConfig
 from train.flat import FlatParameters
+from train.nodes import dist_timeout
 from train.optim import ClippedAdamW
 
 
@@ -45,8 +46,14 @@ class Placement:
 
 
 def init_distributed(local_rank: int | None, precision: str) -> Placement:
-    """Join (or, alone, form) the process group; pick the device and precision."""
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    """Join (or, alone, form) the process group; pick the device and precision.
+
+    The timeout (train/nodes.py, `MICROBERT_DIST_TIMEOUT_S`) bounds how long the other ranks wait
+    for one that died or hangs before they fail, instead of DeepSpeed's 30 minutes.
+    """
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(), timeout=dist_timeout()
+    )
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
     local = local_rank if local_rank is not None else rank

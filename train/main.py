@@ -1,12 +1,14 @@
 """Entry point of `microbert-train`, `python -m train` and `deepspeed train/main.py`: parse, build, run.
 
-A profile naming more than one GPU, started without a launcher, starts `deepspeed --num_gpus N`
+A profile naming more than one GPU, or the multi-node flags (`--hostfile`, or `--num-nodes`,
+`--node-rank`, `--master-addr`), started without a launcher, start DeepSpeed's launcher
 (train/launcher.py); a one-process run stays in this process. Configuration problems are printed
 together as one `error:` message with exit code 2, before anything heavy is imported.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -14,9 +16,10 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # `deepspeed train/main.py`: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from microbert.errors import MicroBertError
+from microbert.errors import ConfigError, MicroBertError
 from microbert.run_config import resolve
 from train.args import flag_settings, parse
+from train.launcher import NodeLaunch, launch_problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,10 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = _missing_gpu(resolved.train.precision, resolved.train.num_gpus, args.profile)
         if problem:
             raise MicroBertError(problem)
-        if not under_launcher and resolved.train.num_gpus > 1:
-            from train.launcher import launch
+        if not under_launcher:
+            nodes = _node_launch(args, resolved.train.num_nodes, resolved.profile)
+            if resolved.train.num_gpus > 1 or nodes.multi_node:
+                from train.launcher import launch
 
-            return launch(resolved.train.num_gpus, argv, resolved.train.run_dir)
+                return launch(resolved.train.num_gpus, argv, resolved.train.run_dir, nodes)
         if not under_launcher:
             _single_process_env()
         from train.loop import run
@@ -49,6 +54,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MicroBertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _node_launch(args: argparse.Namespace, profile_nodes: int, profile: str | None) -> NodeLaunch:
+    """The multi-node launch flags, checked (train/launcher.py); a mistake is a ConfigError."""
+    nodes = NodeLaunch(
+        hostfile=args.hostfile,
+        num_nodes=args.num_nodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+    problems = launch_problems(nodes, profile_nodes, profile)
+    if problems:
+        raise ConfigError(problems)
+    if nodes.node_rank is not None and nodes.num_nodes is None:
+        nodes.num_nodes = profile_nodes
+    return nodes
 
 
 def _missing_gpu(precision: str, num_gpus: int, profile: str | None) -> str | None:
