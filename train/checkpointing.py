@@ -208,19 +208,23 @@ def batch_for_resume(
 
     requested: this run's batch settings as configured (`micro_batch_size`, which may be "auto",
     and `grad_accum`); micro_batch: the micro-batch actually used. Returns (grad_accum, what to log).
-    When the world size changed but the settings did not (the same command on another node count),
-    the accumulation is scaled so the global batch, and with it the LR schedule and the data order,
-    carries on. Settings changed on purpose are followed, and the log says what that did.
+    When the world size (or an automatic micro-batch) changed but the settings did not (the same
+    command on another node count), the accumulation is scaled so the global batch, and with it the
+    LR schedule and the data order, carries on. Settings changed on purpose are followed, and the
+    log says what that did.
     """
     saved, accum = info.batch, int(requested["grad_accum"])
-    if saved is None or info.world_size == world_size:
+    if saved is None:
         return accum, None
     target = int(saved["train_batch_size"])
-    same_settings = {k: saved["requested"][k] for k in requested} == requested
-    if not same_settings:
+    if micro_batch * accum * world_size == target:
+        return accum, None
+    if {k: saved["requested"][k] for k in requested} != requested:
         new = micro_batch * accum * world_size
-        note = "kept" if new == target else f"changed from {target} to {new} by the batch settings"
-        return accum, f"global batch {note} (micro-batch {micro_batch} × accumulation {accum} × {world_size})"
+        return accum, (
+            f"global batch changed from {target} to {new} by the batch settings (micro-batch "
+            f"{micro_batch} × accumulation {accum} × {world_size} rank(s))"
+        )
     per_step = micro_batch * world_size
     if target % per_step:
         raise MicroBertError(
@@ -232,7 +236,8 @@ def batch_for_resume(
         )
     new_accum = target // per_step
     return new_accum, (
-        f"checkpoint written by {info.world_size} rank(s), this run has {world_size}: gradient "
-        f"accumulation {saved['grad_accum']} → {new_accum} keeps the global batch of {target} sequences "
+        f"checkpoint written with micro-batch {saved['micro_batch_size']} on {info.world_size} rank(s), "
+        f"this run has {micro_batch} on {world_size}: gradient accumulation {saved['grad_accum']} → "
+        f"{new_accum} keeps the global batch of {target} sequences "
         f"({micro_batch} × {new_accum} × {world_size})"
     )

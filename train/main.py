@@ -37,15 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags=flag_settings(args),
             world_size=int(os.environ.get("WORLD_SIZE", "1")) if under_launcher else None,
         )
+        nodes, problems = _node_launch(args, resolved.train.num_nodes, resolved.profile)
         problem = _missing_gpu(resolved.train.precision, resolved.train.num_gpus, args.profile)
-        if problem:
-            raise MicroBertError(problem)
-        if not under_launcher:
-            nodes = _node_launch(args, resolved.train.num_nodes, resolved.profile)
-            if resolved.train.num_gpus > 1 or nodes.multi_node:
-                from train.launcher import launch
+        if problem or (problems and not under_launcher):
+            raise ConfigError([*problems, problem] if problem else problems)
+        if not under_launcher and (resolved.train.num_gpus > 1 or nodes.multi_node):
+            from train.launcher import launch
 
-                return launch(resolved.train.num_gpus, argv, resolved.train.run_dir, nodes)
+            return launch(resolved.train.num_gpus, argv, resolved.train.run_dir, nodes)
         if not under_launcher:
             _single_process_env()
         from train.loop import run
@@ -56,8 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
 
 
-def _node_launch(args: argparse.Namespace, profile_nodes: int, profile: str | None) -> NodeLaunch:
-    """The multi-node launch flags, checked (train/launcher.py); a mistake is a ConfigError."""
+def _node_launch(
+    args: argparse.Namespace, profile_nodes: int, profile: str | None
+) -> tuple[NodeLaunch, list[str]]:
+    """The multi-node launch flags, and what is wrong with them (train/launcher.py)."""
     nodes = NodeLaunch(
         hostfile=args.hostfile,
         num_nodes=args.num_nodes,
@@ -65,12 +66,9 @@ def _node_launch(args: argparse.Namespace, profile_nodes: int, profile: str | No
         master_addr=args.master_addr,
         master_port=args.master_port,
     )
-    problems = launch_problems(nodes, profile_nodes, profile)
-    if problems:
-        raise ConfigError(problems)
     if nodes.node_rank is not None and nodes.num_nodes is None:
         nodes.num_nodes = profile_nodes
-    return nodes
+    return nodes, launch_problems(nodes, profile_nodes, profile)
 
 
 def _missing_gpu(precision: str, num_gpus: int, profile: str | None) -> str | None:
