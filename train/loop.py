@@ -161,8 +161,9 @@ class Trainer:
         model_config = self.resolved.model_config
         data = self.nodes.prepare_once(
             cache_root(),
-            lambda: prepare_dataset(
+            lambda tokenizer: prepare_dataset(
                 t.dataset,
+                tokenizer=tokenizer,
                 seq_len=t.seq_len,
                 vocab_size=model_config.vocab_size,
                 max_samples=t.max_samples,

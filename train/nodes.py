@@ -9,8 +9,9 @@ nonce into its own copy of the folder, and every leader looks for the others' fi
   every node sees: on node-local disks the run stops at its start with a message, not with a
   checkpoint that is missing half its optimizer partitions at step 2,000.
 - The data cache may be shared or node-local. Each group of nodes that shares a cache has one
-  preparer (its lowest rank); the preparers go first and everyone else reads what they wrote, so an
-  entry never has two writers, whether or not the filesystem's locks work across hosts.
+  preparer (its lowest rank); rank 0 goes first, the preparers of other caches tokenize with rank
+  0's tokenizer, and everyone else reads what they wrote: an entry never has two writers, whether
+  or not the filesystem's locks work across hosts, and every node reads the same token ids.
 
 All collectives here run over a CPU (gloo) group; the wait for data preparation has its own group
 with a long timeout, since preparing a large dataset can take longer than any training collective.
@@ -26,13 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch.distributed as dist
+from tokenizers import Tokenizer
 
+from microbert.data import PreparedDataset
 from microbert.errors import MicroBertError
-
-T = TypeVar("T")
 
 TIMEOUT_ENV = "MICROBERT_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600  # NCCL's own default: a node that died or hangs ends the run within 10 min
@@ -145,45 +146,71 @@ class Nodes:
             )
 
     # --- data preparation ---------------------------------------------------------------------------
-    def prepare_once(self, cache_dir: Path, prepare: Callable[[], T], log: Callable[[str], None]) -> T:
-        """Run `prepare` on one rank per cache (its preparer) first, then on all other ranks.
+    def prepare_once(
+        self,
+        cache_dir: Path,
+        prepare: Callable[[Tokenizer | None], PreparedDataset],
+        log: Callable[[str], None],
+    ) -> PreparedDataset:
+        """Prepare the data on one rank per cache first, then open it on all the others.
 
-        The preparer writes the cache entry; the others then find it complete and only read it.
+        `prepare(tokenizer)` is `prepare_dataset`, with a given tokenizer or None (train one). Rank 0
+        goes first. A tokenizer trained on the source is not the same from one process to the next
+        (the trainer breaks ties among equal counts in no fixed order), so the preparers of other
+        caches (node-local disks) tokenize with rank 0's tokenizer rather than train their own:
+        every node then reads the very same token ids. Their entries are keyed by that tokenizer.
         If a preparer fails, every rank stops: the preparer with its own error, the others saying so.
         """
         if self.group is None:
-            return prepare()
+            return prepare(None)
         owners = [min(view) for view in self.sharing(cache_dir)]  # [0] on one node, without probing
-        preparer = self.leaders[owners[self.node]]
         caches = sorted(set(owners))
         if self.rank == 0 and self.num_nodes > 1:
             if len(caches) == 1:
                 log(f"data cache {cache_dir} is shared by all {self.num_nodes} nodes: rank 0 prepares it")
             else:
                 log(
-                    f"data cache: {len(caches)} separate caches among {self.num_nodes} nodes; the first "
-                    f"rank of node(s) {', '.join(map(str, caches))} prepares each (same cache key)"
+                    f"data cache: {len(caches)} separate caches among {self.num_nodes} nodes; rank 0 "
+                    f"prepares its own, then the first rank of node(s) {', '.join(map(str, caches[1:]))} "
+                    "tokenizes the same data with rank 0's tokenizer"
                 )
-        result: T | None = None
-        failure: str | None = None
-        if self.rank == preparer:
-            try:
-                result = prepare()
-            except BaseException as exc:
-                failure = f"{type(exc).__name__}: {exc}"
-                self._wait(failure)
-                raise
-        failures = [f for f in self._wait(failure) if f]
-        if failures:
-            raise MicroBertError(f"data preparation failed on another rank ({failures[0]}); see its error")
-        return result if result is not None else prepare()
+        data, tokenizer_json = self._round(prepare, None, self.rank == 0, share=len(caches) > 1)
+        tokenizer = None
+        if len(caches) > 1:  # a second round, every rank in it: the other caches' preparers
+            owner = owners[self.node]
+            tokenizer = Tokenizer.from_str(tokenizer_json) if owner != 0 and tokenizer_json else None
+            second, _ = self._round(prepare, tokenizer, owner != 0 and self.rank == self.leaders[owner])
+            data = data or second
+        return data or prepare(tokenizer)
 
-    def _wait(self, failure: str | None) -> list[str | None]:
-        """Every rank's preparation outcome, waiting as long as preparing may take."""
-        if self._wait_group is None:
-            self._wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=DATA_WAIT_S))
-        out: list[str | None] = [None] * self.world_size
-        dist.all_gather_object(out, failure, group=self._wait_group)
+    def _round(
+        self,
+        prepare: Callable[[Tokenizer | None], PreparedDataset],
+        tokenizer: Tokenizer | None,
+        mine: bool,
+        share: bool = False,
+    ) -> tuple[PreparedDataset | None, str | None]:
+        """The ranks for which `mine` holds prepare, the others wait for them (as long as it takes).
+
+        Returns this rank's data (None if it did not prepare) and, with `share`, the tokenizer of the
+        rank that prepared.
+        """
+        data, failure = None, None
+        if mine:
+            try:
+                data = prepare(tokenizer)
+            except BaseException as exc:
+                self._outcomes(None, f"rank {self.rank} ({type(exc).__name__}: {exc})")
+                raise
+        outcomes = self._outcomes(data.tokenizer.to_str() if share and data else None, failure)
+        failures = [f for _, f in outcomes if f]
+        if failures:
+            raise MicroBertError(f"data preparation failed on {failures[0]}; see that rank's error")
+        return data, next((p for p, _ in outcomes if p is not None), None)
+
+    def _outcomes(self, payload: Any, failure: str | None) -> list[tuple[Any, str | None]]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, (payload, failure), group=self._wait_group)
         return out
 
 

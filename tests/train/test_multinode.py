@@ -197,7 +197,7 @@ def test_resume_on_another_node_count_keeps_the_global_batch_or_says_what_to_do(
 @pytest.mark.slow
 def test_two_nodes_train_like_one_node_with_two_ranks(tmp_path, env):
     """20 steps with checkpoints: two nodes of one rank give the very losses of one node with two.
-    Node 1 has a cache of its own (a node-local disk): it prepares its copy, under the same key."""
+    Node 1 has a cache of its own (a node-local disk): it prepares its copy, with rank 0's tokenizer."""
     args = [*COMMON, "--max-steps", "20", "--checkpoint-every", "10"]
     profile = json.loads((REPO / "train" / "profiles" / "cpu.json").read_text())
     two_ranks = tmp_path / "cpu_2ranks.json"
@@ -225,8 +225,10 @@ def test_two_nodes_train_like_one_node_with_two_ranks(tmp_path, env):
     assert log.count("finished at step 20/20") == 1 and "2 process(es)" in log  # written once, by rank 0
     assert "2 separate caches among 2 nodes" in log
     key = json.loads((tmp_path / "two" / "resolved_config.json").read_text())["runtime"]["dataset_cache_key"]
-    assert (cache1 / "datasets" / key / "meta.json").is_file()
-    assert (Path(env["MICROBERT_CACHE_DIR"]) / "datasets" / key / "meta.json").is_file()
+    entry0 = Path(env["MICROBERT_CACHE_DIR"]) / "datasets" / key
+    (entry1,) = (cache1 / "datasets").iterdir()  # keyed by rank 0's tokenizer, which it was given
+    for name in ("tokenizer.json", "train.bin", "eval.bin"):
+        assert (entry1 / name).read_bytes() == (entry0 / name).read_bytes(), name
     assert (tmp_path / "two" / "export" / "latest").read_text().strip() == "step-20"
 
 
