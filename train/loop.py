@@ -43,7 +43,7 @@ from train.engine import (
     oom_message,
 )
 from train.launcher import STOP_FILE
-from train.nodes import discover
+from train.nodes import PeerLost, discover, peer_lost
 from train.reporting import Progress, RunLog, peak_flops, write_history
 
 PLOT_EVERY_S = 300.0  # redraw training_history.png at most this often before the end
@@ -558,6 +558,10 @@ def run(resolved: Resolved, local_rank: int | None) -> int:
             dist.destroy_process_group()
     except torch.OutOfMemoryError:
         raise MicroBertError(oom_message(resolved.train, getattr(trainer, "micro_batch", 0))) from None
+    except RuntimeError as exc:  # torch.distributed errors are RuntimeErrors
+        if not peer_lost(exc):
+            raise
+        raise PeerLost(exc, trainer.checkpoint_dir) from None
     finally:
         trainer.log.close()
     return 0

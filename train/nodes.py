@@ -214,6 +214,32 @@ class Nodes:
         return out
 
 
+def peer_lost(exc: BaseException) -> bool:
+    """A collective failed because another rank went away (died, was killed, timed out)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        mark in text for mark in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out")
+    )
+
+
+class PeerLost(MicroBertError):
+    """Another rank is gone: what happened, and how the run carries on."""
+
+    exit_code = 1
+
+    def __init__(self, exc: BaseException, checkpoint_dir: Path):
+        from train.checkpointing import latest_complete
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        latest = latest_complete(checkpoint_dir)
+        where = f"step {latest.step} ({latest.path})" if latest else "none yet"
+        super().__init__(
+            f"lost contact with another rank: {first[:300]}. A node died, was stopped, or could not be "
+            f"reached within {TIMEOUT_ENV}={int(dist_timeout().total_seconds())} s. The last complete "
+            f"checkpoint is {where}: the same command on every node resumes from it"
+        )
+
+
 def _reads(path: Path, expected: str) -> bool:
     try:
         return path.read_text().strip() == expected
