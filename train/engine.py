@@ -22,7 +22,7 @@ from microbert.errors import MicroBertError
 from microbert.model import BertForMaskedLM
 from microbert.run_config import TrainConfig
 from train.flat import FlatParameters
-from train.nodes import dist_timeout
+from train.nodes import group_timeout
 from train.optim import ClippedAdamW
 
 
@@ -52,7 +52,7 @@ def init_distributed(local_rank: int | None, precision: str) -> Placement:
     for one that died or hangs before they fail, instead of DeepSpeed's 30 minutes.
     """
     deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(), timeout=dist_timeout()
+        dist_backend=get_accelerator().communication_backend_name(), timeout=group_timeout()
     )
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from tokenizers import Tokenizer
 
 from microbert.data import PreparedDataset
@@ -56,6 +57,20 @@ def dist_timeout() -> timedelta:
     if not seconds > 0:
         raise MicroBertError(f"{TIMEOUT_ENV}={value!r}: give the collective timeout in seconds (> 0)")
     return timedelta(seconds=seconds)
+
+
+def group_timeout() -> timedelta:
+    """The collective timeout, made the default of every process group created from now on too.
+
+    torch gives a group made by `new_group` without a timeout its own default (30 min for gloo,
+    10 for NCCL), not the one `init_process_group` was given; DeepSpeed makes its data-parallel
+    group that way (a clone of the world group, used for the gradient reduction). So the default is
+    set here, before any group exists, for the bound to hold for every collective of the run.
+    """
+    timeout = dist_timeout()
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+    return timeout
 
 
 def node_key() -> str:

@@ -7,6 +7,7 @@ Node-local disks are two folders: a node sees only its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -60,7 +61,8 @@ class Node:
     def kill(self) -> None:
         if self.proc.poll() is None:
             for proc in [*self.ranks(), psutil.Process(self.proc.pid)]:
-                proc.kill()
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
             self.proc.wait(timeout=30)
         self.handle.close()
 
@@ -238,7 +240,7 @@ def test_two_nodes_train_like_one_node_with_two_ranks(tmp_path, env):
 
 
 @pytest.mark.slow
-def test_sigterm_to_node_1_then_kill_9_of_node_1_then_resume_on_one_node(tmp_path, env):
+def test_sigterm_to_node_1_then_kill_9_then_a_hang_then_resume_on_one_node(tmp_path, env):
     run_dir = tmp_path / "run"
     args = [*COMMON, "--max-steps", "5000", "--checkpoint-every", "4", "--run-dir", str(run_dir)]
     # 1. SIGTERM to node 1's launcher: both nodes stop at the same step, with one checkpoint, and exit 0
@@ -266,7 +268,7 @@ def test_sigterm_to_node_1_then_kill_9_of_node_1_then_resume_on_one_node(tmp_pat
     try:
         _wait_for(_saved(run_dir, stopped + 4), 240, nodes)
         for proc in nodes[1].ranks():
-            proc.kill()
+            proc.kill()  # SIGKILL
         killed = time.monotonic()
         code0 = nodes[0].wait(timeout=float(env["MICROBERT_DIST_TIMEOUT_S"]) + 60)
         waited = time.monotonic() - killed
@@ -279,7 +281,27 @@ def test_sigterm_to_node_1_then_kill_9_of_node_1_then_resume_on_one_node(tmp_pat
     assert f"resumed from step {stopped}" in (run_dir / "train.log").read_text()
     latest = _complete(run_dir)[-1]
     assert latest >= stopped + 4
-    # 3. the run resumed on one node with one rank: the global batch of 16 is kept (8 × 2 × 1)
+    # 3. the same again, and node 1's rank hangs (SIGSTOP: what a host that vanished looks like, no
+    #    socket closes): node 0 gives up after MICROBERT_DIST_TIMEOUT_S, in every group of the run
+    hang_env = {**env, "MICROBERT_DIST_TIMEOUT_S": "25"}
+    nodes = _two_nodes(hang_env, args, tmp_path)
+    try:
+        _wait_for(_saved(run_dir, latest + 4), 240, nodes)
+        stopped_ranks = nodes[1].ranks()
+        for proc in stopped_ranks:
+            proc.suspend()
+        hung = time.monotonic()
+        code0 = nodes[0].wait(timeout=25 + 90)
+        waited = time.monotonic() - hung
+    finally:
+        for proc in stopped_ranks:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        codes = _finish(nodes, timeout=60)
+    assert code0 != 0 and 20 <= waited < 25 + 30, f"node 0 gave up after {waited:.0f} s"
+    assert "Timed out" in nodes[0].output() and "MICROBERT_DIST_TIMEOUT_S=25 s" in nodes[0].output()
+    latest = _complete(run_dir)[-1]
+    # 4. the run resumed on one node with one rank: the global batch of 16 is kept (8 × 2 × 1)
     one = Node(env, [*args, "--stop-at-step", str(latest + 2)], tmp_path / "one.log")
     assert _finish([one]) == [0], one.output()
     log = (run_dir / "train.log").read_text()
