@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 
 from serve.errors import ServiceError
 from serve.metrics import Metrics
-from serve.service import ModelService
+from serve.service import Backend
 from serve.settings import Settings
 
 
@@ -23,8 +23,8 @@ def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-def get_service(request: Request) -> ModelService:
-    service: ModelService | None = getattr(request.app.state, "service", None)
+def get_service(request: Request) -> Backend:
+    service: Backend | None = getattr(request.app.state, "service", None)
     if service is None:  # the lifespan has not run (an app used without `with TestClient(app)`)
         raise ServiceError(503, "not_ready", "the service is starting", estimated_time=1.0)
     return service
@@ -32,7 +32,7 @@ def get_service(request: Request) -> ModelService:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-ServiceDep = Annotated[ModelService, Depends(get_service)]
+ServiceDep = Annotated[Backend, Depends(get_service)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:
