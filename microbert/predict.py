@@ -88,6 +88,11 @@ class ModelOutput:
     token_ids: np.ndarray  # (m, k) int64
 
 
+# `encode_batch`/`decode_batch` hand work to a thread pool: worth it for many texts, but for a few a
+# plain loop is faster (measured: 0.3-0.7 ms of pool overhead per call on a busy 2-core machine).
+_BATCH_CALL = 32
+
+
 def clean_up_tokenization(text: str) -> str:
     """The clean-up `transformers` applies after decoding when `clean_up_tokenization_spaces` is set."""
     for before, after in (
@@ -144,6 +149,11 @@ class FillMaskFormatter:
     def _clean(self, text: str) -> str:
         return clean_up_tokenization(text) if self.clean_up else text
 
+    def _decode(self, rows: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        if len(rows) >= _BATCH_CALL:
+            return self.tokenizer.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        return [self.tokenizer.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
+
     def format(self, items: Sequence[tuple[PreparedInput, ModelOutput]]) -> list[FillMaskResult]:
         """One result per input; the sequences of all candidates decoded in (at most) two calls."""
         jobs: dict[bool, list[list[int]]] = {True: [], False: []}
@@ -159,10 +169,7 @@ class FillMaskFormatter:
                 rows = sequences.tolist()
             starts.append(len(jobs[single]))
             jobs[single] += rows
-        decoded = {
-            single: self.tokenizer.decode_batch(rows, skip_special_tokens=single) if rows else []
-            for single, rows in jobs.items()
-        }
+        decoded = {single: self._decode(rows, single) for single, rows in jobs.items()}
         results: list[FillMaskResult] = []
         table, clean = self.token_strs, self._clean
         for (prepared, output), start in zip(items, starts, strict=True):
@@ -336,7 +343,11 @@ class FillMaskPredictor:
             if not isinstance(text, str) or not text.strip():
                 raise _at(EmptyInputError("input text is empty"), i)
             _at_index(_checked_text, text, "input", i)
-        encodings = self.tokenizer.encode_batch(list(texts))
+        encodings = (
+            self.tokenizer.encode_batch(list(texts))
+            if len(texts) >= _BATCH_CALL
+            else [self.tokenizer.encode(text) for text in texts]
+        )
         k = min(top_k, len(target_ids) if target_ids else self.vocab_size)
         prepared = []
         for i, encoding in enumerate(encodings):
