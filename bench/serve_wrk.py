@@ -138,7 +138,8 @@ class Server:
 def run_wrk(
     wrk: str, url: str, script: Path, connections: int, duration: float, threads: int
 ) -> dict[str, Any]:
-    command = [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+    seconds = max(1, round(duration))
+    command = [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
                "-s", str(script), url + "/fill-mask"]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=duration + 60).stdout
     return parse_wrk(out)
@@ -290,7 +291,7 @@ def bench_hf_list(args: argparse.Namespace, artifact: Path, device: str) -> list
 
 
 def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: str) -> list[dict[str, Any]]:
-    """Closed-loop clients far beyond the queue: only 200 and 429 (with Retry-After), bounded p99, flat RSS."""
+    """Closed-loop clients far beyond the queue: only 200 and 429 (Retry-After), bounded p99, flat RSS."""
     queue = args.overload_queue
     command, env = server_command("microbert", run, run, 8430, args)
     env["MICROBERT_MAX_QUEUE"] = str(queue)
