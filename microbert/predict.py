@@ -241,7 +241,8 @@ class _CudaGraphs:
                 _forward(self.model, static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a reload capturing its graphs must not trip over the serving thread's launches.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             output = _forward(self.model, static)
         return static, output, graph
 
