@@ -81,9 +81,7 @@ def record_for(variant: dict[str, Any], args: argparse.Namespace, rc: int) -> di
         tokens=last["tokens_seen"],
         train_seconds=status.get("training_seconds"),
         startup_seconds=status.get("startup_seconds"),
-        tokens_per_second=sorted(r["tokens_per_second"] for r in history["train"])[
-            len(history["train"]) // 2
-        ],
+        tokens_per_second=last["tokens_seen"] / max(status.get("training_seconds") or 0.0, 1e-9),
         final_loss=last["loss"],
         seq_len=resolved["train"]["seq_len"],
         trainer_eval=history["eval"][-1] if history["eval"] else None,
