@@ -133,33 +133,37 @@ def lr_lambda(
     return decay_factor(progress, schedule=schedule, min_ratio=min_ratio, decay_fraction=decay_fraction)
 
 
-class TimedSchedule:
+def timed_schedule(t: TrainConfig, clock: Callable[[], float]) -> Callable[[int], float]:
     """The LR multiplier of a run with a wall-clock budget (`--time-budget`): the schedule follows
     the share of the budget spent, not a step count, so the run ends decayed whatever the machine's
     speed. Warm-up is `--warmup-steps` steps when given, else the first 6% of the budget.
-    `clock()` gives the training seconds so far (evaluation and checkpoints excluded)."""
+    `clock()` gives the training seconds so far (evaluation and checkpoints excluded).
 
-    def __init__(self, t: TrainConfig, clock: Callable[[], float]):
-        assert t.time_budget_s is not None
-        self.t, self.clock, self.budget = t, clock, float(t.time_budget_s)
-        self.warmup_end_s: float | None = None  # when a step-count warm-up ended
+    A closure, not an object: `LambdaLR.state_dict()` (saved in every checkpoint) pickles the
+    attributes of callable objects, and the clock belongs to the trainer.
+    """
+    assert t.time_budget_s is not None
+    budget = float(t.time_budget_s)
+    warmup_end_s: list[float] = []  # when a step-count warm-up ended
 
-    def __call__(self, step: int) -> float:
-        t, now = self.t, self.clock()
+    def factor(step: int) -> float:
+        now = clock()
         if t.warmup_steps is not None:
             if step < t.warmup_steps:
                 return (step + 1) / t.warmup_steps
-            if self.warmup_end_s is None:
-                self.warmup_end_s = now
-            start = self.warmup_end_s
+            if not warmup_end_s:
+                warmup_end_s.append(now)
+            start = warmup_end_s[0]
         else:
-            start = WARMUP_SHARE * self.budget
+            start = WARMUP_SHARE * budget
             if now < start:
                 return max(now / start, 1e-3)
-        progress = (now - start) / max(self.budget - start, 1e-9)
+        progress = (now - start) / max(budget - start, 1e-9)
         return decay_factor(
             progress, schedule=t.schedule, min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction
         )
+
+    return factor
 
 
 def warmup_steps(t: TrainConfig, total_steps: int) -> int:
@@ -252,7 +256,7 @@ def build_engine(
     On an accelerator the model is compiled, encoder, head and loss in one graph (see
     `compile_mode`): the fused LayerNorm, dropout, GELU and cross-entropy kernels matter more for
     BERT than anything else but the matmuls.
-    `total_steps` None: a `--time-budget` run, whose schedule follows `clock` (TimedSchedule).
+    `total_steps` None: a `--time-budget` run, whose schedule follows `clock` (`timed_schedule`).
     Returns the engine, its scheduler, the DeepSpeed config and the client optimizer.
     """
     flat = FlatParameters(model)
@@ -267,7 +271,7 @@ def build_engine(
     factor: Callable[[int], float]
     if total_steps is None:
         assert clock is not None, "a time-budget run needs the training clock"
-        factor = TimedSchedule(t, clock)
+        factor = timed_schedule(t, clock)
     else:
         warm, total = warmup_steps(t, total_steps), total_steps
 
