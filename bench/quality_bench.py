@@ -264,38 +264,65 @@ def main() -> int:
         append_records([record], _device_name())
         return record
 
+    def attempt(what: str, run: Any) -> dict | None:
+        """One run: a failure is recorded and printed, and the bench goes on with the next."""
+        try:
+            return keep(run())
+        except Exception as exc:  # a benchmark call must bring back whatever it could measure
+            print(f"FAILED {what}: {type(exc).__name__}: {exc}", flush=True)
+            keep({"bench": "quality", "shape": args.shape, "failed": what, "error": str(exc)[-2000:]})
+            return None
+
     hf_target = args.hf_target
     if "hf" in impls:
         best_lr = args.hf_lr
         if best_lr is None:
             sweep = [
-                keep(finish(run_hf(args.shape, data, lr, short, out, args), args.shape, short, rows, args))
+                attempt(
+                    f"hf lr {lr:g}",
+                    lambda lr=lr: finish(
+                        run_hf(args.shape, data, lr, short, out, args), args.shape, short, rows, args
+                    ),
+                )
                 for lr in map(float, args.hf_lrs.split(","))
             ]
-            best_lr = max(sweep, key=lambda r: r["heldout_accuracy"])["lr"]
-        hf_long = keep(
-            finish(run_hf(args.shape, data, best_lr, long, out, args), args.shape, long, rows, args)
+            done = [r for r in sweep if r is not None]
+            best_lr = max(done, key=lambda r: r["heldout_accuracy"])["lr"] if done else 5e-4
+        hf_long = attempt(
+            "hf long",
+            lambda: finish(run_hf(args.shape, data, best_lr, long, out, args), args.shape, long, rows, args),
         )
-        hf_target = hf_long["heldout_accuracy"]
+        hf_target = hf_long["heldout_accuracy"] if hf_long else hf_target
     if "microbert" in impls:
         variants = args.mb_variants.split(",")
         shorts = []
         for variant in variants:
-            run = run_microbert(args.shape, variant, short, out, args, None)
-            shorts.append(keep(finish(run, args.shape, short, rows, args)))
-        best = max(shorts, key=lambda r: r["heldout_accuracy"])
-        steps_per_second = best["steps"] / max(best["training_seconds"], 1e-9)
-        eval_every = max(1, math.floor(steps_per_second * long / args.eval_points))
-        mb_long = run_microbert(args.shape, best["variant"], long, out, args, eval_every)
-        record = finish(mb_long, args.shape, long, rows, args)
-        if hf_target is not None:
-            reached = [p["seconds"] for p in record["curve"] if p["accuracy"] >= hf_target]
-            record["hf_target_accuracy"] = hf_target
-            record["seconds_to_reach_hf"] = reached[0] if reached else None
-        keep(record)
+            record = attempt(
+                f"microbert {variant}",
+                lambda v=variant: finish(
+                    run_microbert(args.shape, v, short, out, args, None), args.shape, short, rows, args
+                ),
+            )
+            if record is not None:
+                shorts.append(record)
+        best = max(shorts, key=lambda r: r["heldout_accuracy"]) if shorts else None
+        if best is not None:
+            steps_per_second = best["steps"] / max(best["training_seconds"], 1e-9)
+            eval_every = max(1, math.floor(steps_per_second * long / args.eval_points))
+
+            def long_run() -> dict:
+                mb_long = run_microbert(args.shape, best["variant"], long, out, args, eval_every)
+                record = finish(mb_long, args.shape, long, rows, args)
+                if hf_target:
+                    reached = [p["seconds"] for p in record["curve"] if p["accuracy"] >= hf_target]
+                    record["hf_target_accuracy"] = hf_target
+                    record["seconds_to_reach_hf"] = reached[0] if reached else None
+                return record
+
+            attempt("microbert long", long_run)
     keys = ("impl", "variant", "lr", "budget_s", "steps", "epochs", "heldout_accuracy", "baseline_accuracy",
             "other_accuracy", "seconds_to_reach_hf")  # fmt: skip
-    summary = [{k: r.get(k) for k in keys} for r in records]
+    summary = [{k: r.get(k) for k in (*keys, "failed")} for r in records]
     print(json.dumps(summary, indent=1))
     return 0
 

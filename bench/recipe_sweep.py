@@ -99,6 +99,7 @@ def main() -> int:
     parser.add_argument("--common", default="", help="flags added to every variant (one string)")
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--cores-per-run", type=int, default=0, help="pin each run to this many cores")
+    parser.add_argument("--first-core", type=int, default=0, help="the first core to pin runs to")
     parser.add_argument("--on", action="append", help="scoring targets (bench/scoring.py)")
     parser.add_argument("--score-device", default="cpu")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/recipe-sweep"))
@@ -109,7 +110,8 @@ def main() -> int:
     if args.only:
         variants = [v for v in variants if v["name"] in args.only.split(",")]
     pending, running, records = list(variants), [], []
-    free = [f"{i * args.cores_per_run}-{(i + 1) * args.cores_per_run - 1}" for i in range(args.parallel)]
+    first, width = args.first_core, args.cores_per_run
+    free = [f"{first + i * width}-{first + (i + 1) * width - 1}" for i in range(args.parallel)]
     while pending or running:
         while pending and len(running) < args.parallel:
             variant = pending.pop(0)
