@@ -51,8 +51,9 @@ run = Path('$run')
 if not (run / 'export' / 'latest').is_file(): make_run(run, '$preset')
 print(run)" >>"$log" 2>&1 || { echo "artifact failed"; tail -20 "$log"; exit 1; }
 
-job() {  # NAME DEADLINE ARGS...: one bench.serve_wrk call with a deadline
+job() {  # NAME DEADLINE ARGS...: one bench.serve_wrk call with a deadline (SERVE_SKIP="NAME ..." skips)
   local name=$1 deadline=$2; shift 2
+  case " ${SERVE_SKIP:-} " in *" $name "*) say "$name skipped (SERVE_SKIP)"; return ;; esac
   say "$name"
   timeout "$deadline" python3 -m bench.serve_wrk --model-dir "$run" --preset "$preset" --wrk "$wrk" \
     --threads "$threads" --duration "$d" --connections "$conns" "${extra[@]}" "$@" >"$OUT/$name.log" 2>&1
