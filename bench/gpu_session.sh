@@ -36,5 +36,5 @@ case $part in
     SERVE_SKIP="microbert_one_process hf_pipeline_fastapi overload" timeout 240 bash bench/serve_gpu.sh | tail -25 ;;
 esac
 for f in "$OUT"/probes/*.log "$OUT"/mini/*.log "$OUT"/base/*.log "$OUT"/*.log; do [ -f "$f" ] && tail -c 3000 "$f" >"$OUT/logs/$(basename "$f")"; done
-cd "$OUT" && tar czf logs.tgz logs && rm -rf logs probes mini base
+cd "$OUT" && tar czf logs.tgz logs && rm -rf logs probes mini base ./*.log
 echo "total $((SECONDS - start)) s"
