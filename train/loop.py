@@ -40,8 +40,9 @@ from train.engine import (
     compile_mode,
     init_distributed,
     oom_message,
+    warmup_warning,
 )
-from train.reporting import Progress, RunLog, peak_flops, write_history
+from train.reporting import Progress, RunLog, ScalarReport, peak_flops, write_history
 
 PLOT_EVERY_S = 300.0  # redraw training_history.png at most this often before the end
 
@@ -185,6 +186,8 @@ class Trainer:
             f"{ds_config['train_batch_size']} sequences per step; {self.total_steps} steps "
             f"({self.loader.batches_per_epoch} batches per epoch per rank)"
         )
+        if warning := warmup_warning(t, self.total_steps):
+            self.log(warning)
         if t.resume == "auto":
             self._resume()
         if place.is_main:
@@ -245,6 +248,7 @@ class Trainer:
         t, place = self.t, self.place
         self.stop.install()
         progress = Progress(self.log, total=self.total_steps, initial=self.step, every=t.log_every)
+        scalars = ScalarReport(t.report_to, self.run_dir, self.history, enabled=place.is_main)
         start = time.perf_counter()
         interval_start, interval_wait = start, 0.0
         interval_tokens = torch.zeros((), dtype=torch.long, device=place.device)
@@ -315,6 +319,7 @@ class Trainer:
                     self._evaluate()
                 if self.step % t.checkpoint_every == 0 or last or stopping:
                     self._checkpoint(start, final=last or stopping)
+                scalars.write(self.history)
                 # eval and checkpoint time is not training time: keep it out of tokens/s
                 interval_start += time.perf_counter() - paused_at
                 if stopping:
@@ -325,6 +330,7 @@ class Trainer:
                     break
         finally:
             progress.close()
+            scalars.close()
         return outcome
 
     def _all_ranks(self, value: torch.Tensor, op: Any) -> float:
