@@ -86,9 +86,10 @@ def test_predict_space_separated_targets_say_how_to_write_them(tiny_artifact):
 
 
 def test_predict_undecodable_argument_is_one_line(tiny_artifact):
+    argv: list[str | bytes] = [sys.executable, "-m", "microbert.cli", "predict", "--model-dir"]
+    argv += [str(tiny_artifact), b"The \xff [MASK]."]  # bytes, as a shell's $'\xff' passes them
     out = subprocess.run(
-        [sys.executable, "-m", "microbert.cli", "predict", "--model-dir", str(tiny_artifact)]
-        + [b"The \xff [MASK]."],  # type: ignore[list-item]  # bytes, as a shell's $'\xff' passes them
+        argv,
         capture_output=True,
         text=True,
         timeout=120,
