@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from serve.errors import install_error_handlers
 from serve.metrics import Metrics
 from serve.middleware import BodyLimitMiddleware, CatchAllMiddleware, MetricsMiddleware
-from serve.routes import fill_mask, health, metrics
+from serve.routes import fill_mask, health, metrics, page
 from serve.service import ModelService
 from serve.settings import Settings
 
@@ -32,11 +32,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="MicroBERT fill-mask", version=health.VERSION, lifespan=lifespan)
     app.state.settings, app.state.metrics = settings, app_metrics
     install_error_handlers(app)
-    for module in (fill_mask, health, metrics):
+    for module in (fill_mask, health, metrics, page):
         app.include_router(module.router)
     paths = {
         getattr(route, "path", "")
-        for module in (fill_mask, health, metrics)
+        for module in (fill_mask, health, metrics, page)
         for route in module.router.routes
     }
     app.add_middleware(CatchAllMiddleware)
