@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -65,6 +66,8 @@ def test_history_of_an_artifact_folder_is_404(client: TestClient):
 def test_page_in_headless_chromium(run_dir: Path, start_server, tmp_path: Path):
     executable = find_chromium()
     if executable is None:
+        if os.environ.get("MICROBERT_REQUIRE_BROWSER"):  # CI installed it: its absence is a failure
+            pytest.fail("MICROBERT_REQUIRE_BROWSER is set but no chromium is on PATH")
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
     history = write_history(run_dir)
     server = start_server(run_dir)
