@@ -11,7 +11,7 @@ from serve.errors import install_error_handlers
 from serve.metrics import Metrics
 from serve.middleware import BodyLimitMiddleware, CatchAllMiddleware, MetricsMiddleware
 from serve.remote import RemoteModel
-from serve.routes import fill_mask, health, metrics
+from serve.routes import fill_mask, health, metrics, page
 from serve.service import Backend, ModelService
 from serve.settings import Settings
 
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="MicroBERT fill-mask", version=health.VERSION, lifespan=lifespan)
     app.state.settings, app.state.metrics = settings, app_metrics
     install_error_handlers(app)
-    for module in (fill_mask, health, metrics):
+    for module in (fill_mask, health, metrics, page):
         app.include_router(module.router)
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

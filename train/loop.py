@@ -41,10 +41,11 @@ from train.engine import (
     compile_mode,
     init_distributed,
     oom_message,
+    warmup_warning,
 )
 from train.launcher import STOP_FILE
 from train.nodes import PeerLost, discover, peer_lost
-from train.reporting import Progress, RunLog, peak_flops, write_history
+from train.reporting import Progress, RunLog, ScalarReport, peak_flops, write_history
 
 PLOT_EVERY_S = 300.0  # redraw training_history.png at most this often before the end
 
@@ -244,6 +245,8 @@ class Trainer:
             f"{model_config.hidden_dropout_prob:g}, masking {t.mlm_probability:.0%}, peak LR {t.lr:g} "
             f"({t.schedule})"
         )
+        if warning := warmup_warning(t, self.total_steps):
+            self.log(warning)
         if t.resume == "auto":
             self._resume()
         if place.is_main:
@@ -330,6 +333,7 @@ class Trainer:
         t, place = self.t, self.place
         self.stop.install()
         progress = Progress(self.log, total=self.total_steps, initial=self.step, every=t.log_every)
+        scalars = ScalarReport(t.report_to, self.run_dir, self.history, enabled=place.is_main)
         start = self.clock_origin = time.perf_counter()
         self.paused_s = 0.0
         first_step = self.step
@@ -425,6 +429,7 @@ class Trainer:
                     self._evaluate()
                 if self.step % t.checkpoint_every == 0 or last or stopping:
                     self._checkpoint(start, final=last or stopping)
+                scalars.write(self.history)
                 # eval and checkpoint time is not training time: keep it out of tokens/s and the clock
                 paused = time.perf_counter() - paused_at
                 interval_start += paused
@@ -438,6 +443,7 @@ class Trainer:
                     break  # the time budget is spent (a step count ends the loop by itself)
         finally:
             progress.close()
+            scalars.close()
         return outcome
 
     def _all_ranks(self, value: torch.Tensor, op: Any) -> float:

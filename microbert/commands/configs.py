@@ -65,16 +65,15 @@ def run_list(args: argparse.Namespace) -> int:
     if profiles:
         print("\nHardware profiles (microbert-train --profile NAME)")
         header = (
-            f"{'profile':<18} {'gpus':>4} {'model':<11} {'params':>8} {'seq':>4} {'batch':>5} "
+            f"{'profile':<18} {'hardware':<15} {'model':<11} {'params':>8} {'seq':>4} {'batch':>5} "
             f"{'GiB/GPU':>7}  dataset"
         )
         print(header)
         print("-" * len(header))
         for p in profiles:
             params = _millions(int(p["parameters"]))  # type: ignore[call-overload]
-            gpus = f"{p['num_nodes']}×{p['num_gpus']}" if p["num_nodes"] != 1 else p["num_gpus"]
             print(
-                f"{p['name']:<18} {gpus!s:>4} {p['model']:<11} {params:>8} "
+                f"{p['name']:<18} {p['hardware']!s:<15} {p['model']:<11} {params:>8} "
                 f"{p['seq_len']:>4} {p['micro_batch_size']!s:>5} {p['static_gib_per_gpu']:>7}  {p['dataset']}"
             )
     return 0
@@ -133,6 +132,7 @@ def profile_rows() -> list[dict[str, object]]:
         rows.append(
             {
                 "name": name,
+                "hardware": profile_hardware(name),
                 "num_gpus": t.num_gpus,
                 "model": t.model,
                 "parameters": r.model_config.num_parameters(),
@@ -146,6 +146,21 @@ def profile_rows() -> list[dict[str, object]]:
             }
         )
     return [row for row in rows if "error" not in row] + [row for row in rows if "error" in row]
+
+
+def profile_hardware(name: str) -> str:
+    """The machine a profile is made for, as its file says ("CPU (2+ cores)", "8x H200 141 GB").
+
+    `num_gpus` alone would call the cpu profile's one process "1 GPU"."""
+    from microbert.run_config import PROFILES_DIR
+
+    data = json.loads((PROFILES_DIR / f"{name}.json").read_text())
+    return str(data.get("hardware") or f"{data.get('num_gpus', 1)} GPU(s)")
+
+
+def processes(num_gpus: int, hardware: str) -> str:
+    on_cpu = hardware.lower().startswith("cpu")
+    return f"{num_gpus} process" + ("es" if num_gpus > 1 else "") + ("" if on_cpu else ", one per GPU")
 
 
 def launch_commands(name: str, num_gpus: int, num_nodes: int = 1) -> list[str]:
@@ -184,12 +199,16 @@ def show_profile(name: str, *, as_json: bool) -> int:
         r.model_config, r.train.num_gpus * r.train.num_nodes, r.train.precision
     )
     data["launch"] = launch_commands(name, r.train.num_gpus, r.train.num_nodes)
+    data["hardware"] = profile_hardware(name)
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
     t = r.train
-    gpus = f"{t.num_nodes} nodes × {t.num_gpus} GPUs" if t.num_nodes > 1 else f"{t.num_gpus} GPU(s)"
-    print(f"profile {name}: {gpus}, model {t.model} ({_millions(r.model_config.num_parameters())})")
+    ranks = processes(t.num_gpus * t.num_nodes, data["hardware"])
+    print(
+        f"profile {name}: {data['hardware']}, {ranks}, model {t.model} "
+        f"({_millions(r.model_config.num_parameters())})"
+    )
     print(f"layers: {' < '.join(r.sources)}")
     print("\nlaunch:")
     for line in data["launch"]:

@@ -167,7 +167,7 @@ def test_launch_commands_are_what_deepspeeds_runner_accepts():
 def test_configs_show_prints_the_command_for_each_node(capsys):
     assert microbert_main(["configs", "show", "h200_2x8gpu"]) == 0
     out = capsys.readouterr().out
-    assert "2 nodes × 8 GPUs, model bert-base" in out
+    assert "profile h200_2x8gpu: 2x8 H200 141 GB, 16 processes, one per GPU, model bert-base" in out
     assert "microbert-train --profile h200_2x8gpu --hostfile HOSTFILE" in out
     for rank in (0, 1):
         assert f"node {rank}: microbert-train --profile h200_2x8gpu --num-nodes 2 --master-addr " in out
