@@ -104,8 +104,8 @@ def save_artifact(
             tmp.rename(folder)
         _fsync_dir(folder.parent)
     except BaseException as exc:
+        full = disk_full_error(exc, folder, _weights_bytes(model))  # before the space comes back
         shutil.rmtree(tmp, ignore_errors=True)
-        full = _disk_full_error(exc, folder, _weights_bytes(model))
         if full is not None:
             raise full from None
         raise
@@ -116,26 +116,30 @@ def _weights_bytes(model: BertForMaskedLM) -> int:
     return sum(v.numel() * 4 for k, v in model.state_dict().items() if k not in _TIED_KEYS)
 
 
-def _disk_full_error(exc: BaseException, folder: Path, needed: int) -> MicroBertError | None:
+def disk_full_error(exc: BaseException, folder: Path, needed: int) -> MicroBertError | None:
     """A full disk (or quota) while writing folder, as one line: where, how much is needed and free.
 
     The libraries that write the files report it in their own words: an `OSError` with ENOSPC,
     safetensors' "No space left on device", torch's "file write failed" (inline_container.cc).
     """
+    try:
+        free = shutil.disk_usage(_existing_parent(folder)).free
+    except OSError:
+        free = None
     text = str(exc)
     full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
         marker in text for marker in ("No space left on device", "Disk quota exceeded", "file write failed")
     )
-    if not full:
+    # torch may say only "[enforce fail at inline_container.cc] unexpected pos": judge by the space
+    if not full and not (isinstance(exc, (OSError, RuntimeError, SafetensorError)) and free is not None):
         return None
-    try:
-        free = shutil.disk_usage(_existing_parent(folder)).free
-    except OSError:
-        free = 0
+    if not full and free is not None and free >= needed:
+        return None
+    free_text = "?" if free is None else f"{free / 2**20:,.1f}"
     return MicroBertError(
-        f"the disk is full: writing {folder} needs about {needed / 2**20:,.1f} MiB and "
-        f"{free / 2**20:,.1f} MiB are free on its file system; free some space (or point --run-dir "
-        "at a larger disk) and run the same command again to resume"
+        f"the disk is full: writing {folder} needs about {needed / 2**20:,.1f} MiB and {free_text} MiB "
+        "are free on its file system; free some space (or point --run-dir at a larger disk) and run "
+        "the same command again to resume"
     )
 
 
