@@ -159,6 +159,22 @@ def _check_special_ids(tok: Tokenizer) -> None:
             )
 
 
+def special_token_ids(tok: Tokenizer) -> list[int]:
+    """Ids of the special tokens the tokenizer has, looked up by name: 0–4 in MicroBERT's own
+    tokenizers, but e.g. 0 and 100–103 in a `transformers` BERT vocabulary."""
+    ids = [tok.token_to_id(token) for token in SPECIAL_TOKENS]
+    return [i for i in ids if i is not None]
+
+
+def mask_token_id(tok: Tokenizer) -> int:
+    token_id = tok.token_to_id(MASK)
+    if token_id is None:
+        raise ArtifactError(
+            f"the tokenizer has no {MASK} token: it cannot be used for masked-language modelling"
+        )
+    return int(token_id)
+
+
 def tokenizer_kind(tok: Tokenizer) -> str:
     return "wordpiece" if isinstance(tok.model, models.WordPiece) else "wordlevel"
 

@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from microbert.run_config import parse_count
+from microbert.run_config import SCHEDULES, parse_count
 
 
 def _bool(text: str) -> bool:
@@ -37,8 +37,21 @@ def _batch(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
 
 
+def _duration(text: str) -> float:
+    """Seconds, as people write them: 600, 90s, 10m, 1.5h."""
+    cleaned = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(cleaned[-1:], 1)
+    try:
+        value = float(cleaned[:-1] if cleaned[-1:] in "smh" else cleaned) * scale
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 600, 90s, 10m or 1.5h, got {text!r}")
+    return value
+
+
 # flag -> TrainConfig field (flags whose name differs from the field)
-FLAG_FIELDS = {"batch_size": "micro_batch_size", "model": "model"}
+FLAG_FIELDS = {"batch_size": "micro_batch_size", "model": "model", "time_budget": "time_budget_s"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, help="tokenizer (and embedding) size; default the preset's")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train (the LR schedule spans them)")
     p.add_argument("--epochs", type=float, help="epochs to train when --max-steps is not given")
+    p.add_argument(
+        "--time-budget",
+        type=_duration,
+        help="train for this long (600, 90s, 10m, 1.5h): the LR schedule follows the clock, so the run "
+        "ends decayed on any machine (steps then depend on its speed; --max-steps runs are exactly "
+        "reproducible)",
+    )
     p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument(
+        "--schedule", choices=SCHEDULES, help="LR decay after warm-up: cosine (default), linear, wsd"
+    )
+    p.add_argument("--dropout", type=float, help="hidden and attention dropout (default 0; BERT's is 0.1)")
+    p.add_argument(
+        "--mlm-probability", type=float, help="share of tokens masked in training (80/10/10 corruption)"
+    )
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 6%% of the run)")
     p.add_argument("--batch-size", type=_batch, help="micro-batch per GPU (per process on CPU), or auto")
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +21,11 @@ from deepspeed.accelerator import get_accelerator
 from microbert.config import ModelConfig
 from microbert.errors import MicroBertError
 from microbert.model import BertForMaskedLM
-from microbert.run_config import TrainConfig
+from microbert.run_config import SCHEDULES, TrainConfig
 from train.flat import FlatParameters
 from train.optim import ClippedAdamW
+
+WARMUP_SHARE = 0.06  # warm-up when none is given: 6% of the run (RoBERTa's), in steps or in time
 
 
 @dataclass
@@ -95,16 +98,76 @@ def usable_memory(place: Placement) -> int:
     return free
 
 
-def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to the peak, then cosine decay to `min_ratio` of it at `total` steps."""
+def decay_factor(progress: float, *, schedule: str, min_ratio: float, decay_fraction: float) -> float:
+    """The LR multiplier after warm-up, `progress` running from 0 to 1 over the rest of the run.
+
+    cosine: half a cosine down to `min_ratio`; linear: a straight line down to it (the `transformers`
+    Trainer's default shape); wsd (warmup-stable-decay): the peak until the last `decay_fraction` of
+    the run, then a straight line down to `min_ratio` — the run can be extended, and the decay is
+    where the loss drops.
+    """
+    p = min(1.0, max(0.0, progress))
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "linear":
+        return min_ratio + (1.0 - min_ratio) * (1.0 - p)
+    if schedule == "wsd":
+        stable = 1.0 - decay_fraction
+        return 1.0 if p <= stable else min_ratio + (1.0 - min_ratio) * (1.0 - p) / max(decay_fraction, 1e-9)
+    raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+
+
+def lr_lambda(
+    step: int,
+    *,
+    warmup: int,
+    total: int,
+    min_ratio: float,
+    schedule: str = "cosine",
+    decay_fraction: float = 0.2,
+) -> float:
+    """Linear warm-up to the peak over `warmup` steps, then `schedule` down to `min_ratio` at `total`."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    progress = (step - warmup) / max(1, total - warmup)
+    return decay_factor(progress, schedule=schedule, min_ratio=min_ratio, decay_fraction=decay_fraction)
+
+
+def timed_schedule(t: TrainConfig, clock: Callable[[], float]) -> Callable[[int], float]:
+    """The LR multiplier of a run with a wall-clock budget (`--time-budget`): the schedule follows
+    the share of the budget spent, not a step count, so the run ends decayed whatever the machine's
+    speed. Warm-up is `--warmup-steps` steps when given, else the first 6% of the budget.
+    `clock()` gives the training seconds so far (evaluation and checkpoints excluded).
+
+    A closure, not an object: `LambdaLR.state_dict()` (saved in every checkpoint) pickles the
+    attributes of callable objects, and the clock belongs to the trainer.
+    """
+    assert t.time_budget_s is not None
+    budget = float(t.time_budget_s)
+    warmup_end_s: list[float] = []  # when a step-count warm-up ended
+
+    def factor(step: int) -> float:
+        now = clock()
+        if t.warmup_steps is not None:
+            if step < t.warmup_steps:
+                return (step + 1) / t.warmup_steps
+            if not warmup_end_s:
+                warmup_end_s.append(now)
+            start = warmup_end_s[0]
+        else:
+            start = WARMUP_SHARE * budget
+            if now < start:
+                return max(now / start, 1e-3)
+        progress = (now - start) / max(budget - start, 1e-9)
+        return decay_factor(
+            progress, schedule=t.schedule, min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction
+        )
+
+    return factor
 
 
 def warmup_steps(t: TrainConfig, total_steps: int) -> int:
-    return t.warmup_steps if t.warmup_steps is not None else max(1, int(0.06 * total_steps))
+    return t.warmup_steps if t.warmup_steps is not None else max(1, int(WARMUP_SHARE * total_steps))
 
 
 def deepspeed_config(
@@ -184,14 +247,16 @@ def build_engine(
     t: TrainConfig,
     base_config: dict[str, Any],
     micro_batch: int,
-    total_steps: int,
+    total_steps: int | None,
     place: Placement,
+    clock: Callable[[], float] | None = None,
 ) -> tuple[Any, torch.optim.lr_scheduler.LRScheduler, dict[str, Any], ClippedAdamW]:
     """`deepspeed.initialize` over the model's flat parameters with the client optimizer and schedule.
 
     On an accelerator the model is compiled, encoder, head and loss in one graph (see
     `compile_mode`): the fused LayerNorm, dropout, GELU and cross-entropy kernels matter more for
     BERT than anything else but the matmuls.
+    `total_steps` None: a `--time-budget` run, whose schedule follows `clock` (`timed_schedule`).
     Returns the engine, its scheduler, the DeepSpeed config and the client optimizer.
     """
     flat = FlatParameters(model)
@@ -203,11 +268,24 @@ def build_engine(
         flat.compile(mode=None if mode == "default" else mode)
     config = deepspeed_config(base_config, t, micro_batch, place)
     optimizer = build_optimizer(flat, t, place)
-    warm = warmup_steps(t, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_lambda(step, warmup=warm, total=total_steps, min_ratio=t.min_lr_ratio),
-    )
+    factor: Callable[[int], float]
+    if total_steps is None:
+        assert clock is not None, "a time-budget run needs the training clock"
+        factor = timed_schedule(t, clock)
+    else:
+        warm, total = warmup_steps(t, total_steps), total_steps
+
+        def factor(step: int) -> float:
+            return lr_lambda(
+                step,
+                warmup=warm,
+                total=total,
+                min_ratio=t.min_lr_ratio,
+                schedule=t.schedule,
+                decay_fraction=t.decay_fraction,
+            )
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     engine, _optimizer, _loader, engine_scheduler = deepspeed.initialize(
         model=flat, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )

@@ -28,7 +28,7 @@ from microbert.checkpoint import LATEST, save_artifact, update_latest
 from microbert.commands.predict import render
 from microbert.data import ShardLoader, mask_tokens, prepare_dataset
 from microbert.errors import MicroBertError
-from microbert.evaluate import MASK_TOKEN_ID, SPECIAL_TOKEN_IDS, evaluate
+from microbert.evaluate import EVAL_MASK_RATE, EVAL_SEED, evaluate
 from microbert.model import BertForMaskedLM, masked_slots_for
 from microbert.predict import FillMaskPredictor
 from microbert.run_config import Resolved
@@ -82,14 +82,15 @@ class StopRequest:
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signal = signum
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank was asked to stop (ranks must checkpoint together)."""
-        flag = self.signal is not None
+    def agreed(self, out_of_time: bool = False) -> tuple[bool, bool]:
+        """(stop, out of time), true on every rank if true on any: a signal, or a clock past the
+        time budget. Ranks must stop, and checkpoint, at the same step."""
+        flags = (self.signal is not None, out_of_time)
         if self.group is not None:
-            tensor = torch.tensor([1 if flag else 0])
+            tensor = torch.tensor([int(flag) for flag in flags])
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
-            flag = bool(tensor.item())
-        return flag
+            flags = (bool(tensor[0]), bool(tensor[1]))
+        return flags
 
 
 class Trainer:
@@ -117,6 +118,10 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.elapsed_before = 0.0
+        # training seconds (evaluation and checkpoints excluded): the clock a time budget runs on
+        self.clock_origin = time.perf_counter()
+        self.paused_s = 0.0
+        self.startup_s = 0.0
         self.history: dict[str, Any] = {"train": [], "eval": []}
         self.last_eval: dict[str, Any] | None = None
         self.last_plot = time.monotonic()
@@ -174,13 +179,22 @@ class Trainer:
                 f"{len(data.train)} training sequences give no full batch of {self.micro_batch} × "
                 f"{place.world_size} rank(s): lower --batch-size or use more data (--max-samples)"
             )
+        self.total_steps: int | None
         if t.max_steps is not None:
             self.total_steps = t.max_steps
+        elif t.time_budget_s is not None:
+            self.total_steps = None  # the clock decides; the schedule follows it (timed_schedule)
         else:
             epochs = t.epochs if t.epochs is not None else 1.0
             self.total_steps = max(1, math.ceil(epochs * self.loader.batches_per_epoch / t.grad_accum))
         self.engine, self.scheduler, ds_config, self.optimizer = build_engine(
-            model, t, self.resolved.deepspeed, self.micro_batch, self.total_steps, place
+            model,
+            t,
+            self.resolved.deepspeed,
+            self.micro_batch,
+            self.total_steps,
+            place,
+            self.training_seconds,
         )
         self.ds_config = ds_config
         # On an accelerator the MLM head runs on a fixed number of slots per micro-batch: static
@@ -195,8 +209,10 @@ class Trainer:
             f"model {t.model}: {model_config.num_parameters() / 1e6:.2f}M parameters, "
             f"{self.flops_per_token / 1e6:.1f} MFLOP per token (6N + 12·L·d·S); micro-batch "
             f"{self.micro_batch} × accumulation {t.grad_accum} × {place.world_size} rank(s) = "
-            f"{ds_config['train_batch_size']} sequences per step; {self.total_steps} steps "
-            f"({self.loader.batches_per_epoch} batches per epoch per rank)"
+            f"{ds_config['train_batch_size']} sequences per step; {self._length()} "
+            f"({self.loader.batches_per_epoch} batches per epoch per rank); dropout "
+            f"{model_config.hidden_dropout_prob:g}, masking {t.mlm_probability:.0%}, peak LR {t.lr:g} "
+            f"({t.schedule})"
         )
         if t.resume == "auto":
             self._resume()
@@ -330,13 +346,27 @@ class Trainer:
         tmp.write_text(json.dumps(resolved, indent=2) + "\n")
         os.replace(tmp, self.run_dir / "resolved_config.json")
 
+    def _length(self) -> str:
+        budget = f"{self.t.time_budget_s:g} s of training" if self.t.time_budget_s is not None else None
+        steps = f"{self.total_steps} steps" if self.total_steps is not None else None
+        return " or ".join(x for x in (budget, steps) if x) + (
+            ", whichever comes first" if budget and steps else ""
+        )
+
+    def training_seconds(self) -> float:
+        """Seconds spent training in this run, restarts included (evaluation and checkpoints not)."""
+        return self.elapsed_before + time.perf_counter() - self.clock_origin - self.paused_s
+
     # --- the loop --------------------------------------------------------------------------------
     def train(self) -> str:
         """Run to the end (or a stop); returns "finished" or "stopped"."""
         t, place = self.t, self.place
         self.stop.install()
         progress = Progress(self.log, total=self.total_steps, initial=self.step, every=t.log_every)
-        start = time.perf_counter()
+        start = self.clock_origin = time.perf_counter()
+        self.paused_s = 0.0
+        first_step = self.step
+        budget = t.time_budget_s
         interval_start, interval_wait = start, 0.0
         interval_tokens = torch.zeros((), dtype=torch.long, device=place.device)
         interval_steps = 0
@@ -345,7 +375,7 @@ class Trainer:
         generator = torch.Generator(device=place.device)
         outcome = "finished"
         try:
-            while self.step < self.total_steps:
+            while self.total_steps is None or self.step < self.total_steps:
                 step = self.step
                 torch.manual_seed(_seed_for(t.seed, step, place.rank, 1))  # dropout stream of this step
                 loss_value = torch.zeros((), device=place.device)
@@ -357,8 +387,8 @@ class Trainer:
                     inputs, labels = mask_tokens(
                         input_ids,
                         vocab_size=self.model_config.vocab_size,
-                        mask_token_id=MASK_TOKEN_ID,
-                        special_token_ids=list(SPECIAL_TOKEN_IDS),
+                        mask_token_id=self.data.mask_token_id,
+                        special_token_ids=self.data.special_token_ids,
                         mlm_probability=t.mlm_probability,
                         generator=generator,
                     )
@@ -380,10 +410,28 @@ class Trainer:
                     if self.masked_slots is not None:
                         dropped += (out.num_masked - self.masked_slots).clamp(min=0)
                 self.step += 1
+                if self.step == first_step + 1:
+                    # The first step of a process compiles and warms up (torch.compile, CUDA graphs,
+                    # DeepSpeed's buffers): the clock a time budget runs on starts after it.
+                    self.startup_s = time.perf_counter() - start
+                    self.clock_origin, self.paused_s = time.perf_counter(), 0.0
+                    self.log(
+                        f"first step took {self.startup_s:.1f} s (compilation, warm-up): "
+                        "not on the training clock"
+                    )
                 interval_steps += 1
-                stopping = self.stop.agreed() or self.step == t.stop_at_step
-                last = self.step >= self.total_steps
-                if self.step % t.log_every == 0 or last or stopping or self.step % t.checkpoint_every == 0:
+                signalled, out_of_time = self.stop.agreed(
+                    budget is not None and self.training_seconds() >= budget
+                )
+                stopping = signalled or self.step == t.stop_at_step
+                last = out_of_time or (self.total_steps is not None and self.step >= self.total_steps)
+                if (
+                    self.step % t.log_every == 0
+                    or last
+                    or stopping
+                    or self.step % t.checkpoint_every == 0
+                    or self.step % t.eval_every == 0  # so the eval record's tokens_seen is current
+                ):
                     now = time.perf_counter()
                     tokens = int(self._all_ranks(interval_tokens, dist.ReduceOp.SUM))
                     if self.masked_slots is not None and int(dropped):
@@ -397,7 +445,11 @@ class Trainer:
                     seconds = max(now - interval_start, 1e-9)
                     record = self._train_record(loss, tokens / seconds, interval_wait / seconds)
                     self.history["train"].append(record)
-                    remaining = (self.total_steps - self.step) * seconds / max(interval_steps, 1)
+                    if budget is not None:
+                        remaining = max(0.0, budget - self.training_seconds())
+                    else:
+                        assert self.total_steps is not None
+                        remaining = (self.total_steps - self.step) * seconds / max(interval_steps, 1)
                     progress.update(self.step, record, remaining)
                     interval_start, interval_wait, interval_steps = now, 0.0, 0
                     interval_tokens.zero_()
@@ -406,14 +458,18 @@ class Trainer:
                     self._evaluate()
                 if self.step % t.checkpoint_every == 0 or last or stopping:
                     self._checkpoint(start, final=last or stopping)
-                # eval and checkpoint time is not training time: keep it out of tokens/s
-                interval_start += time.perf_counter() - paused_at
+                # eval and checkpoint time is not training time: keep it out of tokens/s and the clock
+                paused = time.perf_counter() - paused_at
+                interval_start += paused
+                self.paused_s += paused
                 if stopping:
                     sig = self.stop.signal
                     reason = f"signal {signal.Signals(sig).name}" if sig else "--stop-at-step"
                     self.log(f"stopped at step {self.step} ({reason}); the same command resumes from here")
                     outcome = "stopped"
                     break
+                if last:
+                    break  # the time budget is spent (a step count ends the loop by itself)
         finally:
             progress.close()
         return outcome
@@ -445,6 +501,7 @@ class Trainer:
 
     def _evaluate(self) -> None:
         if self.place.is_main:
+            seconds = self.training_seconds()  # before the evaluation, which is not training time
             # Eagerly: held-out batches have their own shapes (the exact masked set, a short last
             # batch), which would recompile the training graph or record more CUDA graphs.
             with torch.compiler.set_stance("force_eager"):
@@ -453,18 +510,25 @@ class Trainer:
                     self.data.eval,
                     batch_size=self.micro_batch,
                     max_batches=self.t.eval_batches,
-                    # the standard 15%, whatever the training rate, so runs stay comparable
-                    mlm_probability=0.15,
-                    seed=self.t.seed + 1,
+                    special_token_ids=self.data.special_token_ids,
+                    mask_token_id=self.data.mask_token_id,
+                    mask_rate=EVAL_MASK_RATE,
+                    seed=EVAL_SEED,  # the positions `microbert eval` scores: the two figures agree
                     device=self.place.device,
                 )
-            record = {"step": self.step, **result.to_dict()}
+            record = {
+                "step": self.step,
+                "training_seconds": seconds,
+                "tokens_seen": self.tokens_seen,
+                **result.to_dict(),
+            }
             self.history["eval"].append(record)
             self.last_eval = record
             self.log(
-                f"eval step {self.step}: loss {result.loss:.4f} perplexity {result.perplexity:.1f} "
-                f"masked accuracy {result.accuracy * 100:.2f}% (most frequent token "
-                f"{result.baseline_accuracy * 100:.2f}%) over {result.num_masked} masked tokens"
+                f"eval step {self.step}: fill-mask accuracy {result.accuracy * 100:.2f}% top-1, "
+                f"{result.top5_accuracy * 100:.2f}% top-5 ({result.over_baseline:.2f}× the constant guess "
+                f"{result.baseline_accuracy * 100:.2f}%), loss {result.loss:.4f}, perplexity "
+                f"{result.perplexity:.1f}, over {result.num_masked} held-out tokens all [MASK]ed"
             )
         checkpointing._barrier()
 
@@ -474,7 +538,7 @@ class Trainer:
         shared = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "elapsed_s": self.elapsed_before + time.perf_counter() - start,
+            "elapsed_s": self.training_seconds(),
             "history": self.history,
         }
         loader_state = json.loads(json.dumps(self.loader.state_dict(), default=_plain))
@@ -526,12 +590,20 @@ class Trainer:
         if not self.place.is_main:
             return
         peak = _peak_memory(self.place)
-        elapsed = self.elapsed_before + wall_s
+        elapsed = self.training_seconds()
         self.log(
-            f"{outcome} at step {self.step}/{self.total_steps}: {self.tokens_seen:,} non-padding tokens, "
+            f"{outcome} at step {self.step}/{self.total_steps or self.step}: "
+            f"{self.tokens_seen:,} non-padding tokens, "
             f"{elapsed:.0f} s of training in all, peak memory {peak}"
         )
-        status = {"state": outcome, "step": self.step, "total_steps": self.total_steps}
+        status = {
+            "state": outcome,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "training_seconds": round(elapsed, 3),
+            "startup_seconds": round(self.startup_s, 3),
+            "tokens_seen": self.tokens_seen,
+        }
         status["eval"] = self.last_eval
         (self.run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
         if outcome == "finished":

@@ -47,7 +47,9 @@ from microbert.tokenizer import (
     SEP,
     SPECIAL_TOKENS,
     load_tokenizer,
+    mask_token_id,
     save_tokenizer,
+    special_token_ids,
     tokenizer_hash,
 )
 from microbert.tokenizer import train_tokenizer as _train_tokenizer
@@ -82,12 +84,11 @@ class PreparedDataset:
 
     @property
     def special_token_ids(self) -> list[int]:
-        ids = [self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
-        return [i for i in ids if i is not None]
+        return special_token_ids(self.tokenizer)
 
     @property
     def mask_token_id(self) -> int:
-        return int(self.tokenizer.token_to_id(MASK))  # type: ignore[arg-type]  # checked on load
+        return mask_token_id(self.tokenizer)
 
 
 def prepare_dataset(

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One device call of this session's quality measurements (issue: time to quality), by part:
+#   bash bench/gpu_session.sh mini   # bert-mini: HF Trainer LR sweep + long, MicroBERT rows + long; CPU recipe probes beside it
+#   bash bench/gpu_session.sh base   # bert-base: the same, in two calls: base-hf, base-mb
+# Carry .whl (../shared/device/wheels.sh) and .data (imdb_train.jsonl.gz). Results under $OUT.
+set -u
+part=${1:?part}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH || exit 1
+export MICROBERT_CACHE_DIR=$PWD/.mbcache MICROBERT_DATASET_IMDB=$PWD/.data/imdb_train.jsonl.gz PYTHONUNBUFFERED=1
+export MICROBERT_COMMIT=${MICROBERT_COMMIT:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
+export TOKENIZERS_PARALLELISM=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+start=$SECONDS
+probes() {  # the cpu profile's recipe on 2 cores each (cores $1-15), beside the GPU work
+  DS_ACCELERATOR=cpu timeout "$2" python3 bench/recipe_sweep.py --variants bench/cpu_probes.json \
+    --parallel "$3" --cores-per-run 2 --first-core "$1" --out "$OUT/probes" >"$OUT/logs/probes.log" 2>&1
+}
+case $part in
+  mini)
+    probes 6 590 5 &
+    taskset -c 0-5 timeout 560 python3 bench/quality_bench.py --shape bert-mini --budgets 8,30 \
+      --mb-variants default,lr2e-3,mlm15 --out "$OUT/mini" 2>&1 | grep -v -i "warn" | tail -40
+    wait ;;
+  base-hf)
+    timeout 570 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls hf \
+      --out "$OUT/base" 2>&1 | grep -v -i "warn" | tail -30 ;;
+  base-mb)
+    timeout 330 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
+      --mb-variants default --hf-target "${HF_TARGET:-0}" --out "$OUT/base" 2>&1 | grep -v -i "warn" | tail -30 ;;
+esac
+for f in "$OUT"/probes/*.log "$OUT"/mini/*.log "$OUT"/base/*.log; do [ -f "$f" ] && tail -c 3000 "$f" >"$OUT/logs/$(basename "$f")"; done
+cd "$OUT" && tar czf logs.tgz logs && rm -rf logs probes mini base
+echo "total $((SECONDS - start)) s"
