@@ -98,18 +98,17 @@ class Trainer:
         self.resolved = resolved
         self.t = resolved.train
         self.launch_command = launch_command
-        self.place = init_distributed(local_rank, self.t.precision)
         self.run_dir = Path(self.t.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.export_dir = self.run_dir / "export"
         self.lock = RunLock(self.run_dir)
-        problem = None
-        if self.place.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                self.lock.acquire()  # before anything in the folder is read, written or cleared
-            except (MicroBertError, OSError) as exc:
-                problem = str(exc) if isinstance(exc, MicroBertError) else f"cannot use {self.run_dir}: {exc}"
+        # Global rank 0 (the launchers' RANK) takes the folder before the process group forms, so a
+        # second trainer is told at once, not after DeepSpeed's start-up; every rank then learns it.
+        early = os.environ.get("RANK", "0") == "0"
+        problem = self._take_run_folder() if early else None
+        self.place = init_distributed(local_rank, self.t.precision)
+        if self.place.is_main and not early:
+            problem = self._take_run_folder()
         problem = checkpointing.agree(problem)  # every rank stops if rank 0 could not take the folder
         if problem is not None:
             raise MicroBertError(problem)
@@ -125,6 +124,17 @@ class Trainer:
         self.history: dict[str, Any] = {"train": [], "eval": []}
         self.last_eval: dict[str, Any] | None = None
         self.last_plot = time.monotonic()
+
+    def _take_run_folder(self) -> str | None:
+        """Lock the run folder for this trainer; the problem in words, or None."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()  # before anything in the folder is read, written or cleared
+        except MicroBertError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"cannot use {self.run_dir} as the run folder: {exc.strerror or exc}"
+        return None
 
     # --- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -330,15 +340,15 @@ class Trainer:
             "data_hash": self.data.meta.get("data_hash"),
             "launch_command": self.launch_command,
         }
-        # every resume that changed a setting: the settings above are the ones in force now
-        previous = self.run_dir / "resolved_config.json"
+        # every resume of this run that changed a setting: the settings above are those in force now
         resumes: list[Any] = []
-        if previous.is_file():
+        resumed = getattr(self, "resumed", None)
+        previous = self.run_dir / "resolved_config.json"
+        if resumed is not None and previous.is_file():
             try:
                 resumes = list(json.loads(previous.read_text()).get("resumes", []))
             except (OSError, ValueError, TypeError):
                 resumes = []
-        resumed = getattr(self, "resumed", None)
         if resumed is not None and resumed["changed"]:
             resumes.append(resumed)
         resolved["resumes"] = resumes

@@ -86,9 +86,11 @@ def test_a_second_trainer_on_a_live_run_folder_is_refused_naming_the_first(tmp_p
     first = subprocess.Popen(train_cmd(*args), env=train_env, cwd=REPO, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: _log_has(run_dir, "step 2 loss"), 180, first)
-        second = run_train(train_env, *args, timeout=120)
+        started = time.monotonic()
+        second = run_train(train_env, *args, timeout=240)
         _refused(second, str(run_dir), "in use by another trainer", f"PID {first.pid}", socket.gethostname())
         assert (run_dir / "train.log").read_text().count("process(es) on cpu") == 1  # one writer
+        assert time.monotonic() - started < 60  # told before DeepSpeed's start-up
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=120)
