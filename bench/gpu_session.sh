@@ -29,7 +29,12 @@ case $part in
   base-mb)
     timeout 330 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
       --mb-variants default --hf-target "${HF_TARGET:-0}" --out "$OUT/base" 2>&1 | grep -v -i "warn" | tail -30 ;;
+  final)  # bert-base at a lower peak LR, long budget only; then the serving figures (bench/serve_gpu.sh)
+    timeout 230 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
+      --mb-variants lr2e-4-mlm15 --long-only --steps-per-second 20.7 --eval-points 6 \
+      --hf-target "${HF_TARGET:-0}" --out "$OUT/base" 2>&1 | grep -v -i "warn" | tail -14
+    SERVE_SKIP="microbert_one_process hf_pipeline_fastapi overload" timeout 240 bash bench/serve_gpu.sh | tail -25 ;;
 esac
-for f in "$OUT"/probes/*.log "$OUT"/mini/*.log "$OUT"/base/*.log; do [ -f "$f" ] && tail -c 3000 "$f" >"$OUT/logs/$(basename "$f")"; done
-cd "$OUT" && tar czf logs.tgz logs && rm -rf logs probes mini base
+for f in "$OUT"/probes/*.log "$OUT"/mini/*.log "$OUT"/base/*.log "$OUT"/*.log; do [ -f "$f" ] && tail -c 3000 "$f" >"$OUT/logs/$(basename "$f")"; done
+cd "$OUT" && tar czf logs.tgz logs && rm -rf logs probes mini base ./*.log
 echo "total $((SECONDS - start)) s"

@@ -59,6 +59,7 @@ MB_VARIANTS = {
     "mlm15": ["--mlm-probability", "0.15"],
     "dropout0.1": ["--dropout", "0.1"],
     "wsd": ["--schedule", "wsd"],
+    "lr2e-4-mlm15": ["--lr", "2e-4", "--mlm-probability", "0.15"],
 }
 
 
@@ -248,6 +249,12 @@ def main() -> int:
     )
     parser.add_argument("--score-on", default="imdb:heldout,embedded-heldout:all")
     parser.add_argument("--hf-target", type=float, help="the HF long-budget accuracy, when measured earlier")
+    parser.add_argument(
+        "--long-only", action="store_true", help="MicroBERT: only the long run, first variant"
+    )
+    parser.add_argument(
+        "--steps-per-second", type=float, default=20.0, help="with --long-only: for the cadence"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/quality"))
     args = parser.parse_args()
     args.score_on = args.score_on.split(",")
@@ -287,7 +294,11 @@ def main() -> int:
                 for lr in map(float, args.hf_lrs.split(","))
             ]
             done = [r for r in sweep if r is not None]
-            best_lr = max(done, key=lambda r: r["heldout_accuracy"])["lr"] if done else 5e-4
+            # ties (several LRs still at the constant guess) go to the lower training loss
+            best = (
+                max(done, key=lambda r: (r["heldout_accuracy"], -(r["final_loss"] or 99))) if done else None
+            )
+            best_lr = best["lr"] if best else 5e-4
         hf_long = attempt(
             "hf long",
             lambda: finish(run_hf(args.shape, data, best_lr, long, out, args), args.shape, long, rows, args),
@@ -296,7 +307,7 @@ def main() -> int:
     if "microbert" in impls:
         variants = args.mb_variants.split(",")
         shorts = []
-        for variant in variants:
+        for variant in [] if args.long_only else variants:
             record = attempt(
                 f"microbert {variant}",
                 lambda v=variant: finish(
@@ -305,7 +316,10 @@ def main() -> int:
             )
             if record is not None:
                 shorts.append(record)
-        best = max(shorts, key=lambda r: r["heldout_accuracy"]) if shorts else None
+        # ties (several runs still at the constant guess) go to the lower training loss
+        best = max(shorts, key=lambda r: (r["heldout_accuracy"], -r["final_loss"])) if shorts else None
+        if args.long_only:
+            best = {"variant": variants[0], "steps": args.steps_per_second, "training_seconds": 1.0}
         if best is not None:
             steps_per_second = best["steps"] / max(best["training_seconds"], 1e-9)
             eval_every = max(1, math.floor(steps_per_second * long / args.eval_points))

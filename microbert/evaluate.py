@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,7 +96,8 @@ def evaluate(
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     native = _takes_positions(model)
-    vocab_size = int(model.config.vocab_size)
+    config: Any = model.config  # MicroBERT's ModelConfig or a transformers BertConfig
+    vocab_size = int(config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
     total_loss, top1, top5, scored = 0.0, 0, 0, 0
     label_counts = torch.zeros(vocab_size, dtype=torch.long)

@@ -10,8 +10,9 @@ from fastapi import FastAPI
 from serve.errors import install_error_handlers
 from serve.metrics import Metrics
 from serve.middleware import BodyLimitMiddleware, CatchAllMiddleware, MetricsMiddleware
-from serve.routes import fill_mask, health, metrics
-from serve.service import ModelService
+from serve.remote import RemoteModel
+from serve.routes import fill_mask, health, metrics, page
+from serve.service import Backend, ModelService
 from serve.settings import Settings
 
 
@@ -21,7 +22,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = ModelService(settings, app_metrics)
+        # With a model process (microbert-serve --workers N on a GPU), this worker only does HTTP.
+        service: Backend = (
+            RemoteModel(settings) if settings.model_socket else ModelService(settings, app_metrics)
+        )
         await service.start()
         app.state.service = service
         try:
@@ -32,16 +36,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="MicroBERT fill-mask", version=health.VERSION, lifespan=lifespan)
     app.state.settings, app.state.metrics = settings, app_metrics
     install_error_handlers(app)
-    for module in (fill_mask, health, metrics):
+    for module in (fill_mask, health, metrics, page):
         app.include_router(module.router)
-    paths = {
-        getattr(route, "path", "")
-        for module in (fill_mask, health, metrics)
-        for route in module.router.routes
-    }
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=app_metrics, known_paths=lambda: paths)
+    app.add_middleware(MetricsMiddleware, metrics=app_metrics, routes=lambda: app.routes)
     return app
 
 

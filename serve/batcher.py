@@ -1,11 +1,15 @@
 """Dynamic batching: inputs from concurrent requests share one forward pass.
 
 Requests put their prepared inputs in a bounded queue and await futures. One asyncio task forms
-batches (up to `max_batch_size` inputs and `max_batch_tokens` padded tokens, after at most
-`max_wait_s` of waiting when it was idle) and runs each in a single worker thread, so the event loop
-keeps answering `/health`, `/ready` and new requests while the model computes. A full queue is
-refused at once (429) rather than letting latency grow without bound. Each input remembers the
-predictor that tokenized it, so during a model reload a batch never mixes two tokenizers.
+batches (up to `max_batch_size` inputs and a budget of `max_batch_tokens` padded tokens per forward
+pass, as text-embeddings-inference's `--max-batch-tokens`) and runs each in a single worker thread,
+so the event loop keeps answering `/health`, `/ready` and new requests while the model computes.
+Under load the queue fills while a pass runs, so batches form with no waiting at all; when the batcher
+wakes from idle it waits for company only as long as the recent arrival rate says another input is
+due within `max_wait_s` (an adaptive wait: a lone client pays no delay). A full queue is refused at
+once (429) rather than letting latency grow without bound. Each input remembers the predictor that
+tokenized it, so during a model reload a batch never mixes two tokenizers. The futures resolve to the
+model's raw output; formatting is the caller's (off the model thread, in parallel with the next pass).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from microbert.predict import FillMaskPredictor, FillMaskResult, PreparedInput
+from microbert.predict import FillMaskPredictor, ModelOutput, PreparedInput, bucket_length
 from serve.metrics import Metrics
 
 log = logging.getLogger("microbert.serve")
@@ -33,14 +37,29 @@ class QueueFullError(Exception):
 class _Item:
     predictor: FillMaskPredictor
     prepared: PreparedInput
-    future: asyncio.Future[FillMaskResult]
+    future: asyncio.Future[ModelOutput]
     enqueued: float
 
 
-def _infer(predictor: FillMaskPredictor, batch: list[PreparedInput]) -> list[FillMaskResult]:
-    """Runs in the worker thread: the forward pass and the formatting (tokenizer decodes) of a batch."""
-    outputs = predictor.run(batch)
-    return [predictor.format(p, values, ids) for p, (values, ids) in zip(batch, outputs, strict=True)]
+def _infer(predictor: FillMaskPredictor, batch: list[PreparedInput]) -> list[ModelOutput]:
+    """Runs in the worker thread: the batch's forward pass and top-k."""
+    return predictor.run(batch)
+
+
+class _ArrivalRate:
+    """Inputs per second, as an exponential moving average over ~1 s: what the adaptive wait reads."""
+
+    def __init__(self, horizon_s: float = 1.0):
+        self.horizon_s = horizon_s
+        self.rate = 0.0
+        self._last = time.perf_counter()
+
+    def add(self, count: int) -> None:
+        now = time.perf_counter()
+        elapsed = max(now - self._last, 1e-6)
+        decay = min(1.0, elapsed / self.horizon_s)
+        self.rate = (1 - decay) * self.rate + decay * (count / elapsed)
+        self._last = now
 
 
 class Batcher:
@@ -65,6 +84,7 @@ class Batcher:
         # One thread: batches run one after another, and torch uses all cores within each.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="microbert-model")
         self._task: asyncio.Task[None] | None = None
+        self.arrivals = _ArrivalRate()
 
     @property
     def depth(self) -> int:
@@ -73,11 +93,16 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="microbert-batcher")
 
-    async def stop(self, timeout_s: float = 30.0) -> None:
-        """Finish what is queued (uvicorn has already stopped accepting), then stop the worker."""
+    async def stop(self, timeout_s: float = 10.0) -> bool:
+        """Finish what is queued (uvicorn has already stopped accepting), then stop the worker.
+
+        Returns False when the model thread was still busy after `timeout_s`: the caller must then
+        not wait for it (the process exits without joining it).
+        """
         deadline = time.monotonic() + timeout_s
         while (self._queue or not self._idle.is_set()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        finished = not self._queue and self._idle.is_set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -85,11 +110,12 @@ class Batcher:
         for item in self._queue:
             item.future.cancel()
         self._queue.clear()
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=finished, cancel_futures=True)
+        return finished
 
     def submit(
         self, predictor: FillMaskPredictor, prepared: Sequence[PreparedInput]
-    ) -> list[asyncio.Future[FillMaskResult]]:
+    ) -> list[asyncio.Future[ModelOutput]]:
         """Queue a request's inputs together, or none of them (QueueFullError)."""
         if len(self._queue) + len(prepared) > self.max_queue:
             raise QueueFullError(
@@ -99,15 +125,16 @@ class Batcher:
         now = time.perf_counter()
         futures = []
         for p in prepared:
-            future: asyncio.Future[FillMaskResult] = loop.create_future()
+            future: asyncio.Future[ModelOutput] = loop.create_future()
             self._queue.append(_Item(predictor, p, future, now))
             futures.append(future)
             self.metrics.input_tokens.observe(p.num_tokens)
         self.metrics.queue_depth.set(len(self._queue))
+        self.arrivals.add(len(prepared))
         self._wakeup.set()
         return futures
 
-    def discard(self, futures: Sequence[asyncio.Future[FillMaskResult]]) -> None:
+    def discard(self, futures: Sequence[asyncio.Future[ModelOutput]]) -> None:
         """Drop a gone client's inputs so they neither take queue room nor model time."""
         dropped = set(map(id, futures))
         for future in futures:
@@ -126,13 +153,23 @@ class Batcher:
                 continue
             if batch and item.predictor is not batch[0].predictor:
                 break
-            new_longest = max(longest, item.prepared.num_tokens)
+            new_longest = max(longest, bucket_length(item.prepared.num_tokens))
             if batch and new_longest * (len(batch) + 1) > self.max_batch_tokens:
                 break
             batch.append(self._queue.popleft())
             longest = new_longest
         self.metrics.queue_depth.set(len(self._queue))
         return batch
+
+    async def _wait_for_company(self) -> None:
+        """Just woke from idle: wait for more inputs only while the arrival rate says they are due."""
+        if self.max_wait_s <= 0:
+            return
+        missing = self.max_batch_size - len(self._queue)
+        rate = self.arrivals.rate
+        if missing <= 0 or rate * self.max_wait_s < 1:  # nothing else expected in time: go now
+            return
+        await asyncio.sleep(min(self.max_wait_s, missing / rate))
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,9 +178,7 @@ class Batcher:
                 self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
-                # Just woke from idle: give requests arriving together a moment to share the pass.
-                if self.max_wait_s > 0 and len(self._queue) < self.max_batch_size:
-                    await asyncio.sleep(self.max_wait_s)
+                await self._wait_for_company()
             self._idle.clear()
             batch = self._take()
             if not batch:

@@ -2,8 +2,17 @@
 
 Flags override `MICROBERT_*` variables and are passed on through them, so `--workers N` processes
 (which build their app from the environment) see the same settings. Problems are reported at once,
-before anything starts. SIGTERM: uvicorn stops accepting, finishes in-flight requests, runs the
-lifespan shutdown (which drains the batch queue), and the process exits 0.
+before anything starts.
+
+Workers: `--workers auto` takes the CPU cores this process may use (`auto_workers`). With one
+worker the model is in the HTTP process. With several, either each worker loads its own copy (the
+default on a CPU, where measured it is the faster: no hop between processes, the cores split
+between the copies) or one model process serves all of them (`serve/remote.py`; the default with a
+GPU, which must not hold N copies or split the traffic into N small batches).
+
+SIGTERM: uvicorn stops accepting and gives in-flight requests `shutdown_timeout_s` (10 s) to finish,
+then the lifespan shutdown drops what is still queued; a forward pass still running after another
+second is not waited for. The process exits 0 within shutdown_timeout_s + 2 s.
 """
 
 from __future__ import annotations
@@ -11,7 +20,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
-    parser.add_argument("--workers", type=int, help="processes (default 1); metrics are summed across them")
+    parser.add_argument(
+        "--workers",
+        help="HTTP processes, or auto (from the cores; default 1); metrics are summed across them",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -71,6 +85,68 @@ def _multiprocess_metrics_dir() -> None:
         stale.unlink()
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers(cores: int, gpu: bool) -> int:
+    """HTTP workers for `--workers auto`.
+
+    A CPU: one per core, each with its own model on one thread (bench/serve_cpu.sh measured this
+    against a model process on 2 cores). A GPU: one model process, and HTTP workers on half the
+    cores (the other half tokenize and launch in the model process), at most 8.
+    """
+    if gpu:
+        return max(1, min(8, cores // 2))
+    return max(1, cores)
+
+
+def _plan(settings: Settings) -> tuple[int, bool, str]:
+    """Workers, whether a model process serves them, and the line that says so in the log."""
+    import torch  # not serve.service: prometheus_client must not be imported before its folder is set
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cores = usable_cores()
+    if settings.workers == "auto":
+        workers = auto_workers(cores, device == "cuda")
+        how = f"--workers auto: {workers} HTTP worker(s) for {cores} core(s)"
+    else:
+        workers = int(settings.workers)
+        how = f"{workers} HTTP worker(s)"
+    shared = settings.model_process == "on" or (
+        settings.model_process == "auto" and workers > 1 and device == "cuda"
+    )
+    if shared:
+        how += f", one model process on {device}"
+    elif workers > 1:
+        how += f", each with its own model on {device}"
+    return workers, shared, how
+
+
+def _start_model_process(log_level: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The model process, listening on a socket in a fresh folder only this user can open."""
+    folder = tempfile.mkdtemp(prefix="microbert-model-")
+    socket_path = str(Path(folder) / "model.sock")
+    env = {**os.environ, "MICROBERT_MODEL_SOCKET": socket_path, "MICROBERT_LOG_LEVEL": log_level}
+    process = subprocess.Popen([sys.executable, "-m", "serve.remote"], env=env)
+    return process, socket_path
+
+
+def _stop_model_process(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -96,6 +172,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"microbert-serve: {problem}", file=sys.stderr)
         return 2
 
+    workers, shared, how = _plan(settings)
+    log.info("%s", how)
+    if workers > 1:
+        _multiprocess_metrics_dir()
+    if workers > 1 and not shared and settings.torch_threads is None:
+        os.environ["MICROBERT_TORCH_THREADS"] = str(max(1, usable_cores() // workers))
+    model_process = None
+    if shared:
+        if workers == 1:
+            _multiprocess_metrics_dir()
+        model_process, socket_path = _start_model_process(args.log_level)
+        os.environ["MICROBERT_MODEL_SOCKET"] = socket_path
+        settings = Settings()
+    try:
+        code = _run_uvicorn(settings, workers, args)
+        _exit_now_if_abandoned(code)
+        return code
+    finally:
+        if model_process is not None:
+            _stop_model_process(model_process, settings.shutdown_timeout_s + 2)
+            shutil.rmtree(Path(socket_path).parent, ignore_errors=True)
+
+
+def _exit_now_if_abandoned(code: int) -> None:
+    """Interpreter exit would join a model thread that outlived the shutdown bound: skip that join."""
+    service = sys.modules.get("serve.service")
+    if service is not None and getattr(service, "abandoned_model_thread", False):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _run_uvicorn(settings: Settings, workers: int, args: argparse.Namespace) -> int:
     import uvicorn
 
     # uvicorn re-raises the SIGTERM it handled once shut down; with the default handler that would kill
@@ -106,15 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         "port": settings.port,
         "log_level": args.log_level,
         "access_log": args.access_log,
-        "timeout_graceful_shutdown": 30,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
     }
-    if settings.workers > 1:
-        _multiprocess_metrics_dir()
+    if workers > 1:
         # SIGHUP to this parent restarts the workers one at a time; each serves only once loaded.
         uvicorn.run(
             "serve.app:app_from_env",
             factory=True,
-            workers=settings.workers,
+            workers=workers,
             timeout_worker_healthcheck=120,
             **common,
         )

@@ -1,4 +1,8 @@
-"""FastAPI dependencies shared by the routers (`Annotated`, as full-stack-fastapi-template does)."""
+"""FastAPI dependencies shared by the routers (`Annotated`, as full-stack-fastapi-template does).
+
+All `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per
+dependency per request, which cost more than the rest of a small request's handling.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,22 @@ from fastapi import Depends, Request
 
 from serve.errors import ServiceError
 from serve.metrics import Metrics
-from serve.service import ModelService
+from serve.service import Backend
 from serve.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def get_service(request: Request) -> ModelService:
-    service: ModelService | None = getattr(request.app.state, "service", None)
+async def get_service(request: Request) -> Backend:
+    service: Backend | None = getattr(request.app.state, "service", None)
     if service is None:  # the lifespan has not run (an app used without `with TestClient(app)`)
         raise ServiceError(503, "not_ready", "the service is starting", estimated_time=1.0)
     return service
@@ -32,10 +36,10 @@ def get_service(request: Request) -> ModelService:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-ServiceDep = Annotated[ModelService, Depends(get_service)]
+ServiceDep = Annotated[Backend, Depends(get_service)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """With an API key set: `Authorization: Bearer KEY` (InferenceClient(token=) sends it) or `X-API-Key`."""
     if settings.api_key is None:
         return

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.errors import error_response
@@ -20,11 +21,27 @@ from serve.metrics import Metrics
 log = logging.getLogger("microbert.serve")
 
 
+def route_label(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    """The route's path template: every route the app has (`/docs`, mounted static files, …) gets its
+    own label, and any other path shares "unmatched", so a scanner cannot grow the metrics without bound."""
+    route = scope.get("route")
+    if route is not None and getattr(route, "path", None):
+        return str(route.path)
+    path = scope.get("path", "")
+    for candidate in routes:
+        if isinstance(candidate, Mount):
+            if path == candidate.path or path.startswith(candidate.path.rstrip("/") + "/"):
+                return candidate.path or "/"
+        elif getattr(candidate, "path", None) == path:
+            return str(path)
+    return "unmatched"
+
+
 class MetricsMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Callable[[], set[str]]):
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Callable[[], Sequence[BaseRoute]]):
         self.app = app
         self.metrics = metrics
-        self.known_paths = known_paths
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,10 +63,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or scope.get("path", "")
-            # Unknown paths share one label, so a scanner cannot grow the metrics without bound.
-            label = path if path in self.known_paths() else "unmatched"
+            label = route_label(self.routes(), scope)
             self.metrics.requests.labels(label, str(status)).inc()
             self.metrics.request_duration.labels(label).observe(time.perf_counter() - started)
             if status >= 400:

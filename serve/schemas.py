@@ -99,10 +99,13 @@ class Limits(BaseModel):
     max_input_tokens: int
     max_inputs: int
     max_top_k: int
+    max_predictions: int
+    max_response_bytes: int
     max_batch_size: int
     max_batch_tokens: int
     max_queue: int
     max_body_bytes: int
+    request_timeout_s: float
 
 
 class Info(BaseModel):

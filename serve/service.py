@@ -4,7 +4,11 @@ A reload loads the new export beside the running one (in a thread, so requests k
 verifies it (manifest checksums, then one real prediction) and swaps a single reference. Requests
 already tokenized keep the predictor they were tokenized with until their batch runs, so nothing
 fails during the swap; the old model is freed when its last batch is done. A run folder's
-`export/latest` is polled every `reload_interval_s`; SIGHUP reloads at once.
+`export/latest` is polled every `reload_interval_s`; SIGHUP reloads at once. A folder that fails to
+load is logged once (with the reason, no traceback) and retried only when its files change.
+
+`infer` is the whole model side of a request (targets, tokenizing, the batch queue, a deadline); the
+HTTP route and the model process (`serve/remote.py`) both call it.
 """
 
 from __future__ import annotations
@@ -16,19 +20,32 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from microbert.checkpoint import MANIFEST, resolve_artifact_dir
-from microbert.errors import ArtifactError, ConfigError
-from microbert.predict import FillMaskPredictor
-from serve.batcher import Batcher
+from microbert.errors import ArtifactError, ConfigError, InputError, InputTooLongError
+from microbert.predict import (
+    EmptyInputError,
+    FillMaskFormatter,
+    FillMaskPredictor,
+    InvalidTextError,
+    ModelOutput,
+    PreparedInput,
+)
+from serve.batcher import Batcher, QueueFullError
+from serve.errors import ServiceError, not_ready
 from serve.metrics import Metrics
 from serve.settings import Settings
 
 log = logging.getLogger("microbert.serve")
+
+# Set when shutdown left a forward pass running: the CLI then exits without joining its thread.
+abandoned_model_thread = False
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -54,6 +71,56 @@ class Loaded:
     loaded_at: float
 
 
+@dataclass(frozen=True)
+class Status:
+    """What /ready and /info say; the same shape whether the model is in this process or another."""
+
+    ready: bool
+    step: int | None = None
+    last_error: str | None = None
+    estimated_time: float = 1.0
+    info: dict[str, Any] | None = None  # the model's part of /info, when ready
+
+
+Items = list[tuple[PreparedInput, ModelOutput]]
+
+# Tokenizing is fast for sentences; a request this long is tokenized off the event loop instead.
+_INLINE_CHARS = 4096
+
+
+class Backend(Protocol):
+    """What the routes need from the model: in this process (`ModelService`) or another (`RemoteModel`)."""
+
+    settings: Settings
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def status(self) -> Status: ...
+
+    async def mask_token(self) -> str: ...
+
+    async def infer(
+        self,
+        texts: Sequence[str],
+        top_k: int,
+        targets: list[str] | str | None,
+        listed: bool,
+        timeout_s: float,
+    ) -> tuple[FillMaskFormatter, Path, Items]: ...
+
+
+def _folder_state(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and modification times of a folder's files: a failed load is retried when they change."""
+    try:
+        return tuple(
+            sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+        )
+    except OSError:
+        return ()
+
+
 class ModelService:
     def __init__(self, settings: Settings, metrics: Metrics):
         if settings.model_dir is None:
@@ -62,6 +129,8 @@ class ModelService:
         self.model_dir: Path = settings.model_dir
         self.metrics = metrics
         self.device, self.dtype = resolve_device(settings.device, settings.dtype)
+        if settings.torch_threads:  # several model-owning workers on one CPU share its cores
+            torch.set_num_threads(settings.torch_threads)
         self.current: Loaded | None = None
         self.last_error: str | None = None
         self.started = time.monotonic()
@@ -69,6 +138,8 @@ class ModelService:
         self._lock: asyncio.Lock | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._reload_tasks: set[asyncio.Task[bool]] = set()
+        self._failed: tuple[Path, tuple[tuple[str, int, int], ...]] | None = None
+        self._waiting_logged: str | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -98,8 +169,14 @@ class ModelService:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
-        if self.batcher is not None:
-            await self.batcher.stop()
+        # uvicorn has already given in-flight requests shutdown_timeout_s; what is still queued is orphaned.
+        if self.batcher is not None and not await self.batcher.stop(
+            min(1.0, self.settings.shutdown_timeout_s)
+        ):
+            # A forward pass outlived the shutdown bound: do not let interpreter exit join its thread.
+            log.warning("a batch was still running at shutdown; exiting without waiting for it")
+            global abandoned_model_thread
+            abandoned_model_thread = True
         Metrics.process_exited(os.getpid())
 
     def _on_sighup(self) -> None:
@@ -122,7 +199,9 @@ class ModelService:
     # --- loading ---------------------------------------------------------------------------------
     def _load(self, path: Path) -> Loaded:
         """In a worker thread: load, verify, and run one prediction before taking traffic."""
-        predictor = FillMaskPredictor.from_pretrained(path, device=self.device, dtype=DTYPES[self.dtype])
+        predictor = FillMaskPredictor.from_pretrained(
+            path, device=self.device, dtype=DTYPES[self.dtype], cuda_graphs=self.settings.cuda_graphs
+        )
         if self.settings.max_input_tokens is not None:
             predictor.max_length = min(predictor.max_length, self.settings.max_input_tokens)
         predictor.predict(f"the {predictor.mask_token} .", top_k=1)
@@ -138,22 +217,40 @@ class ModelService:
             try:
                 path = resolve_artifact_dir(self.model_dir)
             except ArtifactError as exc:
+                if str(exc) != self._waiting_logged or force:  # once per change, not every poll
+                    self._waiting_logged = str(exc)
+                    if self.current is None:
+                        log.info("waiting for a model: %s", exc)
+                    else:
+                        log.warning("reload (%s) skipped: %s", reason, exc)
                 if self.current is None:
                     self.last_error = str(exc)
-                    log.info("waiting for a model: %s", exc)
-                else:
-                    log.warning("reload (%s) skipped: %s", reason, exc)
                 return False
+            self._waiting_logged = None
             if self.current is not None and not force and path == self.current.path:
+                return False
+            state = (path, _folder_state(path))
+            if not force and self._failed == state:  # the same broken files: already said so
                 return False
             try:
                 loaded = await asyncio.to_thread(self._load, path)
             except Exception as exc:
                 self.last_error = f"loading {path} failed: {exc}"
-                log.exception("loading %s failed (%s); still serving %s", path, reason, self._describe())
+                self._failed = state
+                if isinstance(exc, ArtifactError):  # a broken folder, not a bug: the reason is enough
+                    log.error(
+                        "loading %s failed (%s): %s; still serving %s; retried when its files change",
+                        path,
+                        reason,
+                        exc,
+                        self._describe(),
+                    )
+                else:
+                    log.exception("loading %s failed (%s); still serving %s", path, reason, self._describe())
                 if self.current is not None:
                     self.metrics.reloads.labels("failed").inc()
                 return False
+            self._failed = None
             old, self.current = self.current, loaded  # the swap: one reference, atomic for readers
             self.last_error = None
             if old is not None:
@@ -178,3 +275,111 @@ class ModelService:
             return max(1.0, self.settings.reload_interval_s)
         expected = 2.0 + size / 200e6  # load + verify at ~200 MB/s, plus a warm-up prediction
         return max(1.0, expected - (time.monotonic() - self.started))
+
+    # --- requests --------------------------------------------------------------------------------
+    async def status(self) -> Status:
+        loaded = self.current
+        if loaded is None:
+            return Status(False, last_error=self.last_error, estimated_time=self.estimated_time())
+        predictor = loaded.predictor
+        config = predictor.model.config
+        info = {
+            "model": str(loaded.path),
+            "model_dir": str(self.model_dir),
+            "step": loaded.step,
+            "dtype": self.dtype,
+            "device": self.device,
+            "mask_token": predictor.mask_token,
+            "vocab_size": config.vocab_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "max_position_embeddings": config.max_position_embeddings,
+            "max_input_tokens": predictor.max_length,
+            "loaded_at": loaded.loaded_at,
+        }
+        return Status(True, step=loaded.step, info=info)
+
+    async def mask_token(self) -> str:
+        if self.current is None:
+            raise not_ready(
+                f"the model is not loaded yet ({self.last_error or 'loading'})", self.estimated_time()
+            )
+        return self.current.predictor.mask_token
+
+    async def infer(
+        self,
+        texts: Sequence[str],
+        top_k: int,
+        targets: list[str] | str | None,
+        listed: bool,
+        timeout_s: float,
+    ) -> tuple[FillMaskFormatter, Path, Items]:
+        """Tokenize, queue and run a request's inputs; the model's outputs, or a ServiceError."""
+        loaded, batcher = self.current, self.batcher
+        if loaded is None or batcher is None:
+            raise not_ready(
+                f"the model is not loaded yet ({self.last_error or 'loading'})", self.estimated_time()
+            )
+        predictor = loaded.predictor
+        deadline = time.monotonic() + timeout_s
+        if sum(map(len, texts)) <= _INLINE_CHARS:
+            prepared = _encode(predictor, texts, top_k, targets, listed)
+        else:
+            prepared = await asyncio.to_thread(_encode, predictor, texts, top_k, targets, listed)
+        try:
+            futures = batcher.submit(predictor, prepared)
+        except QueueFullError as exc:
+            error = ServiceError(429, "queue_full", str(exc))
+            error.headers["retry-after"] = "1"
+            raise error from None
+        gathered = asyncio.gather(*futures)
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
+        answered = False
+        try:
+            outputs = await asyncio.wait_for(gathered, max(0.0, deadline - time.monotonic()))
+            answered = True
+        except asyncio.TimeoutError:
+            raise timed_out(timeout_s) from None
+        finally:
+            if not answered:  # timed out, or the client went away: drop the queued inputs
+                batcher.discard(futures)
+        return predictor.formatter, loaded.path, list(zip(prepared, outputs, strict=True))
+
+
+def timed_out(timeout_s: float) -> ServiceError:
+    error = ServiceError(
+        503,
+        "timeout",
+        f"the request did not finish within {timeout_s:g} s (request_timeout_s) and was abandoned; "
+        "send fewer inputs or masks, or retry",
+    )
+    error.headers["retry-after"] = "1"
+    return error
+
+
+def _encode(
+    predictor: FillMaskPredictor,
+    texts: Sequence[str],
+    top_k: int,
+    targets: list[str] | str | None,
+    listed: bool,
+) -> list[PreparedInput]:
+    """Validate and tokenize every input; the first problem becomes the request's error."""
+    target_ids = None
+    if targets is not None:
+        try:
+            target_ids = predictor.target_ids(targets)
+        except InputError as exc:
+            raise ServiceError(400, "bad_targets", str(exc)) from None
+    try:
+        return predictor.encode(texts, top_k=top_k, target_ids=target_ids)
+    except InputError as exc:
+        index = getattr(exc, "index", 0)
+        where = f"inputs[{index}]: " if listed else ""
+        if isinstance(exc, InputTooLongError):
+            raise ServiceError(422, "input_too_long", f"{where}{exc}", max_tokens=exc.max_tokens) from None
+        if isinstance(exc, InvalidTextError):
+            raise ServiceError(422, "invalid_text", f"{where}{exc}") from None
+        if isinstance(exc, EmptyInputError):
+            raise ServiceError(400, "empty_input", f"{where}{exc}") from None
+        raise ServiceError(400, "no_mask", f"{where}{exc}") from None

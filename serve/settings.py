@@ -29,7 +29,22 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1, le=64)
+    workers: int | Literal["auto"] = Field(
+        default=1, description="HTTP processes; auto: from the cores (serve.cli.auto_workers)"
+    )
+    model_process: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="one model process fed by the HTTP workers (auto: on with a GPU and several workers)",
+    )
+    model_socket: str | None = Field(
+        default=None, description="set by microbert-serve for its HTTP workers: the model process's socket"
+    )
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch threads per model (microbert-serve sets it for N CPU workers)"
+    )
+    cuda_graphs: bool = Field(
+        default=True, description="replay each batch shape's forward pass as a CUDA graph"
+    )
     max_batch_size: int = Field(default=64, ge=1, description="inputs per forward pass")
     max_batch_tokens: int = Field(
         default=16384, ge=1, description="padded tokens per forward pass (inputs × longest)"
@@ -44,6 +59,18 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(default=1 << 20, ge=64, description="request body limit; beyond it: 413")
     max_top_k: int = Field(default=100, ge=1, description="largest top_k a request may ask for")
+    max_predictions: int = Field(
+        default=8192, ge=1, description="inputs × masks × top_k in one request; beyond it: 422"
+    )
+    max_response_bytes: int = Field(
+        default=8 << 20, ge=1024, description="estimated size of a response; beyond it: 422"
+    )
+    request_timeout_s: float = Field(
+        default=10.0, gt=0, description="a request not answered by then is abandoned: 503"
+    )
+    shutdown_timeout_s: float = Field(
+        default=10.0, ge=0, description="after SIGTERM, how long in-flight requests may take"
+    )
     api_key: SecretStr | None = Field(
         default=None, description="when set, POST /fill-mask needs it (Bearer or X-API-Key)"
     )
@@ -57,6 +84,8 @@ class Settings(BaseSettings):
     def _check_limits(self) -> Settings:
         # A request of max_inputs inputs must fit in an empty queue, or it could never be served.
         problems = []
+        if isinstance(self.workers, int) and not 1 <= self.workers <= 64:
+            problems.append(f"workers must be 1 to 64 or auto, got {self.workers}")
         if self.max_queue < self.max_inputs:
             problems.append(f"max_queue ({self.max_queue}) must be at least max_inputs ({self.max_inputs})")
         if problems:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """No test writes into the user's ~/.cache/microbert or Hugging Face cache: the session's own
+    folders, inherited by every subprocess a test starts. (Tests that need their own cache set it
+    per test on top of this; the torch extensions folder stays shared, see tests/train/conftest.py.)"""
+    root = tmp_path_factory.mktemp("caches")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MICROBERT_CACHE_DIR", str(root / "microbert"))
+        patch.setenv("HF_HOME", str(root / "huggingface"))
+        yield root
 
 
 def _sample_text() -> list[str]:

@@ -68,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", help="embedded (default), a local path, imdb, a Hub name, hf:<repo>[:<config>]"
     )
     p.add_argument("--max-samples", type=_count, help="cap on training texts: 1000, 500k, 5M …")
-    p.add_argument("--streaming", type=_bool, help="stream a Hub dataset (true|false)")
+    p.add_argument(
+        "--streaming",
+        type=_bool,
+        nargs="?",
+        const=True,
+        metavar="true|false",
+        help="stream a Hub dataset instead of downloading it first (bare --streaming: true)",
+    )
     p.add_argument("--seq-len", type=int, help="tokens per sequence (≤ the model's positions)")
     p.add_argument("--vocab-size", type=int, help="tokenizer (and embedding) size; default the preset's")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train (the LR schedule spans them)")
@@ -101,11 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, help="steps between log lines")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"))
     p.add_argument("--stop-at-step", type=int, help="checkpoint and exit at this step, keeping the schedule")
+    p.add_argument(
+        "--report-to",
+        choices=("none", "tensorboard"),
+        help="also write the logged scalars for TensorBoard, into <run-dir>/tensorboard (default none)",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", default=None, help="show the libraries' info logs and warnings"
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
-NON_SETTINGS = ("profile", "ds_config", "run_file", "local_rank")
+NON_SETTINGS = ("profile", "ds_config", "run_file", "local_rank", "verbose")
 
 
 def flag_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,8 +8,12 @@ backend come from DeepSpeed's accelerator abstraction.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,9 +51,32 @@ class Placement:
         return self.device.type == "cpu"
 
 
+def verbose() -> bool:
+    """`microbert-train --verbose` (MICROBERT_VERBOSE=1, so launched ranks see it too)."""
+    return os.environ.get("MICROBERT_VERBOSE", "") not in ("", "0")
+
+
+def library_noise(on: bool) -> None:
+    """Show DeepSpeed's info logs and every Python warning (--verbose), or leave the defaults."""
+    if on:
+        logger = deepspeed.utils.logger
+        for handler in [logger, *logger.handlers]:
+            handler.setLevel(logging.INFO)
+        warnings.simplefilter("default")
+
+
 def init_distributed(local_rank: int | None, precision: str) -> Placement:
     """Join (or, alone, form) the process group; pick the device and precision."""
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    library_noise(verbose())
+    captured = io.StringIO()
+    # DeepSpeed prints "deepspeed_shm_comm_op built successfully" on every start, compiled or
+    # loaded from the cache: harmless, and shown with --verbose (or replayed if the start fails).
+    with contextlib.nullcontext() if verbose() else contextlib.redirect_stdout(captured):
+        try:
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        except BaseException:
+            print(captured.getvalue(), end="")
+            raise
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
     local = local_rank if local_rank is not None else rank
@@ -170,6 +197,20 @@ def warmup_steps(t: TrainConfig, total_steps: int) -> int:
     return t.warmup_steps if t.warmup_steps is not None else max(1, int(WARMUP_SHARE * total_steps))
 
 
+def warmup_warning(t: TrainConfig, total_steps: int | None) -> str | None:
+    """A warm-up longer than the run never reaches the peak learning rate: worth a line in the log.
+    (A time-budget run, with no step count, has its own schedule.)"""
+    if total_steps is None:
+        return None
+    warm = warmup_steps(t, total_steps)
+    if warm <= total_steps:
+        return None
+    return (
+        f"warning: the warm-up ({warm} steps) is longer than the run ({total_steps} steps), so the "
+        f"learning rate never reaches its peak {t.lr:g}: lower --warmup-steps or raise --max-steps"
+    )
+
+
 def deepspeed_config(
     base: dict[str, Any], t: TrainConfig, micro_batch: int, place: Placement
 ) -> dict[str, Any]:
@@ -181,7 +222,6 @@ def deepspeed_config(
     # The client optimizer clips on the device (train/optim.py); DeepSpeed's own clip reads the
     # norm back to the host every step, so it computes no norm and clips nothing.
     config["gradient_clipping"] = 0.0
-    config["zero_allow_untested_optimizer"] = True  # ClippedAdamW, an AdamW subclass
     zero = dict(config.get("zero_optimization") or {})
     zero["stage"] = t.zero_stage
     zero["compute_grad_norm"] = False
@@ -196,6 +236,16 @@ def deepspeed_config(
     config["bf16"] = {"enabled": place.precision == "bf16", "check_grad_overflow": False}
     config.setdefault("steps_per_print", 10**9)  # the trainer does its own logging
     return config
+
+
+def register_with_zero() -> None:
+    """Tell ZeRO that ClippedAdamW is an AdamW: DeepSpeed checks the optimizer's exact type against
+    its list of tested ones (and warns "untested optimizer, proceed with caution" on every run),
+    while ClippedAdamW only adds an on-device gradient clip to `torch.optim.AdamW`'s step."""
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    if ClippedAdamW not in ZERO_SUPPORTED_OPTIMIZERS:
+        ZERO_SUPPORTED_OPTIMIZERS.append(ClippedAdamW)
 
 
 def build_optimizer(model: FlatParameters, t: TrainConfig, place: Placement) -> ClippedAdamW:
@@ -268,6 +318,7 @@ def build_engine(
         flat.compile(mode=None if mode == "default" else mode)
     config = deepspeed_config(base_config, t, micro_batch, place)
     optimizer = build_optimizer(flat, t, place)
+    register_with_zero()
     factor: Callable[[int], float]
     if total_steps is None:
         assert clock is not None, "a time-budget run needs the training clock"

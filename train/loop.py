@@ -41,8 +41,9 @@ from train.engine import (
     compile_mode,
     init_distributed,
     oom_message,
+    warmup_warning,
 )
-from train.reporting import Progress, RunLog, peak_flops, write_history
+from train.reporting import Progress, RunLog, ScalarReport, peak_flops, write_history
 from train.run_lock import RunLock
 
 PLOT_EVERY_S = 300.0  # redraw training_history.png at most this often before the end
@@ -224,6 +225,8 @@ class Trainer:
             f"{model_config.hidden_dropout_prob:g}, masking {t.mlm_probability:.0%}, peak LR {t.lr:g} "
             f"({t.schedule})"
         )
+        if warning := warmup_warning(t, self.total_steps):
+            self.log(warning)
         if t.resume == "auto":
             self._resume()
         if place.is_main:
@@ -373,6 +376,7 @@ class Trainer:
         t, place = self.t, self.place
         self.stop.install()
         progress = Progress(self.log, total=self.total_steps, initial=self.step, every=t.log_every)
+        scalars = ScalarReport(t.report_to, self.run_dir, self.history, enabled=place.is_main)
         start = self.clock_origin = time.perf_counter()
         self.paused_s = 0.0
         first_step = self.step
@@ -468,6 +472,7 @@ class Trainer:
                     self._evaluate()
                 if self.step % t.checkpoint_every == 0 or last or stopping:
                     self._checkpoint(start, final=last or stopping)
+                scalars.write(self.history)
                 # eval and checkpoint time is not training time: keep it out of tokens/s and the clock
                 paused = time.perf_counter() - paused_at
                 interval_start += paused
@@ -482,6 +487,7 @@ class Trainer:
                     break  # the time budget is spent (a step count ends the loop by itself)
         finally:
             progress.close()
+            scalars.close()
         return outcome
 
     def _all_ranks(self, value: torch.Tensor, op: Any) -> float:

@@ -22,6 +22,8 @@ from train.args import flag_settings, parse
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    if args.verbose:
+        os.environ["MICROBERT_VERBOSE"] = "1"  # read by train/engine.py, here and in launched ranks
     local_rank = args.local_rank
     if local_rank is None and "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = int(os.environ["LOCAL_RANK"])

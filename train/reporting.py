@@ -162,3 +162,48 @@ def plot_history(history: dict[str, Any], path: Path) -> None:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+REPORT_TO = ("none", "tensorboard")
+
+
+class ScalarReport:
+    """`--report-to tensorboard`: the numbers of `training_history.json`, as TensorBoard scalars.
+
+    Written with the `tensorboard` package's SummaryWriter (through `torch.utils.tensorboard`, as
+    `transformers`' Trainer does) into `<run>/tensorboard/`, tagged `train/<key>` and `eval/<key>`
+    at each record's step. `write(history)` sends the records added since the last call; a resumed
+    run starts after the history it restored and purges events a crashed run wrote past it.
+    """
+
+    def __init__(self, report_to: str, run_dir: Path, history: dict[str, Any], *, enabled: bool):
+        self._writer: Any = None
+        self._done = {kind: len(history.get(kind, [])) for kind in ("train", "eval")}
+        if report_to == "none" or not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        steps = [r["step"] for kind in ("train", "eval") for r in history.get(kind, [])]
+        self._writer = SummaryWriter(
+            log_dir=str(run_dir / "tensorboard"), purge_step=max(steps) + 1 if steps else None
+        )
+
+    def write(self, history: dict[str, Any]) -> None:
+        if self._writer is None:
+            return
+        written = False
+        for kind in ("train", "eval"):
+            records = history.get(kind, [])
+            for record in records[self._done[kind] :]:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                        self._writer.add_scalar(f"{kind}/{key}", value, record["step"])
+                        written = True
+            self._done[kind] = len(records)
+        if written:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -65,7 +65,7 @@ def run_list(args: argparse.Namespace) -> int:
     if profiles:
         print("\nHardware profiles (microbert-train --profile NAME)")
         header = (
-            f"{'profile':<18} {'gpus':>4} {'model':<11} {'params':>8} {'seq':>4} {'batch':>5} "
+            f"{'profile':<18} {'hardware':<15} {'model':<11} {'params':>8} {'seq':>4} {'batch':>5} "
             f"{'GiB/GPU':>7}  dataset"
         )
         print(header)
@@ -73,7 +73,7 @@ def run_list(args: argparse.Namespace) -> int:
         for p in profiles:
             params = _millions(int(p["parameters"]))  # type: ignore[call-overload]
             print(
-                f"{p['name']:<18} {p['num_gpus']:>4} {p['model']:<11} {params:>8} "
+                f"{p['name']:<18} {p['hardware']!s:<15} {p['model']:<11} {params:>8} "
                 f"{p['seq_len']:>4} {p['micro_batch_size']!s:>5} {p['static_gib_per_gpu']:>7}  {p['dataset']}"
             )
     return 0
@@ -132,6 +132,7 @@ def profile_rows() -> list[dict[str, object]]:
         rows.append(
             {
                 "name": name,
+                "hardware": profile_hardware(name),
                 "num_gpus": t.num_gpus,
                 "model": t.model,
                 "parameters": r.model_config.num_parameters(),
@@ -142,6 +143,21 @@ def profile_rows() -> list[dict[str, object]]:
             }
         )
     return [row for row in rows if "error" not in row] + [row for row in rows if "error" in row]
+
+
+def profile_hardware(name: str) -> str:
+    """The machine a profile is made for, as its file says ("CPU (2+ cores)", "8x H200 141 GB").
+
+    `num_gpus` alone would call the cpu profile's one process "1 GPU"."""
+    from microbert.run_config import PROFILES_DIR
+
+    data = json.loads((PROFILES_DIR / f"{name}.json").read_text())
+    return str(data.get("hardware") or f"{data.get('num_gpus', 1)} GPU(s)")
+
+
+def processes(num_gpus: int, hardware: str) -> str:
+    on_cpu = hardware.lower().startswith("cpu")
+    return f"{num_gpus} process" + ("es" if num_gpus > 1 else "") + ("" if on_cpu else ", one per GPU")
 
 
 def launch_commands(name: str, num_gpus: int) -> list[str]:
@@ -163,12 +179,14 @@ def show_profile(name: str, *, as_json: bool) -> int:
     data["training_flops_per_token"] = r.model_config.training_flops_per_token(r.train.seq_len)
     data["static_gib_per_gpu"] = static_memory_gib(r.model_config, r.train.num_gpus, r.train.precision)
     data["launch"] = launch_commands(name, r.train.num_gpus)
+    data["hardware"] = profile_hardware(name)
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
     t = r.train
     print(
-        f"profile {name}: {t.num_gpus} GPU(s), model {t.model} ({_millions(r.model_config.num_parameters())})"
+        f"profile {name}: {data['hardware']}, {processes(t.num_gpus, data['hardware'])}, model {t.model} "
+        f"({_millions(r.model_config.num_parameters())})"
     )
     print(f"layers: {' < '.join(r.sources)}")
     print("\nlaunch:")

@@ -27,40 +27,34 @@ async def health() -> Health:
 @router.get("/ready", response_model=Ready, responses={503: {"model": ErrorBody}})
 async def ready(service: ServiceDep) -> Ready:
     """Readiness: 200 once a model is loaded; 503 with `estimated_time` before."""
-    if service.current is None:
+    status = await service.status()
+    if not status.ready:
         raise not_ready(
-            f"the model is not loaded yet ({service.last_error or 'loading'})", service.estimated_time()
+            f"the model is not loaded yet ({status.last_error or 'loading'})", status.estimated_time
         )
-    return Ready(status="ready", step=service.current.step)
+    return Ready(status="ready", step=status.step)
 
 
 @router.get("/info", response_model=Info, responses={503: {"model": ErrorBody}})
 async def info(service: ServiceDep) -> Info:
-    loaded = service.current
-    if loaded is None:
-        raise not_ready("the model is not loaded yet", service.estimated_time())
-    s, predictor = service.settings, loaded.predictor
-    config = predictor.model.config
+    status = await service.status()
+    if not status.ready or status.info is None:
+        raise not_ready("the model is not loaded yet", status.estimated_time)
+    s, model = service.settings, dict(status.info)
+    max_input_tokens = model.pop("max_input_tokens")
     return Info(
-        model=str(loaded.path),
-        model_dir=str(service.model_dir),
-        step=loaded.step,
-        dtype=service.dtype,
-        device=service.device,
-        mask_token=predictor.mask_token,
-        vocab_size=config.vocab_size,
-        num_hidden_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        max_position_embeddings=config.max_position_embeddings,
+        **model,
         limits=Limits(
-            max_input_tokens=predictor.max_length,
+            max_input_tokens=max_input_tokens,
             max_inputs=s.max_inputs,
             max_top_k=s.max_top_k,
+            max_predictions=s.max_predictions,
+            max_response_bytes=s.max_response_bytes,
             max_batch_size=s.max_batch_size,
             max_batch_tokens=s.max_batch_tokens,
             max_queue=s.max_queue,
             max_body_bytes=s.max_body_bytes,
+            request_timeout_s=s.request_timeout_s,
         ),
         version=VERSION,
-        loaded_at=loaded.loaded_at,
     )

@@ -67,3 +67,32 @@ def test_predict_bad_model_dir(tmp_path, tiny_artifact):
     (broken / "tokenizer.json").write_text("{}")
     out = microbert("predict", "--model-dir", str(broken), "the [MASK]")
     assert out.returncode == 2 and "tokenizer.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_predict_targets_comma_separated_or_repeated(tiny_artifact):
+    model = ["predict", "--model-dir", str(tiny_artifact), "--json"]
+    comma = microbert(*model, "--targets", "king,lord", "The [MASK] was calm.")
+    assert comma.returncode == 0, comma.stderr
+    repeated = microbert(*model, "--targets", "king", "--targets", "lord", "The [MASK] was calm.")
+    assert repeated.returncode == 0, repeated.stderr
+    assert json.loads(comma.stdout) == json.loads(repeated.stdout)
+    assert {c["token_str"] for c in json.loads(comma.stdout)[0]} == {"king", "lord"}
+
+
+def test_predict_space_separated_targets_say_how_to_write_them(tiny_artifact):
+    out = microbert("predict", "--model-dir", str(tiny_artifact), "--targets", "king", "lord", "The [MASK].")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--targets king,lord" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_predict_undecodable_argument_is_one_line(tiny_artifact):
+    argv: list[str | bytes] = [sys.executable, "-m", "microbert.cli", "predict", "--model-dir"]
+    argv += [str(tiny_artifact), b"The \xff [MASK]."]  # bytes, as a shell's $'\xff' passes them
+    out = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "not valid UTF-8 (byte 0xff" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -82,3 +82,34 @@ def test_bad_input(predictor):
         predictor.predict(TEXTS[0], targets=[""])
     with pytest.raises(InputError, match="top_k"):
         predictor.predict(TEXTS[0], top_k=0)
+
+
+def test_one_batch_of_mixed_requests_equals_each_alone(predictor):
+    """The service batches inputs of different requests: top_k, targets and masks differ within a pass."""
+    targets = predictor.target_ids(["be", "king", "question"])
+    requests = [
+        predictor.encode([TEXTS[0]], top_k=3),
+        predictor.encode([TEXTS[2]], top_k=7, target_ids=targets),
+        predictor.encode([TEXTS[4], TEXTS[3]], top_k=1),
+    ]
+    alone = [predictor.format(list(zip(r, predictor.run(r), strict=True))) for r in requests]
+    batch = [p for r in requests for p in r]
+    together = predictor.format(list(zip(batch, predictor.run(batch), strict=True)))
+    flat_alone = [result for results in alone for result in results]
+    for a, b in zip(flat_alone, together, strict=True):
+        _assert_same(b, a)
+    assert len(together[1]) == 2 and len(together[1][0]) == 3  # two masks, top_k capped at 3 targets
+
+
+def test_bucketed_rows_as_cuda_graphs_use_them_give_the_same_answers(tiny_artifact, predictor):
+    """CUDA graphs pad rows and mask slots to powers of two; on a CPU the same shapes run eagerly."""
+    padded = FillMaskPredictor.from_pretrained(tiny_artifact, bucket_rows=True)
+    assert padded.bucket_rows and not predictor.bucket_rows
+    texts = TEXTS[:3]  # 3 rows -> 4, 4 masks -> 4; lengths bucketed to multiples of 8
+    for a, b in zip(padded.predict(texts), predictor.predict(texts), strict=True):
+        _assert_same(a, b)
+
+
+def test_a_lone_surrogate_is_an_input_error(predictor):
+    with pytest.raises(InputError, match="not valid Unicode"):
+        predictor.predict("The \ud800 [MASK].")

@@ -145,6 +145,9 @@ def test_sighup_reloads_and_a_broken_export_is_refused(
 def test_sigterm_finishes_in_flight_requests_and_exits_0(start_server: Any, run_dir: Path) -> None:
     # A long batching wait keeps the requests in flight when SIGTERM arrives.
     server = start_server(run_dir, env={"MICROBERT_MAX_WAIT_MS": "700"})
+    with httpx.Client() as http:  # a burst first: the adaptive wait holds a batch only under traffic
+        for _ in range(20):
+            http.post(server.url + "/fill-mask", json={"inputs": TEXT})
     results: list[int] = []
     senders = [
         threading.Thread(
@@ -200,3 +203,29 @@ def test_64_clients_get_only_200_or_429_and_the_server_stays_up(start_server: An
     assert result.ok > 0
     assert server.alive() and httpx.get(server.url + "/health").status_code == 200
     assert httpx.post(server.url + "/fill-mask", json={"inputs": TEXT}).status_code == 200
+
+
+def test_one_model_process_serves_several_http_workers(
+    start_server: Any, run_dir: Path, tiny_artifact: Path
+) -> None:
+    """The GPU layout (serve/remote.py), run on a CPU: same answers, errors, readiness and metrics."""
+    server = start_server(run_dir, workers=2, env={"MICROBERT_MODEL_PROCESS": "on"})
+    log = server.log_path.read_text()
+    assert "2 HTTP worker(s), one model process on cpu" in log
+    expected = FillMaskPredictor.from_pretrained(tiny_artifact)
+    for _ in range(6):  # new connections: both workers answer
+        body = httpx.post(server.url + "/fill-mask", json={"inputs": [TEXT, TWO_MASKS]}).json()
+        assert same_result(body, expected.predict([TEXT, TWO_MASKS]))
+    targets = httpx.post(
+        server.url + "/fill-mask", json={"inputs": TEXT, "parameters": {"targets": ["king", "queen"]}}
+    ).json()
+    assert {c["token_str"] for c in targets} == {"king", "queen"}
+    assert httpx.post(server.url + "/fill-mask", json={"inputs": "no mask"}).json()["error_type"] == "no_mask"
+    too_long = httpx.post(server.url + "/fill-mask", json={"inputs": "word " * 200 + "[MASK]"})
+    assert too_long.status_code == 422 and too_long.json()["error_type"] == "input_too_long"
+    info = httpx.get(server.url + "/info").json()
+    assert info["step"] == 7 and info["limits"]["max_input_tokens"] == 128
+    text = httpx.get(server.url + "/metrics").text
+    assert sample(text, "microbert_requests_total", route="/fill-mask", status="200") == 7
+    assert sample(text, "microbert_batch_size_inputs_sum") == 13  # counted in the model process
+    assert server.stop() == 0

@@ -57,3 +57,13 @@ def test_configs_never_import_the_trainer_or_deepspeed():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_cpu_profile_is_listed_as_a_cpu_not_as_one_gpu(capsys):
+    assert main(["configs", "list"]) == 0
+    cpu_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cpu "))
+    assert cpu_row.split()[1:4] == ["CPU", "(2+", "cores)"]
+    assert main(["configs", "show", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("profile cpu: CPU (2+ cores), 1 process, model bert-tiny")
+    assert main(["configs", "show", "h200_8gpu"]) == 0
+    assert "8x H200 141 GB, 8 processes, one per GPU" in capsys.readouterr().out

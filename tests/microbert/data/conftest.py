@@ -37,7 +37,7 @@ def text_folder(tmp_path: Path) -> Path:
 def imdb_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 400 IMDB reviews, in the Hub's {"text", "label"} schema, gzipped JSON lines."""
     if not IMDB.is_file():
-        pytest.skip(f"{IMDB} is absent")
+        pytest.skip("no IMDB sample on this machine (the shared corpora are not beside the checkout)")
     path = tmp_path_factory.mktemp("imdb") / "imdb_head.jsonl.gz"
     with gzip.open(IMDB, "rt", encoding="utf-8") as src, gzip.open(path, "wt", encoding="utf-8") as dst:
         dst.writelines(itertools.islice(src, 400))

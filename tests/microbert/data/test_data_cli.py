@@ -65,7 +65,7 @@ def test_cache_info_usage_clear(
     ("argv", "message"),
     [
         (["--dataset", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt does not exist"),
-        (["--dataset", "wikitext-9000"], "valid datasets: c4, embedded, imdb"),
+        (["--dataset", "wikitext-9000"], "valid datasets: c4, embedded, embedded-heldout, imdb"),
         (["--dataset", "EMPTYDIR"], "holds no data files"),
         (["--dataset", "BADFILE"], "is not UTF-8 text"),
         (["--seq-len", "abc"], "--seq-len must be an integer"),

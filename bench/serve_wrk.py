@@ -1,0 +1,397 @@
+"""Serving benchmark with `wrk` as the load generator: what the server sustains, not what a client does.
+
+    python -m bench.serve_wrk [--preset bert-tiny] [--duration 10] [--connections 64,256]
+                              [--impls microbert,hf_pipeline_fastapi] [--modes single,batch32]
+                              [--predictor] [--hf-list] [--overload 60] [--smoke]
+
+One random-weight artifact of the preset's shape (WordPiece vocabulary trained on the embedded
+corpus, no training) is served by each implementation in turn, on loopback:
+
+- `microbert` — `microbert-serve` as configured (`--workers`, `MICROBERT_*` from `--env`);
+- `hf_pipeline_fastapi` — FastAPI around `pipeline("fill-mask")` (`bench/hf_pipeline_app.py`).
+
+For each, `wrk --latency` runs `--duration` seconds (after a 2 s warm-up) at each connection count,
+with single-sentence requests (`single`: one ~24-word sentence, one [MASK]) and 32-input requests
+(`batch32`). Without HTTP: `--predictor` times `FillMaskPredictor.predict` on a list (batches of
+`--batch-size`), `--hf-list` `pipeline(list, batch_size=64)`. `--overload S` runs microbert-serve with
+a small queue under 1,024 closed-loop clients (bench/serve_load.py: they re-send at once after a
+fast 429) for S seconds and records the statuses, the p99 of the 200s and the server's RSS before
+and after.
+
+Every result is a record `{"bench": "serve", "impl", "mode", "concurrency", "sentences_per_second",
+"p50_ms", "p99_ms", ...}` appended through bench/records.py to bench/results/ (and $OUT), with the
+load average of the machine before and after it (a shared machine makes figures noisy: say so).
+`--smoke`: 2 s runs at 16 connections, for checking the script end to end on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.records import append_records, commit
+from bench.serve_bench import TEXT, make_run
+from bench.serve_load import run_load
+
+REPO = Path(__file__).resolve().parents[1]
+# 32 different sentences of the same length, one [MASK] each: the batch32 request.
+BATCH = [TEXT.replace("across the [MASK]", f"across the [MASK] {i}") for i in range(32)]
+
+
+def lua(body: bytes) -> str:
+    return (
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(body.decode())}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    """Requests/s and latency percentiles (ms) from `wrk --latency` output."""
+
+    def ms(value: str) -> float:
+        number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()  # type: ignore[union-attr]
+        return round(float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit], 2)
+
+    result: dict[str, Any] = {"requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])}  # type: ignore[index]
+    for q in ("50", "90", "99"):
+        match = re.search(rf"^\s+{q}%\s+(\S+)", out, re.M)
+        result[f"p{q}_ms"] = ms(match[1]) if match else None
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    result["non_2xx"] = int(non_2xx[1]) if non_2xx else 0
+    result["socket_errors"] = errors[1].strip() if errors else None
+    total = re.search(r"(\d+) requests in", out)
+    result["requests"] = int(total[1]) if total else None
+    return result
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children (uvicorn workers, the model process), MiB."""
+    total = 0
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        pids += [int(c) for c in children]
+    return round(total / 1024, 1)
+
+
+class Server:
+    def __init__(self, command: list[str], env: dict[str, str], port: int, log: Path):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log.open("w")
+        self.process = subprocess.Popen(
+            command, env={**os.environ, **env}, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        wait_ready(self.url, self.process)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def run_wrk(
+    wrk: str, url: str, script: Path, connections: int, duration: float, threads: int
+) -> dict[str, Any]:
+    seconds = max(1, round(duration))
+    command = [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+               "-s", str(script), url + "/fill-mask"]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=duration + 60).stdout
+    return parse_wrk(out)
+
+
+def base_record(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    return {
+        "bench": "serve",
+        "shape": args.preset,
+        "device": device,
+        "gpus": 1 if torch.cuda.is_available() else 0,
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "commit": commit(),
+        "date": dt.date.today().isoformat(),
+    }
+
+
+def server_command(
+    impl: str, run: Path, artifact: Path, port: int, args: argparse.Namespace
+) -> tuple[list[str], dict[str, str]]:
+    cuda = torch.cuda.is_available()
+    if impl == "microbert":
+        env = {
+            "MICROBERT_DEVICE": "cuda" if cuda else "cpu",
+            "MICROBERT_DTYPE": "bfloat16" if cuda else "float32",
+        }
+        env.update(dict(item.split("=", 1) for item in args.env))
+        command = [sys.executable, "-m", "serve.cli", "--model-dir", str(run), "--port", str(port),
+                   "--workers", args.workers, "--log-level", "info"]  # fmt: skip
+        return command, env
+    if impl == "hf_pipeline_fastapi":
+        command = [sys.executable, "-m", "uvicorn", "bench.hf_pipeline_app:app", "--port", str(port),
+                   "--log-level", "warning"]  # fmt: skip
+        return command, {"MODEL_DIR": str(artifact)}
+    raise SystemExit(f"unknown impl {impl!r}: microbert or hf_pipeline_fastapi")
+
+
+def bench_http(
+    args: argparse.Namespace, run: Path, artifact: Path, folder: Path, device: str
+) -> list[dict[str, Any]]:
+    scripts = {
+        "single": (folder / "single.lua", json.dumps({"inputs": TEXT}).encode(), 1),
+        "batch32": (folder / "batch32.lua", json.dumps({"inputs": BATCH}).encode(), 32),
+    }
+    for path, body, _ in scripts.values():
+        path.write_text(lua(body))
+    records = []
+    for n, impl in enumerate(args.impls.split(",")):
+        port = 8420 + n
+        command, env = server_command(impl, run, artifact, port, args)
+        server = Server(command, env, port, folder / f"{impl}.log")
+        try:
+            for mode in args.modes.split(","):
+                script, _, sentences = scripts[mode]
+                for connections in args.connections:
+                    run_wrk(args.wrk, server.url, script, connections, min(2.0, args.duration), args.threads)
+                    before = load_average()
+                    result = run_wrk(args.wrk, server.url, script, connections, args.duration, args.threads)
+                    record = {
+                        **base_record(args, device),
+                        "impl": impl if impl != "microbert" else f"microbert-serve --workers {args.workers}",
+                        "settings": dict(item.split("=", 1) for item in args.env)
+                        if impl == "microbert"
+                        else {},
+                        "mode": mode,
+                        "concurrency": connections,
+                        "load_generator": f"wrk -t{min(args.threads, connections)}",
+                        "duration_s": args.duration,
+                        "sentences_per_second": round(result["requests_per_second"] * sentences, 1),
+                        **result,
+                        "load_average_before": before,
+                        "load_average_after": load_average(),
+                    }
+                    print(json.dumps(record), flush=True)
+                    records.append(record)
+        finally:
+            server.stop()
+    return records
+
+
+def bench_predictor(args: argparse.Namespace, artifact: Path, device: str) -> list[dict[str, Any]]:
+    from microbert.predict import FillMaskPredictor
+
+    cuda = torch.cuda.is_available()
+    predictor = FillMaskPredictor.from_pretrained(
+        artifact, device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else torch.float32
+    )
+    texts = [TEXT.replace("across the [MASK]", f"across the [MASK] {i % 97}") for i in range(args.texts)]
+    predictor.predict(texts[: args.batch_size * 4], batch_size=args.batch_size)  # warm-up, graph capture
+    latencies, done = [], 0
+    started = time.perf_counter()
+    before = load_average()
+    while time.perf_counter() - started < args.duration:
+        for chunk in range(0, len(texts), args.batch_size):
+            t0 = time.perf_counter()
+            predictor.predict(texts[chunk : chunk + args.batch_size], batch_size=args.batch_size)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            done += len(texts[chunk : chunk + args.batch_size])
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    record = {
+        **base_record(args, device),
+        "impl": "FillMaskPredictor.predict",
+        "mode": "predictor",
+        "concurrency": None,
+        "batch_size": args.batch_size,
+        "sentences_per_second": round(done / elapsed, 1),
+        "p50_ms": round(latencies[len(latencies) // 2], 2),
+        "p99_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2),
+        "duration_s": round(elapsed, 1),
+        "load_average_before": before,
+        "load_average_after": load_average(),
+    }
+    print(json.dumps(record), flush=True)
+    return [record]
+
+
+def bench_hf_list(args: argparse.Namespace, artifact: Path, device: str) -> list[dict[str, Any]]:
+    from transformers import pipeline
+
+    cuda = torch.cuda.is_available()
+    pipe = pipeline("fill-mask", model=str(artifact), device=0 if cuda else -1,
+                    dtype=torch.bfloat16 if cuda else torch.float32)  # fmt: skip
+    texts = [TEXT] * max(64, min(args.texts, 2048))
+    pipe(texts[:128], batch_size=64)
+    before = load_average()
+    started = time.perf_counter()
+    done = 0
+    while time.perf_counter() - started < args.duration:
+        pipe(texts, batch_size=64)
+        done += len(texts)
+    elapsed = time.perf_counter() - started
+    record = {
+        **base_record(args, device),
+        "impl": "pipeline('fill-mask') on a list, batch_size=64",
+        "mode": "predictor",
+        "concurrency": None,
+        "batch_size": 64,
+        "sentences_per_second": round(done / elapsed, 1),
+        "p50_ms": None,
+        "p99_ms": None,
+        "duration_s": round(elapsed, 1),
+        "load_average_before": before,
+        "load_average_after": load_average(),
+    }
+    print(json.dumps(record), flush=True)
+    return [record]
+
+
+def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: str) -> list[dict[str, Any]]:
+    """Closed-loop clients far beyond the queue: only 200 and 429 (Retry-After), bounded p99, flat RSS."""
+    queue = args.overload_queue
+    command, env = server_command("microbert", run, run, 8430, args)
+    env["MICROBERT_MAX_QUEUE"] = str(queue)
+    server = Server(command, env, 8430, folder / "overload.log")
+    try:
+        asyncio.run(run_load("127.0.0.1", 8430, concurrency=64, duration_s=2, text=TEXT))  # warm-up
+        rss_before = rss_mib(server.process.pid)
+        before = load_average()
+        result = asyncio.run(
+            run_load(
+                "127.0.0.1", 8430, concurrency=args.overload_clients, duration_s=args.overload, text=TEXT
+            )
+        )
+        rss_after = rss_mib(server.process.pid)
+        alive = server.process.poll() is None
+    finally:
+        server.stop()
+    summary = result.summary()
+    total = sum(summary["statuses"].values())
+    record = {
+        **base_record(args, device),
+        "impl": f"microbert-serve --workers {args.workers}",
+        "mode": "overload",
+        "concurrency": args.overload_clients,
+        "load_generator": "bench/serve_load.py (closed loop)",
+        "max_queue": queue,
+        "duration_s": summary["duration_s"],
+        "sentences_per_second": summary["ok_per_second"],
+        "offered_per_second": round(total / summary["duration_s"], 1),
+        "statuses": summary["statuses"],
+        "only_200_and_429": set(summary["statuses"]) <= {"200", "429"},
+        "p50_ms": summary["latency_ok_ms"]["p50"],
+        "p99_ms": summary["latency_ok_ms"]["p99"],
+        "max_ms": summary["latency_ok_ms"]["max"],
+        "rss_mib_before": rss_before,
+        "rss_mib_after": rss_after,
+        "server_alive_after": alive,
+        "load_average_before": before,
+        "load_average_after": load_average(),
+    }
+    print(json.dumps(record), flush=True)
+    return [record]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="bert-tiny")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--connections", default="64,256")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--impls", default="microbert,hf_pipeline_fastapi", help="'' for none")
+    parser.add_argument("--modes", default="single,batch32")
+    parser.add_argument("--workers", default="auto", help="microbert-serve --workers")
+    parser.add_argument("--env", action="append", default=[], help="MICROBERT_X=value for microbert-serve")
+    parser.add_argument("--predictor", action="store_true", help="FillMaskPredictor.predict, no HTTP")
+    parser.add_argument("--hf-list", action="store_true", help="pipeline(list, batch_size=64), no HTTP")
+    parser.add_argument("--batch-size", type=int, default=256, help="for --predictor")
+    parser.add_argument("--texts", type=int, default=4096, help="for --predictor and --hf-list")
+    parser.add_argument("--overload", type=float, default=0, help="seconds of overload (0: none)")
+    parser.add_argument("--overload-clients", type=int, default=1024)
+    parser.add_argument("--overload-queue", type=int, default=256)
+    parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
+    parser.add_argument("--model-dir", type=Path, help="serve this run folder instead of a random-weight one")
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 s runs at 16 connections (a check, not a figure)"
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        args.duration, args.connections, args.overload = (
+            2.0,
+            "16",
+            min(args.overload, 3.0) if args.overload else 0,
+        )
+        args.texts = min(args.texts, 512)
+    args.connections = [int(c) for c in args.connections.split(",") if c]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    records: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(os.environ.get("OUT") or tmp)
+        if args.model_dir is not None:
+            run = args.model_dir
+            artifact = run / "export" / (run / "export" / "latest").read_text().strip()
+        else:
+            run = Path(tmp) / "run"
+            artifact = make_run(run, args.preset)
+        try:
+            if args.predictor:
+                records += bench_predictor(args, artifact, device)
+            if args.hf_list:
+                records += bench_hf_list(args, artifact, device)
+            if args.impls:
+                records += bench_http(args, run, artifact, folder, device)
+            if args.overload:
+                records += bench_overload(args, run, folder, device)
+        finally:
+            append_records(records, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
