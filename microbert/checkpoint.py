@@ -6,14 +6,20 @@ step-<N>/  model.safetensors  config.json  tokenizer.json  tokenizer_config.json
 ```
 A folder is written under a temporary name beside its final one and renamed when complete, so a
 reader never sees half of one. `manifest.json` holds the sha256 of every other file; loading checks
-it and names the file that is missing or altered. Folders written by `transformers`'
-`save_pretrained` (no manifest) load too. Weights are safetensors only: nothing is unpickled.
+it and names the file that is missing or altered. The check cannot be switched off by deleting the
+manifest: the weights MicroBERT writes say so in their safetensors header, and a folder with such
+weights and no manifest is refused. A folder written by `transformers`' `save_pretrained` (no
+manifest, no mark — it writes its own header, even for a model it loaded from here) loads, with a
+log line that it is unverified. `latest` may only name a folder directly inside `export/`.
+Weights are safetensors only: nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,19 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from microbert.config import ModelConfig
-from microbert.errors import ArtifactError
+from microbert.errors import ArtifactError, MicroBertError
 from microbert.model import BertForMaskedLM
 from microbert.tokenizer import load_tokenizer, mask_token, save_tokenizer
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT = "microbert-artifact/1"
+MARK_KEY = "microbert"  # in the safetensors metadata of the weights MicroBERT writes
 # Tied to the word embeddings: not stored, as `transformers` does not store them either.
 _TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 # Buffers some `transformers` versions store; they are recomputed, never learned.
@@ -72,7 +81,7 @@ def save_artifact(
             for k, v in model.state_dict().items()
             if k not in _TIED_KEYS
         }
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", MARK_KEY: FORMAT})
         model.config.to_json(tmp / "config.json")
         files = [WEIGHTS, "config.json"]
         files += save_tokenizer(tokenizer, tmp, model_max_length=model.config.max_position_embeddings)
@@ -94,10 +103,50 @@ def save_artifact(
         else:
             tmp.rename(folder)
         _fsync_dir(folder.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full_error(exc, folder, _weights_bytes(model))  # before the space comes back
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from None
         raise
     return folder
+
+
+def _weights_bytes(model: BertForMaskedLM) -> int:
+    return sum(v.numel() * 4 for k, v in model.state_dict().items() if k not in _TIED_KEYS)
+
+
+def disk_full_error(exc: BaseException, folder: Path, needed: int) -> MicroBertError | None:
+    """A full disk (or quota) while writing folder, as one line: where, how much is needed and free.
+
+    The libraries that write the files report it in their own words: an `OSError` with ENOSPC,
+    safetensors' "No space left on device", torch's "file write failed" (inline_container.cc).
+    """
+    try:
+        free = shutil.disk_usage(_existing_parent(folder)).free
+    except OSError:
+        free = None
+    text = str(exc)
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        marker in text for marker in ("No space left on device", "Disk quota exceeded", "file write failed")
+    )
+    # torch may say only "[enforce fail at inline_container.cc] unexpected pos": judge by the space
+    if not full and not (isinstance(exc, (OSError, RuntimeError, SafetensorError)) and free is not None):
+        return None
+    if not full and free is not None and free >= needed:
+        return None
+    free_text = "?" if free is None else f"{free / 2**20:,.1f}"
+    return MicroBertError(
+        f"the disk is full: writing {folder} needs about {needed / 2**20:,.1f} MiB and {free_text} MiB "
+        "are free on its file system; free some space (or point --run-dir at a larger disk) and run "
+        "the same command again to resume"
+    )
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -130,10 +179,20 @@ def resolve_artifact_dir(path: str | Path) -> Path:
     for export in (path / "export", path):
         latest = export / LATEST
         if latest.is_file():
-            name = latest.read_text().strip()
+            try:
+                name = latest.read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                raise ArtifactError(f"{latest} is unreadable: it should name a step folder") from None
             target = export / name
-            if not name or not target.is_dir():
+            if not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+                raise ArtifactError(
+                    f"{latest} names {name!r}: it may only name a folder directly inside {export} "
+                    "(like step-20)"
+                )
+            if not target.is_dir():
                 raise ArtifactError(f"{latest} names {name!r}, which is not a folder in {export}")
+            if target.resolve().parent != export.resolve():
+                raise ArtifactError(f"{latest} names {name!r}, a link that leads outside {export}")
             return target
     if (path / "config.json").is_file():
         return path
@@ -149,6 +208,17 @@ def verify_artifact(folder: str | Path) -> dict[str, Any] | None:
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
+        mark = microbert_mark(folder)
+        if mark is not None:
+            raise ArtifactError(
+                f"{folder} was written by MicroBERT ({mark}) but its {MANIFEST} is missing, so its "
+                f"files cannot be verified: copy the whole folder again from where it was written"
+            )
+        log.warning(
+            "%s has no %s (a transformers save_pretrained folder?): its files are loaded unverified",
+            folder,
+            MANIFEST,
+        )
         return None
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -162,6 +232,17 @@ def verify_artifact(folder: str | Path) -> dict[str, Any] | None:
         if _sha256(path) != entry.get("sha256"):
             raise ArtifactError(f"{folder} is altered: {name} does not match its sha256 in {MANIFEST}")
     return dict(manifest)
+
+
+def microbert_mark(folder: Path) -> str | None:
+    """How folder says MicroBERT wrote it (None for a folder from elsewhere)."""
+    try:
+        with safe_open(str(folder / WEIGHTS), framework="pt") as weights:
+            if MARK_KEY in (weights.metadata() or {}):
+                return f"{WEIGHTS} says so in its header"
+    except Exception:  # no weights, or a header that does not parse: loading will say which
+        pass
+    return None
 
 
 @dataclass

@@ -7,12 +7,20 @@ Two kinds:
 Both use the special tokens `[PAD] [UNK] [CLS] [SEP] [MASK]` (ids 0–4, in that order) and wrap a
 text as `[CLS] … [SEP]`. A saved tokenizer is `tokenizer.json` + `tokenizer_config.json` +
 `special_tokens_map.json` (+ `vocab.txt` for WordPiece), the layout `transformers` writes.
+
+Training is reproducible: the same texts and settings give the same `tokenizer.json`, byte for byte,
+in any process on any machine. `tokenizers`' WordPiece (BPE) trainer is not, by itself
+(huggingface/tokenizers#1794): it gives the `##x` continuing-subword tokens their ids in the
+iteration order of a hash map seeded per process, and the merge loop breaks ties between pairs of
+equal count by those ids, so two runs pick different merges. Here every `##x` the texts can produce
+is registered before training, in code-point order, so every id — and every tie-break — is fixed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -24,6 +32,11 @@ PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
 KINDS = ("wordpiece", "wordlevel")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+# WordPiece encodes a longer word as [UNK] whole: such words teach the vocabulary nothing, and one of
+# a few MB (text without spaces) would make the merge loop scan it once per merge, for minutes.
+MAX_WORD_CHARS = 100
+_CONTINUING = "##"
+_LONG_RUN = re.compile(rf"\S{{{MAX_WORD_CHARS + 1},}}")
 
 
 def _post_processor(tok: Tokenizer) -> processors.TemplateProcessing:
@@ -43,45 +56,99 @@ def train_tokenizer(
     lowercase: bool = True,
     min_frequency: int = 2,
 ) -> Tokenizer:
-    """Train a tokenizer from an iterator of texts (streamed; nothing is held in memory)."""
+    """Train a tokenizer from texts; the same texts and settings always give the same tokenizer.
+
+    The texts are held in memory while training (they are read twice: once for the characters the
+    vocabulary starts from, once by the trainer), so give a sample, as `prepare_dataset` does.
+    """
     if kind not in KINDS:
         raise ConfigError(f"unknown tokenizer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     if vocab_size < len(SPECIAL_TOKENS) + 1:
         raise ConfigError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
+    tok = _empty_tokenizer(kind, lowercase)
+    sample = list(_training_texts(texts, tok))
     if kind == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
+        # registered first, as special tokens of the trainer, in code-point order (see the module doc)
+        continuing = [_CONTINUING + c for c in sorted(_continuing_chars(sample, tok))]
         trainer: trainers.Trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
-            special_tokens=SPECIAL_TOKENS,
-            continuing_subword_prefix="##",
+            special_tokens=SPECIAL_TOKENS + continuing,
+            continuing_subword_prefix=_CONTINUING,
             show_progress=False,
         )
-        tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    else:
-        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    else:  # WordLevelTrainer sorts by (count, word): reproducible as it is
         trainer = trainers.WordLevelTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
             special_tokens=SPECIAL_TOKENS,
             show_progress=False,
         )
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
-    )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(_nonempty(texts), trainer=trainer)
+    tok.train_from_iterator(sample, trainer=trainer)
     if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
+        if sample:  # only words that were left out
+            raise ConfigError(
+                f"every word of the tokenizer's training text is longer than {MAX_WORD_CHARS} characters "
+                "(text without spaces?), which WordPiece encodes as [UNK]: give text with words "
+                "separated by spaces"
+            )
         raise ConfigError("the tokenizer's training text is empty: give a source with some text in it")
+    if kind == "wordpiece":
+        # the same vocabulary, with only the five real special tokens left as added tokens
+        vocab = tok.get_vocab(with_added_tokens=False)
+        tok = _empty_tokenizer(kind, lowercase, vocab=vocab)
+        tok.add_special_tokens(SPECIAL_TOKENS)
     tok.post_processor = _post_processor(tok)
     _check_special_ids(tok)
     return tok
 
 
-def _nonempty(texts: Iterable[str]) -> Iterator[str]:
+def _empty_tokenizer(kind: str, lowercase: bool, vocab: dict[str, int] | None = None) -> Tokenizer:
+    """BERT's normaliser and pre-tokeniser around an untrained (or the given) vocabulary."""
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=MAX_WORD_CHARS))
+        tok.decoder = decoders.WordPiece(prefix=_CONTINUING, cleanup=True)
+    else:
+        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok
+
+
+def _training_texts(texts: Iterable[str], tok: Tokenizer) -> Iterator[str]:
+    """Non-empty texts, with the words WordPiece would encode as [UNK] whole left out."""
     for text in texts:
-        if text and not text.isspace():
-            yield text
+        if not text or text.isspace():
+            continue
+        if _LONG_RUN.search(text):  # rare: only then is the text split into words here
+            normalized = tok.normalizer.normalize_str(text)
+            words = tok.pre_tokenizer.pre_tokenize_str(normalized)
+            text = " ".join(word for word, _ in words if len(word) <= MAX_WORD_CHARS)
+            if not text:
+                yield " "  # kept, so an all-long source is told apart from an empty one
+                continue
+        yield text
+
+
+def _continuing_chars(texts: list[str], tok: Tokenizer) -> set[str]:
+    """Every character that can follow another inside a word of these texts (after normalising).
+
+    Normalisation and pre-tokenisation act on each character alone, so it is enough to look at the
+    distinct characters: `c` contributes what follows "a" in the first word of `"a" + c`, normalised.
+    A superset is harmless (an unused `##x` token); a missing one would make training irreproducible.
+    """
+    distinct: set[str] = set()
+    for text in texts:
+        distinct.update(text)
+    found: set[str] = set()
+    normalizer, pre = tok.normalizer, tok.pre_tokenizer
+    for c in distinct:
+        words = pre.pre_tokenize_str(normalizer.normalize_str("a" + c))
+        if words and words[0][0].startswith("a"):
+            found.update(words[0][0][1:])
+    return found
 
 
 def _check_special_ids(tok: Tokenizer) -> None:
@@ -201,11 +268,6 @@ def _from_vocab_txt(folder: Path) -> Tokenizer:
         line.rstrip("\n"): i
         for i, line in enumerate((folder / "vocab.txt").read_text(encoding="utf-8").splitlines(True))
     }
-    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
-    )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok = _empty_tokenizer("wordpiece", lowercase, vocab=vocab)
     tok.post_processor = _post_processor(tok)
     return tok

@@ -4,10 +4,16 @@ Layout, under `<run>/checkpoints/`:
 ```
 step-<N>/   DeepSpeed files (model states with the shared client state, per-rank optimizer partitions)
             rank-<r>.pt     this rank's loader position and RNG states
+            run.json        what the weights are bound to (model shape, tokenizer and data hashes,
+                            sequence length, seed) and the settings they were trained with
             COMPLETE        written by rank 0 after every rank finished writing (JSON: step, world size)
 ```
 A folder without `COMPLETE` is a checkpoint that was being written when the process died: it is
-never resumed from and is removed at the next save. RNG states are plain tensors and lists, so
+never resumed from and is removed at the next save. On resume, `run.json` is compared with the new
+run before anything is loaded: a change in what the weights are bound to stops the run with a
+message that names it (2-head weights must not continue as a 4-head model, nor ids of one
+vocabulary under another); a changed setting (peak LR, schedule, steps, batch) is applied from the
+resumed step on and said in the log. RNG states are plain tensors and lists, so
 `torch.load(weights_only=True)` reads them: nothing is unpickled beyond what DeepSpeed itself loads.
 """
 
@@ -27,10 +33,16 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from microbert.checkpoint import disk_full_error
+from microbert.data.cache import folder_bytes
 from microbert.errors import MicroBertError
 from train.nodes import Nodes
 
 COMPLETE = "COMPLETE"
+RUN_RECORD = "run.json"
+# settings that say nothing about the weights or the order they were trained in
+_NOT_COMPARED = ("run_dir", "resume", "stop_at_step", "probe_texts", "log_every")
+_NOT_SHAPE = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -66,6 +78,47 @@ class CheckpointInfo:
     world_size: int
     batch: dict[str, Any] | None = None  # the batch geometry that wrote it (see `batch_for_resume`)
 
+    def record(self) -> dict[str, Any] | None:
+        """The checkpoint's `run.json` (None for a checkpoint written before it existed)."""
+        try:
+            data = json.loads((self.path / RUN_RECORD).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+
+def model_shape(config: dict[str, Any]) -> dict[str, Any]:
+    """The model config without what training may change (dropout) or no longer uses (init range)."""
+    return {k: v for k, v in config.items() if k not in _NOT_SHAPE}
+
+
+def bound_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What the weights are bound to and differs now, in words ("model num_attention_heads 2 -> 4")."""
+    changes = []
+    old_model, new_model = saved.get("model", {}), current.get("model", {})
+    for key in sorted(set(old_model) | set(new_model)):
+        if old_model.get(key) != new_model.get(key):
+            changes.append(f"model {key} {old_model.get(key)!r} -> {new_model.get(key)!r}")
+    names = {
+        "tokenizer_hash": "tokenizer (vocabulary) hash",
+        "data_hash": "prepared data hash",
+        "seq_len": "sequence length",
+        "seed": "seed (data order and masks)",
+    }
+    for key, name in names.items():
+        if key in saved and saved.get(key) != current.get(key):
+            changes.append(f"{name} {saved.get(key)!r} -> {current.get(key)!r}")
+    return changes
+
+
+def setting_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
+    """Settings that differ from those the checkpoint was trained with: {name: [old, new]}."""
+    return {
+        key: [saved.get(key), current.get(key)]
+        for key in sorted(set(saved) | set(current))
+        if key not in _NOT_COMPARED and saved.get(key) != current.get(key)
+    }
+
 
 def list_complete(checkpoint_dir: Path) -> list[CheckpointInfo]:
     """Complete checkpoints, oldest first."""
@@ -98,21 +151,35 @@ def save(
     *,
     shared_state: dict[str, Any],
     rank_state: dict[str, Any],
+    run_record: dict[str, Any],
     rank: int,
     world_size: int,
     keep: int,
     batch: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint on every rank (collective), mark it complete, prune old ones."""
+    """Write a checkpoint on every rank (collective), mark it complete, prune old ones.
+
+    A full disk is one line naming the folder and the space a checkpoint takes.
+    """
     tag = f"step-{step}"
     folder = checkpoint_dir / tag
     if rank == 0:
         (folder / COMPLETE).unlink(missing_ok=True)  # rewriting a step: incomplete until done again
     _barrier()
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=shared_state)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(rank_state, folder / f"rank-{rank}.pt")
-    _fsync_tree(folder, rank)
+    needed = _checkpoint_bytes(engine, checkpoint_dir)
+    try:
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=shared_state)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(rank_state, folder / f"rank-{rank}.pt")
+        if rank == 0:
+            (folder / RUN_RECORD).write_text(json.dumps(run_record, indent=2) + "\n")
+        _fsync_tree(folder, rank)
+    except (OSError, RuntimeError) as exc:
+        full = disk_full_error(exc, folder, needed)
+        if full is None:
+            raise
+        shutil.rmtree(folder, ignore_errors=True)  # never resumed from; the space goes back now
+        raise full from None
     _barrier()
     if rank == 0:
         marker_tmp = folder / f".{COMPLETE}.tmp"
@@ -124,6 +191,32 @@ def save(
         _prune(checkpoint_dir, keep)
     _barrier()
     return folder
+
+
+def _checkpoint_bytes(engine: Any, checkpoint_dir: Path) -> int:
+    """The size of a checkpoint: the last one's, else 16 bytes a parameter (weights + Adam)."""
+    last = latest_complete(checkpoint_dir)
+    if last is not None:
+        return folder_bytes(last.path)
+    return 16 * sum(p.numel() for p in engine.module.parameters())
+
+
+def remove_debris(run_dir: Path) -> list[Path]:
+    """Temporary files and folders of a trainer that died mid-write (the caller holds the run lock,
+    so no writer is alive): export `.tmp-*`/`.old-*` folders, half-written markers."""
+    found: list[Path] = []
+    export_dir, checkpoint_dir = run_dir / "export", run_dir / "checkpoints"
+    if export_dir.is_dir():
+        found += [p for p in export_dir.iterdir() if p.name.startswith((".tmp-", ".old-", ".latest.tmp"))]
+    if checkpoint_dir.is_dir():
+        found += list(checkpoint_dir.glob(f"step-*/.{COMPLETE}.tmp"))
+    found += list(run_dir.glob(".*.tmp"))
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
 
 
 def _fsync_tree(folder: Path, rank: int) -> None:
@@ -183,6 +276,15 @@ def load(
         # another world size: the loader position is shared, the RNG streams are per rank and reseeded
         rank_state = {"loader": torch.load(info.path / "rank-0.pt", weights_only=True)["loader"]}
     return client, rank_state
+
+
+def agree(value: Any) -> Any:
+    """Rank 0's value on every rank (one small broadcast; the value itself without several ranks)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def _barrier() -> None:

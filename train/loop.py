@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from microbert.checkpoint import save_artifact, update_latest
+from microbert.checkpoint import LATEST, save_artifact, update_latest
 from microbert.commands.predict import render
 from microbert.data import ShardLoader, mask_tokens, prepare_dataset
 from microbert.data.cache import cache_root
@@ -33,6 +33,7 @@ from microbert.evaluate import EVAL_MASK_RATE, EVAL_SEED, evaluate
 from microbert.model import BertForMaskedLM, masked_slots_for
 from microbert.predict import FillMaskPredictor
 from microbert.run_config import Resolved
+from microbert.tokenizer import tokenizer_hash
 from train import checkpointing
 from train.engine import (
     Placement,
@@ -46,6 +47,7 @@ from train.engine import (
 from train.launcher import STOP_FILE
 from train.nodes import PeerLost, discover, peer_lost
 from train.reporting import Progress, RunLog, ScalarReport, peak_flops, write_history
+from train.run_lock import RunLock
 
 PLOT_EVERY_S = 300.0  # redraw training_history.png at most this often before the end
 
@@ -131,12 +133,20 @@ class Trainer:
         self.resolved = resolved
         self.t = resolved.train
         self.launch_command = launch_command
-        self.place = init_distributed(local_rank, self.t.precision)
         self.run_dir = Path(self.t.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.export_dir = self.run_dir / "export"
-        if self.place.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.run_dir)
+        # Global rank 0 (the launchers' RANK) takes the folder before the process group forms, so a
+        # second trainer is told at once, not after DeepSpeed's start-up; every rank then learns it.
+        early = os.environ.get("RANK", "0") == "0"
+        problem = self._take_run_folder() if early else None
+        self.place = init_distributed(local_rank, self.t.precision)
+        if self.place.is_main and not early:
+            problem = self._take_run_folder()
+        problem = checkpointing.agree(problem)  # every rank stops if rank 0 could not take the folder
+        if problem is not None:
+            raise MicroBertError(problem)
         checkpointing._barrier()
         self.nodes = discover(self.place.rank, self.place.world_size)
         checkpointing.require_shared_run_dir(self.run_dir, self.nodes)
@@ -153,6 +163,17 @@ class Trainer:
         self.last_eval: dict[str, Any] | None = None
         self.last_plot = time.monotonic()
 
+    def _take_run_folder(self) -> str | None:
+        """Lock the run folder for this trainer; the problem in words, or None."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()  # before anything in the folder is read, written or cleared
+        except MicroBertError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"cannot use {self.run_dir} as the run folder: {exc.strerror or exc}"
+        return None
+
     # --- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         t, place = self.t, self.place
@@ -162,6 +183,9 @@ class Trainer:
             f"run {self.run_dir} | {place.world_size} process(es) on {place.device.type} | precision "
             f"{place.precision} | layers: {' < '.join(self.resolved.sources)}"
         )
+        if place.is_main:
+            for debris in checkpointing.remove_debris(self.run_dir):
+                self.log(f"removed {debris}, left by a trainer that stopped mid-write")
         if t.resume == "never" and place.is_main:
             self._clear_previous_run()
         model_config = self.resolved.model_config
@@ -263,10 +287,38 @@ class Trainer:
         for name in ("training_history.json", "training_history.png", "status.json"):
             (self.run_dir / name).unlink(missing_ok=True)
 
+    def _run_record(self) -> dict[str, Any]:
+        """What the weights are bound to, and the settings they are trained with (`run.json`)."""
+        return {
+            "model": checkpointing.model_shape(self.model_config.to_dict()),
+            "tokenizer_hash": tokenizer_hash(self.data.tokenizer),
+            "data_hash": self.data.meta.get("data_hash"),
+            "dataset_cache_key": self.data.cache_key,
+            "seq_len": self.t.seq_len,
+            "seed": self.t.seed,
+            "settings": self.t.to_dict(),
+        }
+
     def _resume(self) -> None:
         info = checkpointing.latest_complete(self.checkpoint_dir)
         if info is None:
             return
+        record, saved = self._run_record(), info.record()
+        changed: dict[str, list[Any]] = {}
+        if saved is None:
+            self.log(
+                f"{info.path} has no {checkpointing.RUN_RECORD} (an older version wrote it): not checked"
+            )
+        else:
+            bound = checkpointing.bound_changes(saved, record)
+            if bound:
+                raise MicroBertError(
+                    f"cannot resume {self.run_dir} from step {info.step}: the checkpoint's weights belong to "
+                    f"another {'; '.join(bound)}. Resume with the settings the run started with (its "
+                    "resolved_config.json lists them; the data as it was prepared then), or start afresh "
+                    "with --resume never or a new --run-dir"
+                )
+            changed = checkpointing.setting_changes(saved.get("settings", {}), record["settings"])
         client, rank_state = checkpointing.load(
             self.engine, info, rank=self.place.rank, world_size=self.place.world_size, log=self.log
         )
@@ -283,6 +335,42 @@ class Trainer:
             f"resumed from step {self.step} ({info.path}); {self.tokens_seen:,} tokens seen, "
             f"loader at epoch {self.loader.epoch}"
         )
+        if changed:
+            self._apply_changes(changed)
+        self.resumed = {"step": self.step, "changed": changed}
+        if self.place.is_main:
+            self._export_if_behind()
+
+    def _apply_changes(self, changed: dict[str, list[Any]]) -> None:
+        """Settings that differ from the checkpoint's take effect from the resumed step on.
+
+        DeepSpeed restores the optimizer's hyper-parameters and the schedule's peak from the
+        checkpoint; the new values are put back here. The schedule's shape (warm-up, decay, total
+        steps) is code, not state, and follows the new settings by itself.
+        """
+        t = self.t
+        described = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        self.log(f"changed since the checkpoint, applied from step {self.step} on: {described}")
+        groups = self.scheduler.optimizer.param_groups
+        for group in groups:
+            group["initial_lr"] = t.lr
+            group["betas"] = (t.adam_beta1, t.adam_beta2)
+            group["eps"] = t.adam_eps
+        self.scheduler.base_lrs = [t.lr for _ in groups]
+        step = self.scheduler.last_epoch
+        for group, factor in zip(groups, self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = t.lr * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+
+    def _export_if_behind(self) -> None:
+        """A run killed while exporting has its checkpoint but not its export: write it now."""
+        name = f"step-{self.step}"
+        latest = self.export_dir / LATEST
+        current = latest.read_text().strip() if latest.is_file() else None
+        if current == name and (self.export_dir / name).is_dir():
+            return
+        self.log(f"export/{LATEST} names {current or 'nothing'}, behind checkpoint {name}: exporting it")
+        self._export()
 
     def _grad_accum_for_resume(self) -> int:
         """On another number of ranks than the checkpoint's, keep its global batch (checkpointing.py)."""
@@ -310,8 +398,22 @@ class Trainer:
             "micro_batch_size": self.micro_batch,
             "total_steps": self.total_steps,
             "dataset_cache_key": self.data.cache_key,
+            "tokenizer_hash": tokenizer_hash(self.data.tokenizer),
+            "data_hash": self.data.meta.get("data_hash"),
             "launch_command": self.launch_command,
         }
+        # every resume of this run that changed a setting: the settings above are those in force now
+        resumes: list[Any] = []
+        resumed = getattr(self, "resumed", None)
+        previous = self.run_dir / "resolved_config.json"
+        if resumed is not None and previous.is_file():
+            try:
+                resumes = list(json.loads(previous.read_text()).get("resumes", []))
+            except (OSError, ValueError, TypeError):
+                resumes = []
+        if resumed is not None and resumed["changed"]:
+            resumes.append(resumed)
+        resolved["resumes"] = resumes
         tmp = self.run_dir / ".resolved_config.json.tmp"
         tmp.write_text(json.dumps(resolved, indent=2) + "\n")
         os.replace(tmp, self.run_dir / "resolved_config.json")
@@ -521,6 +623,7 @@ class Trainer:
             self.step,
             shared_state=shared,
             rank_state=rank_state,
+            run_record=self._run_record(),
             rank=self.place.rank,
             world_size=self.place.world_size,
             keep=self.t.keep_checkpoints,
@@ -624,9 +727,15 @@ def _peak_memory(place: Placement) -> str:
 def run(resolved: Resolved, local_rank: int | None) -> int:
     """Train to the end or to a stop; 0 in both cases."""
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    trainer = Trainer(resolved, local_rank, command)
     try:
-        trainer.setup()
+        trainer = Trainer(resolved, local_rank, command)
+    except KeyboardInterrupt:
+        raise Interrupted(SETUP_INTERRUPTED) from None
+    try:
+        try:
+            trainer.setup()
+        except KeyboardInterrupt:
+            raise Interrupted(SETUP_INTERRUPTED) from None
         started = time.perf_counter()
         outcome = trainer.train()
         trainer.report(outcome, time.perf_counter() - started)
@@ -642,4 +751,15 @@ def run(resolved: Resolved, local_rank: int | None) -> int:
         raise PeerLost(exc, trainer.checkpoint_dir) from None
     finally:
         trainer.log.close()
+        trainer.lock.release()
     return 0
+
+
+SETUP_INTERRUPTED = (
+    "interrupted (Ctrl-C) while setting up, before the first step: nothing was trained; run the same "
+    "command again to start (a data preparation continues where it stopped)"
+)
+
+
+class Interrupted(MicroBertError):
+    exit_code = 130  # the shell's code for a command ended by SIGINT

@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MicroBertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # before the trainer handles signals itself (it checkpoints, exits 0)
+        print("error: interrupted (Ctrl-C) before training started; nothing was trained", file=sys.stderr)
+        return 130
 
 
 def _node_launch(

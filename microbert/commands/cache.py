@@ -54,7 +54,8 @@ def run_info(args: argparse.Namespace) -> int:
     if not entries:
         print("  (empty)")
     for e in entries:
-        state = "" if e["complete"] else f"  UNFINISHED ({e.get('finished_shards', 0)} shards done)"
+        shards = e.get("finished_shards", 0)
+        state = "" if e["complete"] else f"  UNFINISHED ({shards} shards done; `cache clear --unfinished`)"
         print(
             f"  {e['cache_key']:<48} {_size(e['bytes']):>10}  {e.get('source', '?')}"
             f"  seq {e.get('seq_len', '?')}"

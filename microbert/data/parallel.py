@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -34,6 +35,8 @@ def default_workers() -> int:
 def _init(tokenizer_json: str, dtype: str) -> None:
     global _worker_encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; see EncoderPool
+    # Ctrl-C reaches the whole process group: the parent stops the pool and reports it, once
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if _worker_encoder is None:  # spawned; a forked worker inherits the parent's warm encoder
         _worker_encoder = Encoder(Tokenizer.from_str(tokenizer_json), dtype=np.dtype(dtype))
 

@@ -7,6 +7,13 @@ are committed as a shard (written, flushed, renamed) together with the point to 
 interrupted prepare therefore keeps its finished shards and continues after the last one. When the
 source is exhausted the shards are joined into `train.bin` / `eval.bin` and `meta.json` is written;
 only then is the entry visible as data.
+
+Same source and settings, same bytes: the tokenizer training is reproducible (microbert/tokenizer.py),
+so two machines preparing one key write the same `tokenizer.json` and `train.bin`; `meta.json` records
+both hashes (`tokenizer_hash`, `data_hash`), which a run folder keeps to check a resume against.
+Documents longer than `DOCUMENT_PIECE_CHARS` are cut into pieces first (at a line end or a space),
+so the every-100th held-out split is by document whatever the source looks like (one 3 MB line
+included).
 """
 
 from __future__ import annotations
@@ -49,12 +56,14 @@ from microbert.tokenizer import train_tokenizer as _train_tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: reproducible tokenizer training, long documents cut into pieces, data_hash in meta.json
+FORMAT_VERSION = 2
 DEFAULT_SHARD_TOKENS = 32 << 20  # 64 MiB of uint16 per shard: little lost to an interruption
 BATCH_CHARS = 1 << 20  # text handed to the encoder at a time
 DEFAULT_TOKENIZER_SAMPLE_CHARS = 32 << 20  # WordPiece learns its vocabulary from the first 32 M characters
 MIN_SEQ_LEN, MAX_SEQ_LEN = 8, 65536
 POOL_AFTER_BATCHES = 8  # sources of more than ~8 MB of text are encoded by a pool of processes
+DOCUMENT_PIECE_CHARS = 1 << 14  # a longer document is cut into pieces of at most this many characters
 
 
 @dataclass
@@ -135,7 +144,13 @@ def prepare_dataset(
             return _open(entry, cached=True)
         job = _Job(src, entry, key_fields, seq_len, vocab_size, max_samples, streaming, eval_fraction)
         workers = default_workers() if workers is None else max(1, workers)
-        job.run(given, root, tokenizer_sample_chars, shard_tokens, progress, started, workers)
+        try:
+            job.run(given, root, tokenizer_sample_chars, shard_tokens, progress, started, workers)
+        except cache_mod.CacheWriteError:
+            raise  # a full disk: the entry stays, listed as unfinished, and the next run continues
+        except BaseException:
+            job.discard_if_empty()  # an unreadable source or Ctrl-C before the first shard
+            raise
         return _open(entry, cached=False)
     finally:
         lock.release()
@@ -250,12 +265,21 @@ class _Job:
         # document k is held out when k % eval_every == 0 (none when eval_fraction == 0)
         self.eval_every = round(1 / eval_fraction) if eval_fraction > 0 else 0
 
+    def discard_if_empty(self) -> None:
+        """After a failure before the first shard: remove the entry, there is nothing to resume."""
+        if self.entry.is_dir() and not (self.entry / PROGRESS_FILE).is_file():
+            shutil.rmtree(self.entry, ignore_errors=True)
+
     def is_eval(self, index: int) -> bool:
         return self.eval_every > 0 and index % self.eval_every == 0
 
     def documents(self, hf_cache: Path) -> Iterator[str]:
+        """The documents of the split: the source's first `max_samples`, long ones cut into pieces."""
         docs = iter_documents(self.src, streaming=self.streaming, hf_cache_dir=hf_cache)
-        return islice(docs, self.max_samples) if self.max_samples is not None else docs
+        if self.max_samples is not None:
+            docs = islice(docs, self.max_samples)
+        for doc in docs:
+            yield from document_pieces(doc)
 
     def run(
         self,
@@ -301,8 +325,8 @@ class _Job:
     def _trained_tokenizer(self, hf_cache: Path, sample_chars: int) -> Tokenizer:
         """Train on the source, or reuse the tokenizer trained on it before (for another seq_len).
 
-        Kept in `tokenizers/<key>/` so every sequence length of a source shares one vocabulary
-        (WordPiece training is not bit-for-bit repeatable, so retraining could differ).
+        Kept in `tokenizers/<key>/` so every sequence length of a source shares one vocabulary without
+        training it again (retraining would give the same tokenizer, at the cost of the training).
         """
         recipe = {key: self.key_fields[key] for key in ("format", "source", "max_samples", "eval_fraction")}
         recipe["tokenizer"] = self.key_fields["tokenizer"]
@@ -439,11 +463,10 @@ class _Job:
                 f"{self.src.name} has too little text: {state['documents']} document(s) gave no training "
                 "sequence (the first document of every 100 is held out for evaluation); give more text"
             )
+        data_hash = hashlib.sha256()
         for part in ("train", "eval"):
             shards = [self.entry / f"shard-{s['index']:05d}.{part}.bin" for s in state["shards"]]
-            cache_mod.write_bytes_atomic(
-                self.entry / f"{part}.bin", (np.fromfile(p, dtype=np.uint8).data for p in shards)
-            )
+            cache_mod.write_bytes_atomic(self.entry / f"{part}.bin", _hashed(shards, data_hash))
         total_slots = (totals["train"] + totals["eval"]) * self.seq_len
         non_padding = total_slots - state["stats"]["padding_tokens"]
         stats = state["stats"]
@@ -456,6 +479,8 @@ class _Job:
             "seq_len": self.seq_len,
             "vocab_size": tok.get_vocab_size(),
             "tokenizer_hash": tokenizer_hash(tok),
+            # sha256 of train.bin then eval.bin: what a run folder checks a resume against
+            "data_hash": data_hash.hexdigest()[:16],
             "dtype": dtype.name,
             "documents": state["documents"],
             "eval_documents": stats["eval_documents"],
@@ -479,6 +504,33 @@ class _Job:
             for s in state["shards"]:
                 (self.entry / f"shard-{s['index']:05d}.{part}.bin").unlink(missing_ok=True)
         (self.entry / PROGRESS_FILE).unlink(missing_ok=True)
+
+
+def _hashed(paths: list[Path], digest: Any) -> Iterator[memoryview]:
+    """The bytes of the files, in order, added to digest on the way."""
+    for path in paths:
+        data = np.fromfile(path, dtype=np.uint8).data
+        digest.update(data)
+        yield data
+
+
+def document_pieces(doc: str, limit: int = DOCUMENT_PIECE_CHARS) -> Iterator[str]:
+    """doc, or its pieces of at most limit characters, cut at the last line end or space in the
+    second half of each window (else at the limit): one long line becomes many documents."""
+    start, end = 0, len(doc)
+    while end - start > limit:
+        window_end = start + limit
+        cut = doc.rfind("\n", start + limit // 2, window_end)
+        if cut < 0:
+            cut = doc.rfind(" ", start + limit // 2, window_end)
+        cut = window_end if cut < 0 else cut + 1
+        piece = doc[start:cut].strip()
+        if piece:
+            yield piece
+        start = cut
+    piece = doc[start:end] if start == 0 else doc[start:end].strip()
+    if piece:
+        yield piece
 
 
 def _batches(docs: Iterator[str]) -> Iterator[list[str]]:

@@ -1,7 +1,11 @@
 import json
+import logging
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from microbert.checkpoint import (
     load_artifact,
@@ -14,6 +18,15 @@ from microbert.errors import ArtifactError
 from microbert.model import BertForMaskedLM
 
 transformers = pytest.importorskip("transformers")
+
+
+def _plain_copy(artifact: Path, folder: Path) -> Path:
+    """A copy of an export without its manifest and with weights written elsewhere (no mark)."""
+    shutil.copytree(artifact, folder)
+    (folder / "manifest.json").unlink()
+    weights = folder / "model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})
+    return folder
 
 
 def test_artifact_layout_and_manifest(tiny_artifact):
@@ -96,11 +109,7 @@ def test_transformers_save_pretrained_folder_loads(tmp_path, tiny_artifact, tiny
 
 
 def test_config_with_unknown_key_is_refused(tmp_path, tiny_artifact):
-    import shutil
-
-    folder = tmp_path / "copy"
-    shutil.copytree(tiny_artifact, folder)
-    (folder / "manifest.json").unlink()
+    folder = _plain_copy(tiny_artifact, tmp_path / "copy")
     config = json.loads((folder / "config.json").read_text())
     config["num_experts"] = 8
     (folder / "config.json").write_text(json.dumps(config))
@@ -109,11 +118,7 @@ def test_config_with_unknown_key_is_refused(tmp_path, tiny_artifact):
 
 
 def test_unreadable_weights_are_a_clear_error(tmp_path, tiny_artifact):
-    import shutil
-
-    folder = tmp_path / "copy"
-    shutil.copytree(tiny_artifact, folder)
-    (folder / "manifest.json").unlink()
+    folder = _plain_copy(tiny_artifact, tmp_path / "copy")
     (folder / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ArtifactError, match="safetensors"):
         load_artifact(folder)
@@ -124,3 +129,43 @@ def test_model_is_not_modified_by_saving(tiny_artifact, tmp_path, tiny_tokenizer
     before = {k: v.clone() for k, v in model.state_dict().items()}
     save_artifact(model, tiny_tokenizer, tmp_path / "x")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_without_its_manifest_is_refused(tmp_path, tiny_artifact):
+    """Deleting manifest.json does not switch verification off (a flipped byte went unnoticed)."""
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, folder)
+    (folder / "manifest.json").unlink()
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"written by MicroBERT .* manifest\.json is missing"):
+        load_artifact(folder)
+
+
+def test_plain_transformers_folder_loads_with_an_unverified_log_line(tmp_path, tiny_artifact, caplog):
+    folder = _plain_copy(tiny_artifact, tmp_path / "plain")
+    with caplog.at_level(logging.WARNING, logger="microbert.checkpoint"):
+        assert load_artifact(folder).manifest is None
+    assert any("unverified" in r.getMessage() and str(folder) in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "../../elsewhere/step-1", "ABSOLUTE", ".", "step-1/.."])
+def test_latest_may_only_name_a_folder_inside_export(tmp_path, tiny_artifact, name):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tiny_artifact, elsewhere)
+    shutil.copytree(tiny_artifact, elsewhere / "step-1")
+    export = tmp_path / "run" / "export"
+    shutil.copytree(tiny_artifact, export / "step-1")
+    (export / "latest").write_text((str(elsewhere) if name == "ABSOLUTE" else name) + "\n")
+    with pytest.raises(ArtifactError, match="directly inside"):
+        load_artifact(tmp_path / "run")
+
+
+def test_latest_naming_a_link_out_of_export_is_refused(tmp_path, tiny_artifact):
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    (export / "step-9").symlink_to(tiny_artifact, target_is_directory=True)
+    (export / "latest").write_text("step-9\n")
+    with pytest.raises(ArtifactError, match="leads outside"):
+        resolve_artifact_dir(tmp_path / "run")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import multiprocessing
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +20,9 @@ from microbert.data import prepare as prepare_mod
 from microbert.data import prepare_dataset
 from microbert.data.cache import CacheWriteError
 from microbert.data.encode import Encoder
-from microbert.errors import ConfigError
+from microbert.errors import ConfigError, MicroBertError
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _same(a, b) -> None:
@@ -188,3 +193,66 @@ def test_worker_processes_give_the_same_data(
     pooled = prepare_dataset(text_folder, cache_dir=tmp_path / "two", workers=2, **args)
     _same(single, pooled)
     assert pooled.meta["shards"] == single.meta["shards"]
+
+
+def _prepare_in_fresh_process(cache: Path) -> dict:
+    """`microbert data prepare` in a process of its own, into an empty cache folder."""
+    argv = ["data", "prepare", "--dataset", "embedded", "--max-samples", "800", "--seq-len", "64"]
+    argv += ["--vocab-size", "800", "--json", "--cache-dir", str(cache)]
+    result = subprocess.run(
+        [sys.executable, "-m", "microbert.cli", *argv], capture_output=True, text=True, cwd=REPO, timeout=240
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_two_fresh_processes_prepare_the_same_tokenizer_and_rows(tmp_path: Path) -> None:
+    """A fresh cache on another machine gives the same ids (tokenizers' trainer alone would not)."""
+    first, second = (_prepare_in_fresh_process(tmp_path / name) for name in ("a", "b"))
+    assert first["cache_key"] == second["cache_key"]
+    a, b = Path(first["path"]), Path(second["path"])
+    for name in ("vocab.txt", "tokenizer.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    rows = 64 * 64 * 2  # the first 64 rows of uint16 ids
+    assert (a / "train.bin").read_bytes()[:rows] == (b / "train.bin").read_bytes()[:rows]
+    assert (
+        json.loads((a / "meta.json").read_text())["data_hash"]
+        == json.loads((b / "meta.json").read_text())["data_hash"]
+    )
+
+
+def _shakespeare(chars: int) -> str:
+    text = gzip.decompress((REPO / "microbert" / "corpus" / "tinyshakespeare.txt.gz").read_bytes())
+    return text.decode("utf-8")[:chars]
+
+
+def test_one_long_line_is_held_out_by_pieces_not_whole(tmp_path: Path) -> None:
+    """A 1.2 MB source on one line: about 1% held out (it was 87%: one 1 MiB document)."""
+    line = tmp_path / "line.txt"
+    line.write_text(" ".join(_shakespeare(200_000).split()) * 6, encoding="utf-8")
+    data = prepare_dataset(line, seq_len=64, vocab_size=300)
+    assert data.meta["documents"] > 50
+    assert len(data.eval) / (len(data.train) + len(data.eval)) < 0.03
+
+
+def test_megabytes_without_spaces_train_a_tokenizer_in_seconds(tmp_path: Path) -> None:
+    """Words longer than WordPiece's 100 characters are [UNK] whole: training leaves them out (a
+    1.5 MB word made the merge loop run for over a minute)."""
+    rng = np.random.default_rng(0)
+    blob = "".join(chr(c) for c in rng.integers(ord("a"), ord("z") + 1, 1_500_000))
+    path = tmp_path / "blob.txt"
+    path.write_text(_shakespeare(200_000) + "\n\n" + blob, encoding="utf-8")
+    started = time.perf_counter()
+    data = prepare_dataset(path, seq_len=64, vocab_size=300)
+    assert time.perf_counter() - started < 30
+    assert data.tokenizer.encode("the and").tokens[1:-1] == ["the", "and"]
+    path.write_text(blob, encoding="utf-8")
+    with pytest.raises(ConfigError, match="longer than 100 characters"):
+        prepare_dataset(path, seq_len=64, vocab_size=300)
+
+
+def test_unreadable_hub_source_leaves_no_cache_entry(cache_dir: Path) -> None:
+    with pytest.raises(MicroBertError, match="cannot load"):
+        prepare_dataset("hf:nobody/no-such-dataset", seq_len=64, vocab_size=300)
+    assert data_cache.list_entries(cache_dir) == []
