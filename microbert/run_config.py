@@ -84,7 +84,8 @@ class TrainConfig:
     time_budget_s: float | None = None  # train for this many seconds; the LR schedule follows the clock
     seed: int = 42
     # hardware
-    num_gpus: int = 1
+    num_gpus: int = 1  # per node
+    num_nodes: int = 1  # machines the run spans (launched with --hostfile or --node-rank)
     precision: str = "auto"  # auto: bf16 on an accelerator that supports it, fp32 on CPU
     zero_stage: int = 1
     # cadence and outputs
@@ -357,6 +358,7 @@ def _validate(t: TrainConfig, problems: list[str], world_size: int | None) -> Mo
     positive_int("max_steps", t.max_steps, allow_none=True)
     positive_int("warmup_steps", t.warmup_steps, allow_none=True, minimum=0)
     positive_int("num_gpus", t.num_gpus)
+    positive_int("num_nodes", t.num_nodes)
     positive_int("checkpoint_every", t.checkpoint_every)
     positive_int("eval_every", t.eval_every)
     positive_int("eval_batches", t.eval_batches)
@@ -366,7 +368,8 @@ def _validate(t: TrainConfig, problems: list[str], world_size: int | None) -> Mo
     if not isinstance(t.seed, int) or isinstance(t.seed, bool) or t.seed < 0:
         problems.append(f"seed must be a non-negative integer, got {t.seed!r}")
     micro_ok = t.micro_batch_size == "auto" or positive_int("micro_batch_size", t.micro_batch_size)
-    world = world_size or t.num_gpus
+    nodes = t.num_nodes if isinstance(t.num_nodes, int) and isinstance(t.num_gpus, int) else 1
+    world = world_size or t.num_gpus * nodes
     if (
         micro_ok
         and isinstance(t.micro_batch_size, int)

@@ -117,10 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", action="store_true", default=None, help="show the libraries' info logs and warnings"
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_launch_flags(p)
     return p
 
 
-NON_SETTINGS = ("profile", "ds_config", "run_file", "local_rank", "verbose")
+# --- several nodes (train/launcher.py): DeepSpeed's flag names, with dashes or underscores ----------
+LAUNCH_FLAGS = ("hostfile", "node_rank", "master_addr", "master_port")  # not settings; num_nodes is one
+
+
+def add_launch_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "several nodes",
+        "start every node from here over pdsh/ssh with --hostfile, or run the same command on every "
+        "node with --num-nodes, --node-rank and --master-addr (README: Multi-node)",
+    )
+    g.add_argument("--hostfile", help="DeepSpeed hostfile ('HOST slots=N' per node): ranks over pdsh and ssh")
+    g.add_argument("--num-nodes", "--num_nodes", dest="num_nodes", type=int, help="nodes in the run")
+    g.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int, help="this node: 0 … N-1")
+    g.add_argument("--master-addr", "--master_addr", dest="master_addr", help="address of node 0")
+    g.add_argument(
+        "--master-port", "--master_port", dest="master_port", type=int, help="port on node 0 (default 29500)"
+    )
+
+
+NON_SETTINGS = ("profile", "ds_config", "run_file", "local_rank", "verbose", *LAUNCH_FLAGS)
 
 
 def flag_settings(args: argparse.Namespace) -> dict[str, Any]:

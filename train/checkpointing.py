@@ -28,6 +28,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from microbert.errors import MicroBertError
+from train.nodes import Nodes
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -63,6 +64,7 @@ class CheckpointInfo:
     path: Path
     step: int
     world_size: int
+    batch: dict[str, Any] | None = None  # the batch geometry that wrote it (see `batch_for_resume`)
 
 
 def list_complete(checkpoint_dir: Path) -> list[CheckpointInfo]:
@@ -77,7 +79,8 @@ def list_complete(checkpoint_dir: Path) -> list[CheckpointInfo]:
             continue
         try:
             meta = json.loads(marker.read_text())
-            found.append(CheckpointInfo(child, int(meta["step"]), int(meta["world_size"])))
+            batch = meta.get("batch") if isinstance(meta.get("batch"), dict) else None
+            found.append(CheckpointInfo(child, int(meta["step"]), int(meta["world_size"]), batch))
         except (ValueError, KeyError, TypeError):
             continue  # a torn marker: treat the folder as incomplete
     return sorted(found, key=lambda c: c.step)
@@ -98,6 +101,7 @@ def save(
     rank: int,
     world_size: int,
     keep: int,
+    batch: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint on every rank (collective), mark it complete, prune old ones."""
     tag = f"step-{step}"
@@ -112,7 +116,8 @@ def save(
     _barrier()
     if rank == 0:
         marker_tmp = folder / f".{COMPLETE}.tmp"
-        marker_tmp.write_text(json.dumps({"step": step, "world_size": world_size}) + "\n")
+        marker = {"step": step, "world_size": world_size, **({"batch": batch} if batch else {})}
+        marker_tmp.write_text(json.dumps(marker) + "\n")
         with marker_tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(marker_tmp, folder / COMPLETE)
@@ -183,3 +188,56 @@ def load(
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+# --- several nodes ---------------------------------------------------------------------------------
+def require_shared_run_dir(run_dir: Path, nodes: Nodes) -> None:
+    """DeepSpeed's sharded checkpoint is one folder every rank writes into: node-local disks fail now."""
+    nodes.require_shared(
+        run_dir,
+        "run folder",
+        "Checkpoints, exports and the run's status must be in one folder every node sees: put --run-dir "
+        "on a shared filesystem (NFS, Lustre, a cloud file share) mounted at the same path on every node.",
+    )
+
+
+def batch_for_resume(
+    info: CheckpointInfo, *, requested: dict[str, Any], micro_batch: int, world_size: int
+) -> tuple[int, str | None]:
+    """The gradient accumulation that keeps the checkpoint's global batch on a new number of ranks.
+
+    requested: this run's batch settings as configured (`micro_batch_size`, which may be "auto",
+    and `grad_accum`); micro_batch: the micro-batch actually used. Returns (grad_accum, what to log).
+    When the world size (or an automatic micro-batch) changed but the settings did not (the same
+    command on another node count), the accumulation is scaled so the global batch, and with it the
+    LR schedule and the data order, carries on. Settings changed on purpose are followed, and the
+    log says what that did.
+    """
+    saved, accum = info.batch, int(requested["grad_accum"])
+    if saved is None:
+        return accum, None
+    target = int(saved["train_batch_size"])
+    if micro_batch * accum * world_size == target:
+        return accum, None
+    if {k: saved["requested"][k] for k in requested} != requested:
+        new = micro_batch * accum * world_size
+        return accum, (
+            f"global batch changed from {target} to {new} by the batch settings (micro-batch "
+            f"{micro_batch} × accumulation {accum} × {world_size} rank(s))"
+        )
+    per_step = micro_batch * world_size
+    if target % per_step:
+        raise MicroBertError(
+            f"checkpoint step {info.step} was trained with a global batch of {target} sequences "
+            f"({saved['micro_batch_size']} × {saved['grad_accum']} × {info.world_size} rank(s)); on "
+            f"{world_size} rank(s) with micro-batch {micro_batch} no gradient accumulation gives {target}: "
+            f"pass --batch-size B --grad-accum A with B × A × {world_size} = {target} to keep it, or other "
+            "values to continue with a new global batch"
+        )
+    new_accum = target // per_step
+    return new_accum, (
+        f"checkpoint written with micro-batch {saved['micro_batch_size']} on {info.world_size} rank(s), "
+        f"this run has {micro_batch} on {world_size}: gradient accumulation {saved['grad_accum']} → "
+        f"{new_accum} keeps the global batch of {target} sequences "
+        f"({micro_batch} × {new_accum} × {world_size})"
+    )

@@ -27,6 +27,7 @@ from microbert.errors import MicroBertError
 from microbert.model import BertForMaskedLM
 from microbert.run_config import SCHEDULES, TrainConfig
 from train.flat import FlatParameters
+from train.nodes import group_timeout
 from train.optim import ClippedAdamW
 
 WARMUP_SHARE = 0.06  # warm-up when none is given: 6% of the run (RoBERTa's), in steps or in time
@@ -66,14 +67,20 @@ def library_noise(on: bool) -> None:
 
 
 def init_distributed(local_rank: int | None, precision: str) -> Placement:
-    """Join (or, alone, form) the process group; pick the device and precision."""
+    """Join (or, alone, form) the process group; pick the device and precision.
+
+    The timeout (train/nodes.py, `MICROBERT_DIST_TIMEOUT_S`) bounds how long the other ranks wait
+    for one that died or hangs before they fail, instead of torch's 10 (NCCL) or 30 (gloo) minutes.
+    """
     library_noise(verbose())
     captured = io.StringIO()
     # DeepSpeed prints "deepspeed_shm_comm_op built successfully" on every start, compiled or
     # loaded from the cache: harmless, and shown with --verbose (or replayed if the start fails).
     with contextlib.nullcontext() if verbose() else contextlib.redirect_stdout(captured):
         try:
-            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+            deepspeed.init_distributed(
+                dist_backend=get_accelerator().communication_backend_name(), timeout=group_timeout()
+            )
         except BaseException:
             print(captured.getvalue(), end="")
             raise

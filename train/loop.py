@@ -27,6 +27,7 @@ from deepspeed.accelerator import get_accelerator
 from microbert.checkpoint import save_artifact, update_latest
 from microbert.commands.predict import render
 from microbert.data import ShardLoader, mask_tokens, prepare_dataset
+from microbert.data.cache import cache_root
 from microbert.errors import MicroBertError
 from microbert.evaluate import EVAL_MASK_RATE, EVAL_SEED, evaluate
 from microbert.model import BertForMaskedLM, masked_slots_for
@@ -42,6 +43,8 @@ from train.engine import (
     oom_message,
     warmup_warning,
 )
+from train.launcher import STOP_FILE
+from train.nodes import PeerLost, discover, peer_lost
 from train.reporting import Progress, RunLog, ScalarReport, peak_flops, write_history
 
 PLOT_EVERY_S = 300.0  # redraw training_history.png at most this often before the end
@@ -67,9 +70,16 @@ class StopRequest:
     GPU tensor read back with `.item()` would make every step wait for the GPU's queue to drain.
     """
 
-    def __init__(self, place: Placement) -> None:
+    def __init__(self, place: Placement, stop_file: Path | None = None) -> None:
         self.signal: int | None = None
         self.group = None
+        # `microbert-train --hostfile` asks for a stop with a file in the run folder (train/launcher.py):
+        # rank 0 looks for it once a second, and the flag travels with the others
+        self.stop_file = stop_file if place.is_main else None
+        self.run_stop_file = stop_file
+        self.file_seen = False
+        self._next_look = 0.0
+        self.agreed_value = 0
         if place.world_size > 1:
             # every rank creates the group, in the same order (a collective call)
             self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
@@ -82,14 +92,38 @@ class StopRequest:
         self.signal = signum
 
     def agreed(self, out_of_time: bool = False) -> tuple[bool, bool]:
-        """(stop, out of time), true on every rank if true on any: a signal, or a clock past the
-        time budget. Ranks must stop, and checkpoint, at the same step."""
-        flags = (self.signal is not None, out_of_time)
+        """(stop, out of time), true on every rank if true on any: a signal (or the stop file), or a
+        clock past the time budget. Ranks must stop, and checkpoint, at the same step.
+
+        The stop value reduced is the highest signal number asked for anywhere (1 for the stop
+        file), so rank 0's log can say what stopped a run even when the signal reached another node.
+        """
+        values = (self.signal or (1 if self._file_asked() else 0), int(out_of_time))
         if self.group is not None:
-            tensor = torch.tensor([int(flag) for flag in flags])
+            tensor = torch.tensor(values)
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
-            flags = (bool(tensor[0]), bool(tensor[1]))
-        return flags
+            values = (int(tensor[0]), int(tensor[1]))
+        self.agreed_value = values[0]
+        return values[0] > 0, bool(values[1])
+
+    def _file_asked(self) -> bool:
+        if self.stop_file is None or self.file_seen:
+            return self.file_seen
+        now = time.monotonic()
+        if now >= self._next_look:
+            self._next_look = now + 1.0
+            self.file_seen = self.stop_file.exists()
+        return self.file_seen
+
+    def reason(self) -> str:
+        if self.file_seen and self.stop_file is not None:
+            self.stop_file.unlink(missing_ok=True)  # honoured: the next start must not stop at once
+        if self.agreed_value > 1:
+            where = "" if self.signal == self.agreed_value else " on another rank"
+            return f"signal {signal.Signals(self.agreed_value).name}{where}"
+        if self.agreed_value == 1:
+            return f"stop file {self.run_stop_file}"
+        return "a stop request"
 
 
 class Trainer:
@@ -104,8 +138,10 @@ class Trainer:
         if self.place.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpointing._barrier()
+        self.nodes = discover(self.place.rank, self.place.world_size)
+        checkpointing.require_shared_run_dir(self.run_dir, self.nodes)
         self.log = RunLog(self.run_dir / "train.log", self.place.is_main)
-        self.stop = StopRequest(self.place)
+        self.stop = StopRequest(self.place, self.run_dir / STOP_FILE)
         self.step = 0
         self.tokens_seen = 0
         self.elapsed_before = 0.0
@@ -129,14 +165,19 @@ class Trainer:
         if t.resume == "never" and place.is_main:
             self._clear_previous_run()
         model_config = self.resolved.model_config
-        data = prepare_dataset(
-            t.dataset,
-            seq_len=t.seq_len,
-            vocab_size=model_config.vocab_size,
-            max_samples=t.max_samples,
-            streaming=t.streaming,
-            text_column=t.text_column,
-            progress=place.is_main and sys.stderr.isatty(),
+        data = self.nodes.prepare_once(
+            cache_root(),
+            lambda tokenizer: prepare_dataset(
+                t.dataset,
+                tokenizer=tokenizer,
+                seq_len=t.seq_len,
+                vocab_size=model_config.vocab_size,
+                max_samples=t.max_samples,
+                streaming=t.streaming,
+                text_column=t.text_column,
+                progress=place.is_main and sys.stderr.isatty(),
+            ),
+            self.log,
         )
         self.data = data
         vocab = data.tokenizer.get_vocab_size()
@@ -154,6 +195,8 @@ class Trainer:
             self.micro_batch = auto_micro_batch(model_config, t.seq_len, place)
         else:
             self.micro_batch = int(t.micro_batch_size)
+        self.requested_batch = {"micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum}
+        t.grad_accum = self._grad_accum_for_resume()
         self.loader = ShardLoader(
             data.train,
             batch_size=self.micro_batch,
@@ -240,6 +283,21 @@ class Trainer:
             f"resumed from step {self.step} ({info.path}); {self.tokens_seen:,} tokens seen, "
             f"loader at epoch {self.loader.epoch}"
         )
+
+    def _grad_accum_for_resume(self) -> int:
+        """On another number of ranks than the checkpoint's, keep its global batch (checkpointing.py)."""
+        info = checkpointing.latest_complete(self.checkpoint_dir) if self.t.resume == "auto" else None
+        if info is None:
+            return self.t.grad_accum
+        accum, note = checkpointing.batch_for_resume(
+            info,
+            requested=self.requested_batch,
+            micro_batch=self.micro_batch,
+            world_size=self.place.world_size,
+        )
+        if note:
+            self.log(note)
+        return accum
 
     def _write_resolved_config(self) -> None:
         resolved = self.resolved.to_dict()
@@ -377,8 +435,7 @@ class Trainer:
                 interval_start += paused
                 self.paused_s += paused
                 if stopping:
-                    sig = self.stop.signal
-                    reason = f"signal {signal.Signals(sig).name}" if sig else "--stop-at-step"
+                    reason = "--stop-at-step" if self.step == t.stop_at_step else self.stop.reason()
                     self.log(f"stopped at step {self.step} ({reason}); the same command resumes from here")
                     outcome = "stopped"
                     break
@@ -467,6 +524,12 @@ class Trainer:
             rank=self.place.rank,
             world_size=self.place.world_size,
             keep=self.t.keep_checkpoints,
+            batch={
+                "micro_batch_size": self.micro_batch,
+                "grad_accum": self.t.grad_accum,
+                "train_batch_size": self.ds_config["train_batch_size"],
+                "requested": self.requested_batch,
+            },
         )
         if self.place.is_main:
             self._export()
@@ -573,6 +636,10 @@ def run(resolved: Resolved, local_rank: int | None) -> int:
             dist.destroy_process_group()
     except torch.OutOfMemoryError:
         raise MicroBertError(oom_message(resolved.train, getattr(trainer, "micro_batch", 0))) from None
+    except RuntimeError as exc:  # torch.distributed errors are RuntimeErrors
+        if not peer_lost(exc):
+            raise
+        raise PeerLost(exc, trainer.checkpoint_dir) from None
     finally:
         trainer.log.close()
     return 0

@@ -1,12 +1,14 @@
 """Entry point of `microbert-train`, `python -m train` and `deepspeed train/main.py`: parse, build, run.
 
-A profile naming more than one GPU, started without a launcher, starts `deepspeed --num_gpus N`
+A profile naming more than one GPU, or the multi-node flags (`--hostfile`, or `--num-nodes`,
+`--node-rank`, `--master-addr`), started without a launcher, start DeepSpeed's launcher
 (train/launcher.py); a one-process run stays in this process. Configuration problems are printed
 together as one `error:` message with exit code 2, before anything heavy is imported.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -14,9 +16,10 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # `deepspeed train/main.py`: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from microbert.errors import MicroBertError
+from microbert.errors import ConfigError, MicroBertError
 from microbert.run_config import resolve
 from train.args import flag_settings, parse
+from train.launcher import NodeLaunch, launch_problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,13 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags=flag_settings(args),
             world_size=int(os.environ.get("WORLD_SIZE", "1")) if under_launcher else None,
         )
+        nodes, problems = _node_launch(args, resolved.train.num_nodes, resolved.profile)
         problem = _missing_gpu(resolved.train.precision, resolved.train.num_gpus, args.profile)
-        if problem:
-            raise MicroBertError(problem)
-        if not under_launcher and resolved.train.num_gpus > 1:
+        if problem or (problems and not under_launcher):
+            raise ConfigError([*problems, problem] if problem else problems)
+        if not under_launcher and (resolved.train.num_gpus > 1 or nodes.multi_node):
             from train.launcher import launch
 
-            return launch(resolved.train.num_gpus, argv, resolved.train.run_dir)
+            return launch(resolved.train.num_gpus, argv, resolved.train.run_dir, nodes)
         if not under_launcher:
             _single_process_env()
         from train.loop import run
@@ -51,6 +55,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MicroBertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+
+
+def _node_launch(
+    args: argparse.Namespace, profile_nodes: int, profile: str | None
+) -> tuple[NodeLaunch, list[str]]:
+    """The multi-node launch flags, and what is wrong with them (train/launcher.py)."""
+    nodes = NodeLaunch(
+        hostfile=args.hostfile,
+        num_nodes=args.num_nodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+    if nodes.node_rank is not None and nodes.num_nodes is None:
+        nodes.num_nodes = profile_nodes
+    return nodes, launch_problems(nodes, profile_nodes, profile)
 
 
 def _missing_gpu(precision: str, num_gpus: int, profile: str | None) -> str | None:

@@ -139,7 +139,10 @@ def profile_rows() -> list[dict[str, object]]:
                 "seq_len": t.seq_len,
                 "micro_batch_size": t.micro_batch_size,
                 "dataset": t.dataset,
-                "static_gib_per_gpu": static_memory_gib(r.model_config, t.num_gpus, t.precision),
+                "num_nodes": t.num_nodes,
+                "static_gib_per_gpu": static_memory_gib(
+                    r.model_config, t.num_gpus * t.num_nodes, t.precision
+                ),
             }
         )
     return [row for row in rows if "error" not in row] + [row for row in rows if "error" in row]
@@ -160,8 +163,23 @@ def processes(num_gpus: int, hardware: str) -> str:
     return f"{num_gpus} process" + ("es" if num_gpus > 1 else "") + ("" if on_cpu else ", one per GPU")
 
 
-def launch_commands(name: str, num_gpus: int) -> list[str]:
-    """What `microbert-train --profile NAME` runs: in-process for one GPU, the DeepSpeed launcher for more."""
+def launch_commands(name: str, num_gpus: int, num_nodes: int = 1) -> list[str]:
+    """What `microbert-train --profile NAME` runs: in-process for one GPU, the DeepSpeed launcher for more.
+
+    A profile for several nodes gets the two ways to start it (README: Multi-node): from one node
+    over pdsh/ssh with a hostfile, or the same command on every node with its node rank.
+    """
+    if num_nodes > 1:
+        flags = f"--num-nodes {num_nodes} --master-addr NODE0_ADDRESS"
+        return [
+            f"from one node over pdsh/ssh (a hostfile with one 'HOST slots={num_gpus}' line per node):",
+            f"  microbert-train --profile {name} --hostfile HOSTFILE",
+            "or on each node, e.g. from a SLURM or Kubernetes job (port 29500 unless --master-port):",
+            *(
+                f"  node {rank}: microbert-train --profile {name} {flags} --node-rank {rank}"
+                for rank in range(num_nodes)
+            ),
+        ]
     commands = [f"microbert-train --profile {name}"]
     if num_gpus > 1:
         commands.append(
@@ -177,15 +195,18 @@ def show_profile(name: str, *, as_json: bool) -> int:
     data = r.to_dict()
     data["parameters"] = r.model_config.num_parameters()
     data["training_flops_per_token"] = r.model_config.training_flops_per_token(r.train.seq_len)
-    data["static_gib_per_gpu"] = static_memory_gib(r.model_config, r.train.num_gpus, r.train.precision)
-    data["launch"] = launch_commands(name, r.train.num_gpus)
+    data["static_gib_per_gpu"] = static_memory_gib(
+        r.model_config, r.train.num_gpus * r.train.num_nodes, r.train.precision
+    )
+    data["launch"] = launch_commands(name, r.train.num_gpus, r.train.num_nodes)
     data["hardware"] = profile_hardware(name)
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
     t = r.train
+    ranks = processes(t.num_gpus * t.num_nodes, data["hardware"])
     print(
-        f"profile {name}: {data['hardware']}, {processes(t.num_gpus, data['hardware'])}, model {t.model} "
+        f"profile {name}: {data['hardware']}, {ranks}, model {t.model} "
         f"({_millions(r.model_config.num_parameters())})"
     )
     print(f"layers: {' < '.join(r.sources)}")

@@ -205,7 +205,8 @@ def test_two_ranks_through_the_launcher_train_checkpoint_stop_on_sigterm_then_re
     step = json.loads((run_dir / "status.json").read_text())["step"]
     assert step >= 4 and f"stopped at step {step} (signal SIGTERM)" in (run_dir / "train.log").read_text()
     folder = run_dir / "checkpoints" / f"step-{step}"
-    assert json.loads((folder / "COMPLETE").read_text()) == {"step": step, "world_size": 2}
+    marker = json.loads((folder / "COMPLETE").read_text())
+    assert (marker["step"], marker["world_size"], marker["batch"]["train_batch_size"]) == (step, 2, 16)
     assert {p.name for p in folder.glob("zero_pp_rank_*")} == {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",

@@ -1,0 +1,73 @@
+"""Golden loss: a tiny run on fixed data reaches the loss recorded in `golden_loss.json`.
+
+torchtitan keeps one: a change to the model, the masking, the optimizer or the recipe that stalls
+learning (or merely changes it) moves this number and fails CI, where a smoke test that only checks
+"the loss went down" would pass. The data is Tiny Shakespeare from the package, tokenized by a
+tokenizer trained on it (reproducible: the same ids on every machine), so the run is exactly
+repeatable on CPU. To re-record after a deliberate change: `MICROBERT_RECORD_GOLDEN=1 pytest
+tests/train/test_golden_loss.py`, and say why in the commit.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+from train_helpers import REPO, history, run_train
+
+GOLDEN = Path(__file__).with_name("golden_loss.json")
+
+
+def _golden_run(train_env: dict[str, str], tmp_path: Path, device_env: dict[str, str]) -> dict:
+    golden = json.loads(GOLDEN.read_text())
+    text = tmp_path / "tinyshakespeare.txt"
+    text.write_bytes(gzip.decompress((REPO / "microbert/corpus/tinyshakespeare.txt.gz").read_bytes()))
+    run_dir = tmp_path / "run"
+    out = run_train(
+        {**train_env, **device_env},
+        *golden["args"],
+        "--dataset", str(text),
+        "--run-dir", str(run_dir),
+        "--resume", "never",
+        timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    h = history(run_dir)
+    return {
+        "loss": h["train"][-1]["loss"],
+        "eval_accuracy": h["eval"][-1]["accuracy"],
+        "eval_baseline": h["eval"][-1]["baseline_accuracy"],
+        "golden": golden,
+    }
+
+
+@pytest.mark.slow
+def test_cpu_run_reaches_the_golden_loss(train_env, tmp_path):
+    got = _golden_run(train_env, tmp_path, {"DS_ACCELERATOR": "cpu"})
+    golden = got.pop("golden")
+    if os.environ.get("MICROBERT_RECORD_GOLDEN"):
+        golden["cpu"] = {k: round(v, 5) for k, v in got.items()}
+        GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
+    want = golden["cpu"]
+    assert got["loss"] == pytest.approx(want["loss"], abs=golden["tolerance"]["cpu"])
+    assert got["eval_accuracy"] == pytest.approx(want["eval_accuracy"], abs=0.01)
+    # and the recorded run learns: held-out fill-mask accuracy well above the constant guess
+    assert got["eval_accuracy"] > 1.5 * got["eval_baseline"]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_run_with_compile_and_cuda_graphs_reaches_the_golden_loss(train_env, tmp_path):
+    """The GPU path (bf16, torch.compile, CUDA graphs, the fixed-slot head) against the CPU golden
+    loss, with a bf16 tolerance: it must learn as the CPU path does."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    env = {k: v for k, v in train_env.items() if k != "DS_ACCELERATOR"}
+    got = _golden_run(env, tmp_path, {"MICROBERT_COMPILE": "reduce-overhead"})
+    golden = got.pop("golden")
+    assert got["loss"] == pytest.approx(golden["cpu"]["loss"], abs=golden["tolerance"]["gpu"])
+    assert got["eval_accuracy"] > 1.5 * got["eval_baseline"]
