@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install test lint format demo
+.PHONY: install test lint format demo gpu-images
 
 install:
 	python3 -m venv .venv
@@ -30,3 +30,13 @@ demo:
 	echo "== wall time: $$(( $$(date +%s) - start )) s (data preparation, training, checkpoints, export)"; \
 	.venv/bin/microbert eval --model-dir runs/cpu --dataset embedded && \
 	.venv/bin/microbert predict --model-dir runs/cpu "The [MASK] of the king was great." "I will not [MASK] it."
+
+# The GPU (CUDA) images without a registry, from a local Debian base and PyPI's CUDA torch, then their
+# smoke test on this machine (no GPU needed) and their sizes. Needs a Docker engine: the running one, or
+# ../shared/docker/local-engine.sh's as root. Cold: ~2.7 GB of wheels (downloaded once), ~10 min on 2 cores.
+gpu-images:
+	@eval "$$(bash docker/cpu-images.sh engine)" && \
+	start=$$(date +%s) && bash docker/gpu-images.sh build && \
+	echo "== built in $$(( $$(date +%s) - start )) s" && \
+	MICROBERT_GPU_IMAGES=1 $(PY) -m pytest -q tests/docker/test_gpu_images.py && \
+	bash docker/gpu-images.sh report

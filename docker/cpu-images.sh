@@ -34,12 +34,12 @@ engine() {
   fi
 }
 
-build_one() {  # name dockerfile tag
+build_one() {  # name dockerfile tag [more docker build arguments]
   local name=$1 dockerfile=$2 tag=$3 start logfile
+  shift 3
   local args=(--network host -f "$dockerfile" -t "$tag" --build-arg "BASE_IMAGE=$BASE_IMAGE"
-    --build-arg "TORCH_SPEC=$TORCH_SPEC")
+    --build-arg "TORCH_SPEC=$TORCH_SPEC" "$@")
   [ -z "${PIP_CA:-}" ] || args+=(--secret "id=pip_ca,src=$PIP_CA")
-  [ -n "${TORCH_WHEEL:-}" ] || args+=(--build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}")
   logfile=$(mktemp -t "microbert-build-$name.XXXXXX.log")
   start=$(date +%s)
   if ! DOCKER_BUILDKIT=1 $DOCKER build --progress plain "${args[@]}" "$REPO" >"$logfile" 2>&1; then
@@ -64,12 +64,17 @@ build() {
   if [ -n "$TORCH_WHEEL" ]; then
     ln -f "$TORCH_WHEEL" "$REPO/docker/wheels/" 2>/dev/null || cp "$TORCH_WHEEL" "$REPO/docker/wheels/"
   fi
-  build_one serve "$REPO/docker/serve.Dockerfile" "$SERVE_IMAGE"
-  build_one train "$REPO/docker/train.Dockerfile" "$TRAIN_IMAGE"
+  local index=()
+  [ -n "$TORCH_WHEEL" ] || index=(--build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}")
+  build_one serve "$REPO/docker/serve.Dockerfile" "$SERVE_IMAGE" "${index[@]}"
+  build_one train "$REPO/docker/train.Dockerfile" "$TRAIN_IMAGE" "${index[@]}"
 }
 
-case "${1:-}" in
-  engine) engine ;;
-  build) build ;;
-  *) echo "usage: $0 engine|build" >&2; exit 2 ;;
-esac
+# docker/gpu-images.sh sources this file for engine and build_one.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  case "${1:-}" in
+    engine) engine ;;
+    build) build ;;
+    *) echo "usage: $0 engine|build" >&2; exit 2 ;;
+  esac
+fi

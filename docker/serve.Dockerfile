@@ -26,6 +26,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=
+# WHEELS_ONLY=1: torch and all it needs come from docker/wheels/ (a wheelhouse: docker/gpu-images.sh
+# downloads the CUDA build's ~2.7 GB once), none from an index.
+ARG WHEELS_ONLY=
 # torch alone first, by exact version (TORCH_SPEC): a CPU image that asked for +cpu fails here if the
 # wheel is missing, instead of quietly downloading the multi-GB CUDA build. Later installs keep it.
 # hadolint ignore=DL3013
@@ -34,6 +37,7 @@ RUN --mount=type=secret,id=pip_ca \
     --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
     if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi; \
+    if [ -n "$WHEELS_ONLY" ]; then export PIP_NO_INDEX=1; fi; \
     pip install --find-links /wheels "$TORCH_SPEC" \
     && python3 -c 'from importlib.metadata import version; print("torch==" + version("torch"))' \
        > /opt/venv/constraints.txt

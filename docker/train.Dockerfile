@@ -4,6 +4,9 @@
 # GPU (default): a CUDA *devel* base, because DeepSpeed compiles its fused ops with nvcc at first use,
 # and PyPI's torch (a CUDA 13 build, matching the base's nvcc).
 #   docker build -f docker/train.Dockerfile -t microbert-train .
+# GPU without a registry: any Debian/Ubuntu base with Python >= 3.11; PyPI's torch brings the CUDA
+# libraries as nvidia-* wheels and the image adds nvcc from PyPI (docker/gpu-images.sh builds it so):
+#   docker build -f docker/train.Dockerfile -t microbert-train:gpu --build-arg BASE_IMAGE=debian-python-base .
 # CPU, from the same file (see docker/serve.Dockerfile for the arguments):
 #   docker build -f docker/train.Dockerfile -t microbert-train:cpu \
 #     --build-arg BASE_IMAGE=python:3.11-slim-bookworm --build-arg TORCH_SPEC=torch==2.13.0+cpu \
@@ -27,6 +30,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=
+# WHEELS_ONLY=1: torch and all it needs come from docker/wheels/ (a wheelhouse: docker/gpu-images.sh
+# downloads the CUDA build's ~2.7 GB once), none from an index.
+ARG WHEELS_ONLY=
 # torch alone first, by exact version (TORCH_SPEC): a CPU image that asked for +cpu fails here if the
 # wheel is missing, instead of quietly downloading the multi-GB CUDA build. Later installs keep it.
 # hadolint ignore=DL3013
@@ -35,6 +41,7 @@ RUN --mount=type=secret,id=pip_ca \
     --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
     if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi; \
+    if [ -n "$WHEELS_ONLY" ]; then export PIP_NO_INDEX=1; fi; \
     pip install --find-links /wheels "$TORCH_SPEC" \
     && python3 -c 'from importlib.metadata import version; print("torch==" + version("torch"))' \
        > /opt/venv/constraints.txt
@@ -72,14 +79,33 @@ RUN mkdir -p /opt/torch_extensions \
 
 # --- the image ----------------------------------------------------------------------------------------
 FROM trainer
-# Next to nvcc (the devel base), what DeepSpeed's JIT-compiled CUDA ops need: Python's headers, a C++
-# compiler.
-# hadolint ignore=DL3008
-RUN if [ -x /usr/local/cuda/bin/nvcc ]; then \
+ARG WHEELS_ONLY=
+# A CUDA torch: what DeepSpeed's JIT-compiled CUDA ops need, Python's headers and a C++ compiler, and
+# nvcc. The devel base has nvcc in /usr/local/cuda; on any other base (a plain Debian or Ubuntu one, the
+# build without a registry) nvcc and the CUDA headers come from PyPI through torch's own CUDA metapackage,
+# `cuda-toolkit`, at the version torch pins (so nvcc matches torch's CUDA), and /usr/local/cuda points at
+# that tree, where torch's extension builder (CUDA_HOME) and DeepSpeed look. A CPU torch gets none of it.
+# hadolint ignore=DL3008,DL3013
+RUN --mount=type=secret,id=pip_ca \
+    --mount=type=bind,source=docker/wheels,target=/wheels \
+    --mount=type=cache,target=/root/.cache/pip \
+    if python3 -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then \
       apt-get update \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-dev g++ \
-      && rm -rf /var/lib/apt/lists/*; \
+      && rm -rf /var/lib/apt/lists/* \
+      && if [ ! -x /usr/local/cuda/bin/nvcc ]; then \
+        if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
+        if [ -n "$WHEELS_ONLY" ]; then export PIP_NO_INDEX=1; fi; \
+        toolkit=$(python3 -c 'from importlib.metadata import version; print(version("cuda-toolkit"))') \
+        && pip install --find-links /wheels --constraint /opt/venv/constraints.txt "cuda-toolkit[nvcc,cccl]==$toolkit" \
+        && major=$(python3 -c 'import torch; print(torch.version.cuda.split(".")[0])') \
+        && cuda=$(python3 -c "import nvidia; print(list(nvidia.__path__)[0] + '/cu$major')") \
+        && ln -s "libcudart.so.$major" "$cuda/lib/libcudart.so" \
+        && ln -s "$cuda" /usr/local/cuda; \
+      fi \
+      && /usr/local/cuda/bin/nvcc --version; \
     fi
+ENV CUDA_HOME=/usr/local/cuda PATH=$PATH:/usr/local/cuda/bin
 ARG APP_UID=1000
 # CUDA's Ubuntu images ship a user with uid 1000: make room for ours, whose uid matches most hosts' first
 # user, so files in a mounted run folder belong to them. The volume folders belong to it, so named
