@@ -10,7 +10,9 @@ What it rewrites, each between markers in README.md:
   start's `microbert predict`; `curl-fill-mask`: the Serving section's `curl`, against a
   `microbert-serve` of that run folder started here).
 - `<!-- figure: NAME -->…<!-- /figure -->` inline: `padding`, the padding share of the embedded corpus
-  at 128 and 512 tokens (`microbert data prepare --seq-len N --json`).
+  at 128 and 512 tokens (`microbert data prepare --seq-len N --json`); `cpu-eval`, the quick-start
+  model's fill-mask accuracy (`microbert eval --json`) on the book it never saw and on the held-out
+  documents, with the constant guess on the same positions.
 
 The commands are read from README.md itself (its ```sh blocks), so what is shown is what the shown
 command prints. tests/test_readme.py runs the same commands on a tiny run and checks that the
@@ -41,7 +43,7 @@ README = REPO / "README.md"
 BIN = Path(sys.executable).parent  # microbert, microbert-train, microbert-serve of this environment
 
 OUTPUTS = ("quickstart-predict", "curl-fill-mask")
-FIGURES = ("padding",)
+FIGURES = ("padding", "cpu-eval")
 RUN_FOLDER = "runs/cpu"  # what the quick start trains
 
 
@@ -214,6 +216,23 @@ def padding_figure(*, cwd: Path, cache_dir: str | None) -> str:
     return f"{100 * shares[0]:.3f}% padding, at 512 {100 * shares[1]:.3f}%"
 
 
+def cpu_eval_figure(*, cwd: Path, run_dir: str) -> str:
+    """The quick-start model scored as `microbert eval` scores it (every scored position [MASK]ed)."""
+    parts = []
+    for dataset, split, what in (
+        ("embedded-heldout", "all", "on *Persuasion*, a novel it never saw"),
+        ("embedded", "heldout", "on the held-out documents of the embedded corpus"),
+    ):
+        argv = ["microbert", "eval", "--model-dir", run_dir, "--dataset", dataset, "--split", split, "--json"]
+        r = json.loads(run(argv, cwd=cwd))
+        parts.append(
+            f"{100 * r['accuracy']:.2f}% top-1 ({100 * r['top5_accuracy']:.2f}% top-5) {what}, against "
+            f"{100 * r['baseline_accuracy']:.2f}% for the constant guess on the same "
+            f"{r['num_masked']:,} positions ({r['over_baseline']:.2f}×)"
+        )
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readme", type=Path, default=README)
@@ -236,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         new = replace_block(new, name, content)
     if not args.no_figures:
         new = replace_figure(new, "padding", padding_figure(cwd=cwd, cache_dir=args.cache_dir))
+        if "<!-- figure: cpu-eval -->" in new:
+            new = replace_figure(new, "cpu-eval", cpu_eval_figure(cwd=cwd, run_dir=args.run_dir))
     if new == text:
         print(f"{args.readme}: up to date")
         return 0
