@@ -319,6 +319,23 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float = 10) 
         return status, raw.decode(errors="replace")
 
 
+def _wait_ready(container: str, base: str, *, timeout_s: float) -> None:
+    """Poll `GET /ready` until 200; fail with the container's log if it stops or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    status: int | None = None
+    while time.monotonic() < deadline:
+        try:
+            status, _ = _http("GET", f"{base}/ready", timeout=5)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            status = None
+        if status == 200:
+            return
+        running = _docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip()
+        assert running == "true", _docker("logs", container).stderr[-4000:]
+        time.sleep(1)
+    raise AssertionError(f"{base}/ready never answered 200: " + _docker("logs", container).stderr[-4000:])
+
+
 @pytest.mark.docker
 @pytest.mark.parametrize("name", ["train", "serve"])
 def test_image_runs_as_non_root_and_carries_no_build_leftovers(images: dict[str, str], name: str) -> None:
@@ -429,19 +446,7 @@ def test_compose_train_then_serve_answers_fill_mask(compose: Compose) -> None:
     assert up.returncode == 0, up.stderr
     (container,) = compose("ps", "--quiet", "serve").stdout.split()
     base = f"http://127.0.0.1:{compose.env['MICROBERT_TEST_PORT']}"
-    deadline = time.monotonic() + 120
-    status: int | None = None
-    while time.monotonic() < deadline:
-        try:
-            status, _ = _http("GET", f"{base}/ready", timeout=5)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            status = None
-        if status == 200:
-            break
-        running = _docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip()
-        assert running == "true", _docker("logs", container).stderr[-4000:]
-        time.sleep(1)
-    assert status == 200, _docker("logs", container).stderr[-4000:]
+    _wait_ready(container, base, timeout_s=120)
 
     status, result = _http(
         "POST", f"{base}/fill-mask", {"inputs": "the king is [MASK] .", "parameters": {"top_k": 3}}

@@ -17,12 +17,11 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_containers import _docker, _free_port, _http, _tool, _writable_dir
+from test_containers import _docker, _free_port, _http, _tool, _wait_ready, _writable_dir
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_DOCKERFILE = (REPO / "docker" / "train.Dockerfile").read_text(encoding="utf-8")
@@ -154,19 +153,7 @@ def serving(gpu_images: dict[str, str], trained_run: Path) -> Iterator[tuple[str
 @pytest.mark.docker
 def test_serve_image_answers_fill_mask(serving: tuple[str, str]) -> None:
     container, base = serving
-    deadline = time.monotonic() + 180
-    status: int | None = None
-    while time.monotonic() < deadline:
-        try:
-            status, _ = _http("GET", f"{base}/ready", timeout=5)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            status = None
-        if status == 200:
-            break
-        running = _docker("inspect", "-f", "{{.State.Running}}", container).stdout.strip()
-        assert running == "true", _docker("logs", container).stderr[-4000:]
-        time.sleep(1)
-    assert status == 200, _docker("logs", container).stderr[-4000:]
+    _wait_ready(container, base, timeout_s=180)
     status, result = _http(
         "POST", f"{base}/fill-mask", {"inputs": "the king is [MASK] .", "parameters": {"top_k": 3}}
     )
