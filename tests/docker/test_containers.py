@@ -319,6 +319,13 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float = 10) 
         return status, raw.decode(errors="replace")
 
 
+def _assert_non_root_without_secrets(image: str) -> None:
+    """The image's configured user is not root and no CA or pip secret is left in its environment."""
+    config = json.loads(_docker("image", "inspect", image, check=True).stdout)[0]["Config"]
+    assert config["User"] not in ("", "root", "0"), config["User"]
+    assert not any(e.startswith(("PIP_CERT=", "PIP_CA=", "REQUESTS_CA_BUNDLE=")) for e in config["Env"])
+
+
 def _wait_ready(container: str, base: str, *, timeout_s: float) -> None:
     """Poll `GET /ready` until 200; fail with the container's log if it stops or the time runs out."""
     deadline = time.monotonic() + timeout_s
@@ -340,9 +347,7 @@ def _wait_ready(container: str, base: str, *, timeout_s: float) -> None:
 @pytest.mark.parametrize("name", ["train", "serve"])
 def test_image_runs_as_non_root_and_carries_no_build_leftovers(images: dict[str, str], name: str) -> None:
     image = images[name]
-    config = json.loads(_docker("image", "inspect", image, check=True).stdout)[0]["Config"]
-    assert config["User"] not in ("", "root", "0"), config["User"]
-    assert not any(e.startswith(("PIP_CERT=", "PIP_CA=", "REQUESTS_CA_BUNDLE=")) for e in config["Env"])
+    _assert_non_root_without_secrets(image)
     uid = _docker("run", "--rm", "--network", "host", "--entrypoint", "id", image, "-u", check=True)
     assert uid.stdout.strip() not in ("", "0")
     # As root, look where build leftovers would be: pip caches, the secret, the local wheels. (BuildKit

@@ -21,7 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_containers import _docker, _free_port, _http, _tool, _wait_ready, _writable_dir
+from test_containers import (
+    _assert_non_root_without_secrets,
+    _docker,
+    _free_port,
+    _http,
+    _tool,
+    _wait_ready,
+    _writable_dir,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_DOCKERFILE = (REPO / "docker" / "train.Dockerfile").read_text(encoding="utf-8")
@@ -91,9 +99,7 @@ def test_torch_is_the_cuda_build_and_sees_no_gpu(gpu_images: dict[str, str], nam
 @pytest.mark.parametrize("name", ["train", "serve"])
 def test_image_runs_as_non_root_and_carries_no_build_leftovers(gpu_images: dict[str, str], name: str) -> None:
     image = gpu_images[name]
-    config = json.loads(_docker("image", "inspect", image, check=True).stdout)[0]["Config"]
-    assert config["User"] not in ("", "root", "0"), config["User"]
-    assert not any(e.startswith(("PIP_CERT=", "PIP_CA=", "REQUESTS_CA_BUNDLE=")) for e in config["Env"])
+    _assert_non_root_without_secrets(image)
     # The wheelhouse reached the build through a bind mount only: no wheel and no secret in a layer.
     leftovers = _docker(
         *RUN, "--user", "0", "--entrypoint", "sh", image, "-c",
