@@ -18,6 +18,28 @@ probes() {  # the cpu profile's recipe on 2 cores each (cores $1-15), beside the
     --parallel "$3" --cores-per-run 2 --first-core "$1" --out "$OUT/probes" >"$OUT/logs/probes.log" 2>&1
 }
 case $part in
+  tiny)  # the cpu profile's regime per token (bench/tiny_sweep.py; carry .mbcache-tiny), the GPU golden test beside it
+    (timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train/test_golden_loss.py \
+      >"$OUT/logs/golden_gpu.log" 2>&1; echo "golden rc $?" >>"$OUT/logs/golden_gpu.log") &
+    timeout "${TINY_TIMEOUT:-480}" python3 bench/tiny_sweep.py --variants "${TINY_VARIANTS:-bench/tiny_variants.json}" \
+      --procs "${TINY_PROCS:-10}" --cache-dir "$PWD/.mbcache-tiny" --out "$OUT" 2>&1 | grep -v -i "warn"
+    wait; tail -5 "$OUT/logs/golden_gpu.log" ;;
+  pos)  # the sinusoidal position init at bert-base (short rows, then a long run on a 5 s cadence) and bert-mini
+    timeout 330 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
+      --mb-variants lr2e-4,lr3e-4 --eval-points 16 --hf-target "${HF_BASE:-0.0749}" --out "$OUT/base" 2>&1 | grep -v -i "warn" | tail -8
+    timeout 150 python3 bench/quality_bench.py --shape bert-mini --budgets 8,30 --impls microbert \
+      --mb-variants default --eval-points 12 --hf-target "${HF_MINI:-0.0841}" --out "$OUT/mini" 2>&1 | grep -v -i "warn" | tail -6
+    timeout 100 python3 bench/tiny_sweep.py --variants bench/tiny_seeds.json --procs 10 \
+      --cache-dir "$PWD/.mbcache-tiny" --out "$OUT" 2>&1 | grep -v -i "warn" ;;
+  base-pos)  # bert-base long runs: BERT's position init again, a smaller sinusoid, a lower LR; one short wsd row
+    for v in lr2e-4-posnormal lr2e-4-sin02; do
+      timeout 200 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert --mb-variants $v \
+        --long-only --steps-per-second 20.6 --eval-points 16 --hf-target "${HF_BASE:-0.0749}" --out "$OUT/base" 2>&1 \
+        | grep -v -i "warn" | grep '"heldout_accuracy"\|seconds_to_reach\|FAILED' | tail -3
+    done
+    timeout 90 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
+      --mb-variants lr2e-4-posnormal-wsd --long-only --steps-per-second 20.6 --eval-points 4 --budgets 20,20 \
+      --out "$OUT/base" 2>&1 | grep -v -i "warn" | grep '"heldout_accuracy"\|FAILED' | tail -2 ;;
   mini)
     probes 6 590 5 &
     taskset -c 0-5 timeout 560 python3 bench/quality_bench.py --shape bert-mini --budgets 8,30 \

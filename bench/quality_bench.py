@@ -60,6 +60,12 @@ MB_VARIANTS = {
     "dropout0.1": ["--dropout", "0.1"],
     "wsd": ["--schedule", "wsd"],
     "lr2e-4-mlm15": ["--lr", "2e-4", "--mlm-probability", "0.15"],
+    "lr3e-4": ["--lr", "3e-4"],
+    "posnormal": ["--position-init", "normal"],  # BERT's position init, for the comparison
+    "lr2e-4-posnormal": ["--lr", "2e-4", "--position-init", "normal"],
+    "lr2e-4-posnormal-wsd": ["--lr", "2e-4", "--position-init", "normal", "--schedule", "wsd"],
+    "lr2e-4-sin02": ["--lr", "2e-4", "--position-init-std", "0.02"],
+    "lr1e-4": ["--lr", "1e-4"],
 }
 
 

@@ -53,6 +53,29 @@ _HF_REQUIRED_VALUES: dict[str, Any] = {
 }
 
 
+# How the position embeddings start. BERT draws them like every other weight, N(0, 0.02): they are
+# then as small as the word embeddings, attention starts out blind to order, and a small model sits
+# on the unigram plateau (predicting `the` everywhere) for a long time: bert-tiny is at 1.0x the
+# constant guess after 24 M tokens. Starting them as a sinusoid table (Vaswani et al. 2017) four
+# times larger gives attention a positional signal from the first step: bert-tiny reaches 2x the
+# constant guess after 7 M tokens and 4.2x after 24 M, and bert-mini 27% held-out after 8 s on an
+# H200 instead of 16%. bert-base is the other way round: with the table (RMS 0.08 or 0.02) it stays
+# on the plateau for 80 s, with BERT's init it leaves it after about 20 s (BENCHMARKS.md, "Time to
+# quality"). So "auto" takes the table up to SINUSOIDAL_MAX_HIDDEN, where it was measured to help,
+# and BERT's own init above. Only the starting values change: the model stays a standard BERT with
+# learned absolute positions.
+POSITION_INITS = ("auto", "sinusoidal", "normal")
+SINUSOIDAL_POSITION_STD = 0.08  # root-mean-square of the table: 4x BERT's initializer range
+SINUSOIDAL_MAX_HIDDEN = 256  # bert-tiny (128) and bert-mini (256) measured; bert-base (768) not helped
+
+
+def resolve_position_init(kind: str, hidden_size: int) -> str:
+    """The init `kind` ("auto" resolved for a model of this width): "sinusoidal" or "normal"."""
+    if kind == "auto":
+        return "sinusoidal" if hidden_size <= SINUSOIDAL_MAX_HIDDEN else "normal"
+    return kind
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A BERT encoder with an MLM head. Field names are Hugging Face's."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from microbert.config import ModelConfig
+from microbert.config import POSITION_INITS, SINUSOIDAL_POSITION_STD, ModelConfig, resolve_position_init
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (the `transformers` convention)
 
@@ -314,3 +314,33 @@ def aligned_linear(
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (the tied decoder weight counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def sinusoid_table(positions: int, dim: int) -> torch.Tensor:
+    """(positions, dim) sin/cos table with root-mean-square 1 (even dims sin, odd dims cos)."""
+    pos = torch.arange(positions, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(positions, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return table * math.sqrt(2.0)
+
+
+@torch.no_grad()
+def init_position_embeddings(model: BertForMaskedLM, kind: str, std: float | None = None) -> None:
+    """Re-initialise the position embeddings of a freshly built model (microbert.config explains
+    the choice; "auto" picks by the model's width).
+
+    `std` is the root-mean-square of the starting values: by default SINUSOIDAL_POSITION_STD for
+    "sinusoidal" and the config's initializer range for "normal" (BERT's own init, left untouched).
+    """
+    weight = model.bert.embeddings.position_embeddings.weight
+    kind = resolve_position_init(kind, model.config.hidden_size)
+    if kind == "normal":
+        if std is not None:
+            weight.mul_(std / model.config.initializer_range)
+    elif kind == "sinusoidal":
+        table = sinusoid_table(weight.shape[0], weight.shape[1])
+        weight.copy_(table * (SINUSOIDAL_POSITION_STD if std is None else std))
+    else:
+        raise ValueError(f"unknown position init {kind!r}; choose one of {', '.join(POSITION_INITS)}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microbert.config import PRESETS, ModelConfig
+from microbert.config import POSITION_INITS, PRESETS, ModelConfig
 from microbert.errors import ConfigError, unknown_name
 
 
@@ -54,6 +54,11 @@ class TrainConfig:
     # pre-trains without dropout by default, as ModernBERT and Cramming do: with 0.1, whether a
     # small BERT leaves the unigram plateau within a short run is a lottery over seeds (BENCHMARKS.md).
     dropout: float | None = 0.0
+    # How the position embeddings start (microbert.config.POSITION_INITS): "auto" takes a sinusoid
+    # table for small models (they leave the unigram plateau within minutes on a CPU) and BERT's
+    # N(0, 0.02) for large ones, as measured.
+    position_init: str = "auto"
+    position_init_std: float | None = None  # None: the init's own default (microbert.config)
     # data
     dataset: str = "embedded"
     max_samples: int | None = None
@@ -405,6 +410,14 @@ def _validate(t: TrainConfig, problems: list[str], world_size: int | None) -> Mo
         problems.append(f"dropout must be in [0, 1), got {t.dropout!r}")
     if t.schedule not in SCHEDULES:
         problems.append(unknown_name("schedule", str(t.schedule), SCHEDULES))
+    if t.position_init not in POSITION_INITS:
+        problems.append(unknown_name("position_init", str(t.position_init), POSITION_INITS))
+    if t.position_init_std is not None and (
+        not isinstance(t.position_init_std, int | float)
+        or isinstance(t.position_init_std, bool)
+        or not 0 < t.position_init_std <= 1
+    ):
+        problems.append(f"position_init_std must be in (0, 1], got {t.position_init_std!r}")
     if not isinstance(t.decay_fraction, int | float) or not 0 < t.decay_fraction <= 1:
         problems.append(f"decay_fraction must be in (0, 1], got {t.decay_fraction!r}")
     if t.time_budget_s is not None and (

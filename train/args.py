@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from microbert.config import POSITION_INITS
 from microbert.run_config import SCHEDULES, parse_count
 
 
@@ -92,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule", choices=SCHEDULES, help="LR decay after warm-up: cosine (default), linear, wsd"
     )
     p.add_argument("--dropout", type=float, help="hidden and attention dropout (default 0; BERT's is 0.1)")
+    p.add_argument(
+        "--position-init",
+        choices=POSITION_INITS,
+        help="how position embeddings start: sinusoidal (small models learn word order sooner), normal "
+        "(BERT's N(0, 0.02)), or auto (default: sinusoidal up to hidden size 256, normal above)",
+    )
+    p.add_argument(
+        "--position-init-std", type=float, help="root-mean-square of the starting position embeddings"
+    )
     p.add_argument(
         "--mlm-probability", type=float, help="share of tokens masked in training (80/10/10 corruption)"
     )

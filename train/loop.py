@@ -26,11 +26,12 @@ from deepspeed.accelerator import get_accelerator
 
 from microbert.checkpoint import LATEST, save_artifact, update_latest
 from microbert.commands.predict import render
+from microbert.config import resolve_position_init
 from microbert.data import ShardLoader, mask_tokens, prepare_dataset
 from microbert.data.cache import cache_root
 from microbert.errors import MicroBertError
 from microbert.evaluate import EVAL_MASK_RATE, EVAL_SEED, evaluate
-from microbert.model import BertForMaskedLM, masked_slots_for
+from microbert.model import BertForMaskedLM, init_position_embeddings, masked_slots_for
 from microbert.predict import FillMaskPredictor
 from microbert.run_config import Resolved
 from microbert.tokenizer import tokenizer_hash
@@ -215,6 +216,7 @@ class Trainer:
         )
         torch.manual_seed(t.seed)  # the same initial weights on every rank and every restart
         model = BertForMaskedLM(model_config)
+        init_position_embeddings(model, t.position_init, t.position_init_std)
         if t.micro_batch_size == "auto":
             self.micro_batch = auto_micro_batch(model_config, t.seq_len, place)
         else:
@@ -267,7 +269,8 @@ class Trainer:
             f"{ds_config['train_batch_size']} sequences per step; {self._length()} "
             f"({self.loader.batches_per_epoch} batches per epoch per rank); dropout "
             f"{model_config.hidden_dropout_prob:g}, masking {t.mlm_probability:.0%}, peak LR {t.lr:g} "
-            f"({t.schedule})"
+            f"({t.schedule}), {resolve_position_init(t.position_init, model_config.hidden_size)} "
+            "position init"
         )
         if warning := warmup_warning(t, self.total_steps):
             self.log(warning)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from microbert.checkpoint import load_state_dict
-from microbert.config import ModelConfig
-from microbert.model import IGNORE_INDEX, BertForMaskedLM, count_parameters
+from microbert.config import SINUSOIDAL_POSITION_STD, ModelConfig, resolve_position_init
+from microbert.model import IGNORE_INDEX, BertForMaskedLM, count_parameters, init_position_embeddings
 
 transformers = pytest.importorskip("transformers")
 
@@ -206,3 +206,35 @@ def test_gpu_head_pads_the_vocabulary_matmul_and_matches_the_cpu():
         want_loss = cpu(input_ids, labels=labels).loss
         got_loss = gpu(input_ids.cuda(), labels=labels.cuda(), masked_slots=slots).loss
         assert abs(float(got_loss) - float(want_loss)) < 1e-4
+
+
+def test_sinusoidal_position_init_has_the_recorded_scale_and_no_other_weight_changes():
+    torch.manual_seed(0)
+    plain = BertForMaskedLM(CONFIG)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CONFIG)
+    init_position_embeddings(model, "sinusoidal")
+    pos = model.bert.embeddings.position_embeddings.weight
+    assert float(pos.square().mean().sqrt()) == pytest.approx(SINUSOIDAL_POSITION_STD, rel=1e-4)
+    # neighbouring positions are alike, far ones are not: the order signal attention starts from
+    similarity = torch.nn.functional.cosine_similarity(pos[:1], pos, dim=-1)
+    assert similarity[1] > 0.8 > similarity[32]
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        if "position_embeddings" not in name:
+            assert torch.equal(a, b), name
+
+
+def test_normal_position_init_is_berts_and_auto_picks_by_width():
+    torch.manual_seed(0)
+    plain = BertForMaskedLM(CONFIG)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CONFIG)
+    init_position_embeddings(model, "normal")
+    assert torch.equal(model.state_dict()["bert.embeddings.position_embeddings.weight"],
+                       plain.state_dict()["bert.embeddings.position_embeddings.weight"])  # fmt: skip
+    assert resolve_position_init("auto", 128) == "sinusoidal"
+    assert resolve_position_init("auto", 256) == "sinusoidal"
+    assert resolve_position_init("auto", 768) == "normal"
+    assert resolve_position_init("normal", 128) == "normal"
+    with pytest.raises(ValueError, match="choose one of auto, sinusoidal, normal"):
+        init_position_embeddings(model, "rotary")

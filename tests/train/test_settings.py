@@ -158,3 +158,17 @@ def test_gpu_profile_without_a_visible_gpu_says_so(monkeypatch, capsys):
     assert main(["--profile", "h100_1gpu", "--max-steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "h100_1gpu" in err and "no GPU is visible" in err and "--profile cpu" in err
+
+
+def test_position_init_settings_are_checked(tmp_path, capsys):
+    run_file = tmp_path / "run.json"
+    run_file.write_text(json.dumps({"position_init": "rotary", "position_init_std": 0}))
+    with pytest.raises(ConfigError) as info:
+        resolve(profile="cpu", ds_config=None, run_file=str(run_file), flags={})
+    text = str(info.value)
+    assert "unknown position_init 'rotary'" in text and "sinusoidal" in text
+    assert "position_init_std must be in (0, 1], got 0" in text
+    with pytest.raises(SystemExit) as exited:  # a flag outside the choices: argparse's usage error
+        main(["--position-init", "rotary"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'rotary'" in capsys.readouterr().err
