@@ -521,11 +521,13 @@ class Trainer:
                     seconds = max(now - interval_start, 1e-9)
                     record = self._train_record(loss, tokens / seconds, interval_wait / seconds)
                     self.history["train"].append(record)
+                    # a budget, a step count, or both (whichever comes first)
+                    candidates = []
                     if budget is not None:
-                        remaining = max(0.0, budget - self.training_seconds())
-                    else:
-                        assert self.total_steps is not None
-                        remaining = (self.total_steps - self.step) * seconds / max(interval_steps, 1)
+                        candidates.append(max(0.0, budget - self.training_seconds()))
+                    if self.total_steps is not None:
+                        candidates.append((self.total_steps - self.step) * seconds / max(interval_steps, 1))
+                    remaining = min(candidates)
                     progress.update(self.step, record, remaining)
                     interval_start, interval_wait, interval_steps = now, 0.0, 0
                     interval_tokens.zero_()
