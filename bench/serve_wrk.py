@@ -61,6 +61,14 @@ def lua(body: bytes) -> str:
     )
 
 
+def ok_share(result: dict[str, Any]) -> float:
+    """The share of the requests answered 2xx. (wrk's latency percentiles cover every response,
+    so with rejections they include the fast 429s: read them with `non_2xx` beside them.)"""
+    if not result.get("requests"):
+        return 1.0
+    return max(0.0, 1.0 - result["non_2xx"] / result["requests"])
+
+
 def parse_wrk(out: str) -> dict[str, Any]:
     """Requests/s and latency percentiles (ms) from `wrk --latency` output."""
 
@@ -209,7 +217,10 @@ def bench_http(
                         "concurrency": connections,
                         "load_generator": f"wrk -t{min(args.threads, connections)}",
                         "duration_s": args.duration,
-                        "sentences_per_second": round(result["requests_per_second"] * sentences, 1),
+                        # answered sentences only: a 429 or 503 is not a served sentence
+                        "sentences_per_second": round(
+                            result["requests_per_second"] * ok_share(result) * sentences, 1
+                        ),
                         **result,
                         "load_average_before": before,
                         "load_average_after": load_average(),
