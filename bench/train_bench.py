@@ -15,9 +15,11 @@ Both implementations train on the same batches: packed sequences from MicroBERT'
   the better of eager and `torch.compile`.
 
 Tokens/s counts non-padding tokens of the global batch. MFU = tokens/s × (6·N + 12·L·d·S) / peak,
-N = encoder matmul weights + MLM transform + d·V, peak = the measured bf16 matmul rate of the card
-(785 TFLOP/s H100, 790 TFLOP/s H200; `--peak-tflops` to override). Records are appended to
-`bench/results/<date>-<gpu>.json` (and `$OUT` when set).
+N = encoder matmul weights + MLM transform + d·V, peak = the card's datasheet dense bf16 rate from
+the trainer's own table (`train.reporting.PEAK_FLOPS`: 989 TFLOP/s for an H100 or H200), so the MFU
+here and in `train.log` divide by the same figure; `--peak-tflops` overrides it (e.g. a measured
+matmul peak, about 790 on an H200), and each record says which figure it used (`peak_tflops`).
+Records are appended to `bench/results/<date>-<gpu>.json` (and `$OUT` when set).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from bench.records import append_records, commit
 from microbert.config import ModelConfig, get_preset
 from microbert.data import ShardLoader, mask_tokens, prepare_dataset
 from microbert.model import BertForMaskedLM, masked_slots_for
+from train.reporting import peak_flops as trainer_peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +64,13 @@ SHAPES = {
 
 
 def peak_flops(device_name: str, override: float | None) -> float:
+    """The figure MFU divides by: `--peak-tflops`, else the trainer's datasheet table."""
     if override:
         return override * 1e12
-    return 790e12 if "H200" in device_name else 785e12
+    peak = trainer_peak_flops(device_name)
+    if peak is None:
+        raise SystemExit(f"no datasheet peak for {device_name!r}: pass --peak-tflops")
+    return peak
 
 
 def rank_and_world() -> tuple[int, int, int]:
@@ -77,6 +84,7 @@ def rank_and_world() -> tuple[int, int, int]:
 def make_batches(shape: Shape, config: ModelConfig, device: torch.device, rank: int, world: int, seed: int):
     data = prepare_dataset("embedded", seq_len=shape.seq_len, vocab_size=config.vocab_size)
     vocab = data.tokenizer.get_vocab_size()
+    mask_token_id, special_token_ids = data.mask_token_id, data.special_token_ids
     loader = ShardLoader(
         data.train, batch_size=shape.batch_size, seed=seed, rank=rank, world_size=world, device=device
     )
@@ -88,8 +96,8 @@ def make_batches(shape: Shape, config: ModelConfig, device: torch.device, rank: 
         masked, labels = mask_tokens(
             input_ids,
             vocab_size=vocab,
-            mask_token_id=4,
-            special_token_ids=[0, 1, 2, 3, 4],
+            mask_token_id=mask_token_id,
+            special_token_ids=special_token_ids,
             generator=generator,
         )
         return masked, attention_mask, labels
@@ -253,11 +261,8 @@ def record(
     tokens = shape.batch_size * shape.seq_len * world * args.steps  # packed: every position is a token
     tokens_per_second = tokens / result["elapsed"]
     name = torch.cuda.get_device_name(0)
-    mfu = (
-        tokens_per_second
-        * config.training_flops_per_token(shape.seq_len)
-        / (peak_flops(name, args.peak_tflops) * world)
-    )
+    peak = peak_flops(name, args.peak_tflops)
+    mfu = tokens_per_second * config.training_flops_per_token(shape.seq_len) / (peak * world)
     return {
         "bench": "train",
         "shape": shape.name,
@@ -268,6 +273,7 @@ def record(
         "seq_len": shape.seq_len,
         "tokens_per_second": round(tokens_per_second),
         "mfu": round(mfu, 4),
+        "peak_tflops": round(peak / 1e12, 1),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "final_loss": round(result["loss"], 4),
         "torch": torch.__version__,
@@ -302,7 +308,9 @@ def main() -> None:
     parser.add_argument("--sdpa-backend", choices=("flash", "efficient", "cudnn", "math"), default=None)
     parser.add_argument("--exact-head", action="store_true", help="microbert: head on the exact masked set")
     parser.add_argument("--profile", action="store_true", help="write a torch.profiler table per run")
-    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="MFU's divisor per GPU (default: the datasheet)"
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -316,6 +324,7 @@ def main() -> None:
     ):
         os.environ.setdefault(key, value)
     rank, _, _ = rank_and_world()
+    peak_flops(torch.cuda.get_device_name(0), args.peak_tflops)  # an unknown card stops here, not after a run
     records = []
     for name in args.shapes.split(","):
         shape = SHAPES[name]

@@ -461,15 +461,3 @@ def _check_run_dir(run_dir: str, problems: list[str]) -> None:
         return
     if not os.access(probe, os.W_OK | os.X_OK):
         problems.append(f"run folder {run_dir} is not writable ({probe}): pick another --run-dir")
-
-
-def parse_count(text: str) -> int:
-    """`500k`, `5M`, `50M`, `1_000`: sample counts as people write them."""
-    cleaned = text.strip().replace("_", "").replace(",", "")
-    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(cleaned[-1:].lower(), 1)
-    if scale != 1:
-        cleaned = cleaned[:-1]
-    value = float(cleaned) * scale
-    if value != int(value) or value < 1:
-        raise ValueError(text)
-    return int(value)

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from microbert.config import POSITION_INITS
-from microbert.run_config import SCHEDULES, parse_count
+from microbert.data.sources import parse_count
+from microbert.run_config import SCHEDULES
 
 
 def _bool(text: str) -> bool:
@@ -24,9 +25,12 @@ def _bool(text: str) -> bool:
 
 def _count(text: str) -> int:
     try:
-        return parse_count(text)
+        count = parse_count(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count such as 1000, 500k or 5M, got {text!r}") from None
+        count = None
+    if count is None:  # "all" would read as a flag left out, so it is refused here as before
+        raise argparse.ArgumentTypeError(f"expected a count such as 1000, 500k or 5M, got {text!r}")
+    return count
 
 
 def _batch(text: str) -> int | str:

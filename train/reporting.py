@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Dense bf16 peak FLOP/s per device, for MFU. Matched against the accelerator's device name.
+# Dense bf16 peak FLOP/s per device, from the vendors' datasheets (no sparsity), matched against the
+# accelerator's device name: the one table MFU divides by, in `train.log` and in bench/train_bench.py
+# alike, so the two are comparable. A measured matmul peak is lower (about 790 TFLOP/s on an H200,
+# 785 on an H100); MFU against the datasheet figure is the convention (PaLM, torchtitan).
 PEAK_FLOPS = {
     "H200": 989e12,
     "H100": 989e12,
@@ -30,9 +33,10 @@ PEAK_FLOPS = {
 
 
 def peak_flops(device_name: str | None) -> float | None:
+    """The datasheet peak of the device named (e.g. "NVIDIA H200"); None for a CPU or an unknown one."""
     if not device_name:
         return None
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # "A100" before "A10"
         if key in device_name:
             return PEAK_FLOPS[key]
     return None

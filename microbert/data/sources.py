@@ -21,6 +21,7 @@ import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -414,18 +415,32 @@ def _hub_reachable() -> bool:
         return False
 
 
+# 20000, 1.5, 1_000 or 1,000 (separators only between groups of three digits, so 1,5k is refused)
+_COUNT = re.compile(r"\s*(\d{1,3}(?:[_,]\d{3})+|\d+)(?:\.(\d+))?\s*([kKmMbB]?)\s*")
+_COUNT_SCALES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+
+
 def parse_count(value: str | int | None, *, what: str = "--max-samples") -> int | None:
-    """`500k`, `5M`, `1.5B`, `20000` -> an int; None/"" -> None (no limit)."""
+    """`500k`, `1.5M`, `1B`, `20000`, `1_000` -> an int; None, "", "none", "all" -> None (no limit).
+
+    The one parser of counts, for `microbert data prepare` and `microbert-train` alike. Decimal
+    arithmetic is exact (4.1M is 4100000, where floats give 4099999.9999999995), and a count that is not
+    a whole number (1.0005k) is refused rather than rounded to something the user did not write.
+    """
     if value is None or value == "" or (isinstance(value, str) and value.lower() in ("none", "all")):
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
     else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMbB]?)\s*", str(value))
+        match = _COUNT.fullmatch(str(value))
         if not match:
             raise ConfigError(f"{what} must be a count like 20000, 500k, 5M or 1B, got {value!r}")
-        scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[match.group(2).lower()]
-        number = round(float(match.group(1)) * scale)
+        whole, decimals, suffix = match.groups()
+        exact = Fraction(f"{whole.replace('_', '').replace(',', '')}.{decimals or 0}")
+        exact *= _COUNT_SCALES[suffix.lower()]
+        if exact.denominator != 1:
+            raise ConfigError(f"{what} must be a whole number, got {value!r} ({float(exact):g})")
+        number = int(exact)
     if number <= 0:
         raise ConfigError(f"{what} must be positive, got {value!r}")
     return number

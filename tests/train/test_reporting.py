@@ -25,6 +25,14 @@ def test_report_to_and_verbose_flags():
         parse(["--report-to", "wandb"])
 
 
+def test_max_samples_flag_parses_counts_as_data_prepare_does():
+    counts = {"10k": 10_000, "1.5M": 1_500_000, "25000": 25_000, "4.1M": 4_100_000, "8.12k": 8_120}
+    assert {text: flag_settings(parse(["--max-samples", text]))["max_samples"] for text in counts} == counts
+    for bad in ("1.0005k", "1,5k", "all", "lots"):
+        with pytest.raises(SystemExit):
+            parse(["--max-samples", bad])
+
+
 @pytest.mark.slow
 def test_quiet_run_with_tensorboard_scalars_and_a_warmup_warning(tmp_path, train_env):
     run_dir = tmp_path / "run"

@@ -119,6 +119,18 @@ def test_parse_count() -> None:
             parse_count(bad)
 
 
+def test_parse_count_is_exact_and_refuses_what_it_would_round() -> None:
+    """One parser for `microbert data prepare` and `microbert-train`: decimals are exact (floats made
+    4.1M 4099999.9999999995, which the trainer refused), separators sit between groups of three digits,
+    and a count that is not whole is an error, never rounded to a number the user did not write."""
+    cases = {"10k": 10_000, "1.5M": 1_500_000, "25000": 25_000, "4.1M": 4_100_000, "8.12k": 8_120}
+    cases |= {"1_000": 1_000, "1,000,000": 1_000_000, " 5 M ": 5_000_000, "all": None}
+    assert {text: parse_count(text) for text in cases} == cases
+    for bad in ("1.0005k", "1,5k", "1.5", "12,34", "1e3"):
+        with pytest.raises(ConfigError, match="--max-samples"):
+            parse_count(bad)
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
