@@ -18,6 +18,7 @@ included).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -142,10 +143,25 @@ def prepare_dataset(
     try:
         if (entry / META_FILE).is_file():
             return _open(entry, cached=True)
-        job = _Job(src, entry, key_fields, seq_len, vocab_size, max_samples, streaming, eval_fraction)
-        workers = default_workers() if workers is None else max(1, workers)
+        job = _Job(
+            src=src,
+            entry=entry,
+            key_fields=key_fields,
+            seq_len=seq_len,
+            vocab_size=vocab_size,
+            max_samples=max_samples,
+            streaming=streaming,
+            eval_fraction=eval_fraction,
+            given=given,
+            hf_cache=cache_mod.hf_datasets_dir(root),
+            sample_chars=tokenizer_sample_chars,
+            shard_tokens=shard_tokens,
+            show_progress=progress,
+            started=started,
+            workers=default_workers() if workers is None else max(1, workers),
+        )
         try:
-            job.run(given, root, tokenizer_sample_chars, shard_tokens, progress, started, workers)
+            job.run()
         except cache_mod.CacheWriteError:
             raise  # a full disk: the entry stays, listed as unfinished, and the next run continues
         except BaseException:
@@ -245,25 +261,95 @@ def _open(entry: Path, *, cached: bool) -> PreparedDataset:
     )
 
 
+PARTS = ("train", "eval")
+
+
+def shard_path(entry: Path, index: int, part: str) -> Path:
+    """Shard `index` of `part` ("train" or "eval"): the one place its file name is written."""
+    return entry / f"shard-{index:05d}.{part}.bin"
+
+
+@dataclass
+class _Stats:
+    """Running totals of the text read so far, for meta.json."""
+
+    text_chars: int = 0
+    text_tokens: int = 0  # without the [SEP] that ends each document
+    eval_documents: int = 0
+    padding_tokens: int = 0
+
+
+@dataclass
+class _Shard:
+    index: int
+    train_sequences: int
+    eval_sequences: int
+
+
+@dataclass
+class _Progress:
+    """What `progress.json` records after every committed shard: enough to resume after the last one."""
+
+    key: dict[str, Any]
+    shards: list[_Shard] = field(default_factory=list)
+    documents: int = 0  # documents of the source that the committed shards hold
+    stats: _Stats = field(default_factory=_Stats)
+    # token ids read but not yet packed into a row, per part: the next shard starts with them
+    carry: dict[str, list[int]] = field(default_factory=lambda: {part: [] for part in PARTS})
+    finished: bool = False
+
+    @classmethod
+    def read(cls, path: Path, key: dict[str, Any]) -> _Progress:
+        """The record at `path` when it is one of this cache key; otherwise a fresh start."""
+        data = read_json(path)
+        if data is None or data.get("key") != key:
+            return cls(key)
+        try:
+            return cls(
+                key=key,
+                shards=[_Shard(**shard) for shard in data["shards"]],
+                documents=int(data["documents"]),
+                stats=_Stats(**data["stats"]),
+                carry={part: list(data["carry"][part]) for part in PARTS},
+                finished=bool(data["finished"]),
+            )
+        except (KeyError, TypeError):  # not a record this version wrote: start again
+            return cls(key)
+
+    def write(self, path: Path) -> None:
+        write_json_atomic(path, dataclasses.asdict(self))
+
+    def sequences(self, part: str) -> int:
+        return sum(
+            shard.train_sequences if part == "train" else shard.eval_sequences for shard in self.shards
+        )
+
+
+@dataclass
 class _Job:
     """One preparation of one cache entry: resumable from its last committed shard."""
 
-    def __init__(
-        self,
-        src: Source,
-        entry: Path,
-        key_fields: dict[str, Any],
-        seq_len: int,
-        vocab_size: int,
-        max_samples: int | None,
-        streaming: bool,
-        eval_fraction: float,
-    ):
-        self.src, self.entry, self.key_fields = src, entry, key_fields
-        self.seq_len, self.vocab_size, self.max_samples = seq_len, vocab_size, max_samples
-        self.streaming = streaming
-        # document k is held out when k % eval_every == 0 (none when eval_fraction == 0)
-        self.eval_every = round(1 / eval_fraction) if eval_fraction > 0 else 0
+    src: Source
+    entry: Path
+    key_fields: dict[str, Any]
+    seq_len: int
+    vocab_size: int
+    max_samples: int | None
+    streaming: bool
+    eval_fraction: float
+    given: Tokenizer | None  # the caller's tokenizer; None trains one on the source
+    hf_cache: Path
+    sample_chars: int  # text the tokenizer is trained on
+    shard_tokens: int
+    show_progress: bool
+    started: float  # perf_counter() when prepare_dataset was called, for meta.json's seconds
+    workers: int
+    # document k is held out when k % eval_every == 0 (none when eval_fraction == 0)
+    eval_every: int = field(init=False)
+    state: _Progress = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.eval_every = round(1 / self.eval_fraction) if self.eval_fraction > 0 else 0
 
     def discard_if_empty(self) -> None:
         """After a failure before the first shard: remove the entry, there is nothing to resume."""
@@ -273,56 +359,36 @@ class _Job:
     def is_eval(self, index: int) -> bool:
         return self.eval_every > 0 and index % self.eval_every == 0
 
-    def documents(self, hf_cache: Path) -> Iterator[str]:
+    def documents(self) -> Iterator[str]:
         """The documents of the split: the source's first `max_samples`, long ones cut into pieces."""
-        docs = iter_documents(self.src, streaming=self.streaming, hf_cache_dir=hf_cache)
+        docs = iter_documents(self.src, streaming=self.streaming, hf_cache_dir=self.hf_cache)
         if self.max_samples is not None:
             docs = islice(docs, self.max_samples)
         for doc in docs:
             yield from document_pieces(doc)
 
-    def run(
-        self,
-        given: Tokenizer | None,
-        root: Path,
-        sample_chars: int,
-        shard_tokens: int,
-        progress: bool,
-        started: float,
-        workers: int,
-    ) -> None:
+    def run(self) -> None:
         ensure_dir(self.entry)
-        hf_cache = cache_mod.hf_datasets_dir(root)
-        state = read_json(self.entry / PROGRESS_FILE)
-        if state is not None and state.get("key") != self.key_fields:
-            state = None
-        tok = self._tokenizer(given, hf_cache, sample_chars)
+        self.state = _Progress.read(self.entry / PROGRESS_FILE, self.key_fields)
+        tok = self._tokenizer()
         dtype = _dtype(tok)
-        state = state or {
-            "key": self.key_fields,
-            "shards": [],
-            "documents": 0,
-            "stats": {"text_chars": 0, "text_tokens": 0, "eval_documents": 0, "padding_tokens": 0},
-            "carry": {"train": [], "eval": []},
-            "finished": False,
-        }
-        self._drop_orphans(state)
-        resumed_shards = len(state["shards"])
-        if not state["finished"]:
-            self._tokenize(tok, dtype, state, hf_cache, shard_tokens, progress, started, workers)
-        self._finish(tok, dtype, state, resumed_shards, started)
+        self._drop_orphans()
+        resumed_shards = len(self.state.shards)
+        if not self.state.finished:
+            self._tokenize(tok, dtype)
+        self._finish(tok, dtype, resumed_shards)
 
-    def _tokenizer(self, given: Tokenizer | None, hf_cache: Path, sample_chars: int) -> Tokenizer:
+    def _tokenizer(self) -> Tokenizer:
         if (self.entry / "tokenizer.json").is_file():  # resuming: the ids already written use it
             return load_tokenizer(self.entry)
-        tok = given if given is not None else self._trained_tokenizer(hf_cache, sample_chars)
+        tok = self.given if self.given is not None else self._trained_tokenizer()
         staging = ensure_dir(self.entry / ".tokenizer-tmp")
         for name in save_tokenizer(tok, staging):
             os.replace(staging / name, self.entry / name)
         staging.rmdir()
         return tok
 
-    def _trained_tokenizer(self, hf_cache: Path, sample_chars: int) -> Tokenizer:
+    def _trained_tokenizer(self) -> Tokenizer:
         """Train on the source, or reuse the tokenizer trained on it before (for another seq_len).
 
         Kept in `tokenizers/<key>/` so every sequence length of a source shares one vocabulary without
@@ -335,7 +401,7 @@ class _Job:
         if (folder / "tokenizer.json").is_file():
             return load_tokenizer(folder)
         log.info("training a WordPiece tokenizer (vocab %d) on %s", self.vocab_size, self.src.name)
-        tok = _train_tokenizer(self._sample(hf_cache, sample_chars), self.vocab_size)
+        tok = _train_tokenizer(self._sample(), self.vocab_size)
         staging = ensure_dir(folder.with_name(f".{folder.name}.tmp-{os.getpid()}"))
         save_tokenizer(tok, staging)
         try:
@@ -345,61 +411,54 @@ class _Job:
             return load_tokenizer(folder)
         return tok
 
-    def _sample(self, hf_cache: Path, sample_chars: int) -> Iterator[str]:
+    def _sample(self) -> Iterator[str]:
         taken = 0
-        for index, doc in enumerate(self.documents(hf_cache)):
+        for index, doc in enumerate(self.documents()):
             if self.is_eval(index):
                 continue
             yield doc
             taken += len(doc)
-            if taken >= sample_chars:
+            if taken >= self.sample_chars:
                 return
 
-    def _drop_orphans(self, state: dict[str, Any]) -> None:
+    def _shard_paths(self, part: str) -> list[Path]:
+        return [shard_path(self.entry, shard.index, part) for shard in self.state.shards]
+
+    def _drop_orphans(self) -> None:
         """Remove shards no progress record names (written, but interrupted before being recorded)."""
-        keep = {f"shard-{s['index']:05d}.{part}.bin" for s in state["shards"] for part in ("train", "eval")}
+        keep = {path.name for part in PARTS for path in self._shard_paths(part)}
         for path in self.entry.iterdir():
             if (path.name.startswith("shard-") and path.name not in keep) or ".tmp-" in path.name:
                 path.unlink(missing_ok=True)
 
-    def _tokenize(
-        self,
-        tok: Tokenizer,
-        dtype: np.dtype,
-        state: dict[str, Any],
-        hf_cache: Path,
-        shard_tokens: int,
-        progress: bool,
-        started: float,
-        workers: int,
-    ) -> None:
+    def _tokenize(self, tok: Tokenizer, dtype: np.dtype) -> None:
         encoder = Encoder(tok, dtype=dtype)
-        packers = {part: Packer(tok, self.seq_len, dtype, state["carry"][part]) for part in ("train", "eval")}
-        pending: dict[str, list[np.ndarray]] = {"train": [], "eval": []}
+        packers = {part: Packer(tok, self.seq_len, dtype, self.state.carry[part]) for part in PARTS}
+        pending: dict[str, list[np.ndarray]] = {part: [] for part in PARTS}
         pending_rows = 0
-        stats = state["stats"]
-        bar = _progress_bar(progress, self.src.name)
+        stats = self.state.stats
+        bar = _progress_bar(self.show_progress, self.src.name)
 
         def take(encoded: list[np.ndarray], tag: tuple[int, int, int, int]) -> None:
             """Pack one encoded batch (in source order) and commit a shard when one is full."""
             nonlocal pending_rows
             end_index, chars, n_train, n_eval = tag
             for part, ids, n_docs in (("train", encoded[0], n_train), ("eval", encoded[1], n_eval)):
-                stats["text_tokens"] += len(ids) - n_docs  # less the [SEP] after each document
+                stats.text_tokens += len(ids) - n_docs  # less the [SEP] after each document
                 rows = packers[part].add(ids)
                 pending[part].append(rows)
                 pending_rows += len(rows)
-            stats["text_chars"] += chars
-            stats["eval_documents"] += n_eval
+            stats.text_chars += chars
+            stats.eval_documents += n_eval
             if bar is not None:
                 bar.update(chars)
-            if pending_rows * self.seq_len >= shard_tokens:
-                self._commit(state, pending, packers, end_index, started)
+            if pending_rows * self.seq_len >= self.shard_tokens:
+                self._commit(pending, packers, end_index)
                 pending_rows = 0
 
         pool: EncoderPool | None = None
-        index = state["documents"]
-        docs = islice(self.documents(hf_cache), index, None)  # resume after the last committed shard
+        index = self.state.documents
+        docs = islice(self.documents(), index, None)  # resume after the last committed shard
         try:
             for number, batch in enumerate(_batches(docs)):
                 parts: list[list[str]] = [[], []]  # train, eval
@@ -407,8 +466,10 @@ class _Job:
                     parts[self.is_eval(index)].append(doc)
                     index += 1
                 tag = (index, sum(map(len, batch)), len(parts[0]), len(parts[1]))
-                if pool is None and workers > 1 and number + 1 >= POOL_AFTER_BATCHES:
-                    pool = EncoderPool(tok, dtype, workers, encoder)  # the source is large: use every core
+                if pool is None and self.workers > 1 and number + 1 >= POOL_AFTER_BATCHES:
+                    pool = EncoderPool(
+                        tok, dtype, self.workers, encoder
+                    )  # the source is large: use every core
                 if pool is None:
                     take([encoder.encode(p) for p in parts], tag)
                 else:
@@ -420,56 +481,48 @@ class _Job:
         finally:
             if pool is not None:
                 pool.close()
-        for part in ("train", "eval"):
+        for part in PARTS:
             last = packers[part].finish()
-            stats["padding_tokens"] += int(np.count_nonzero(last == packers[part].pad_id))
+            stats.padding_tokens += int(np.count_nonzero(last == packers[part].pad_id))
             pending[part].append(last)
-        state["finished"] = True
-        self._commit(state, pending, packers, index, started)
+        self.state.finished = True
+        self._commit(pending, packers, index)
         if bar is not None:
             bar.close()
 
     def _commit(
-        self,
-        state: dict[str, Any],
-        pending: dict[str, list[np.ndarray]],
-        packers: dict[str, Packer],
-        documents: int,
-        started: float,
+        self, pending: dict[str, list[np.ndarray]], packers: dict[str, Packer], documents: int
     ) -> None:
         """Write the pending rows as the next shard, then record it (and where to resume)."""
-        shard = len(state["shards"])
+        shard = len(self.state.shards)
         counts = {}
-        for part in ("train", "eval"):
+        for part in PARTS:
             rows = [r for r in pending[part] if len(r)]
             counts[part] = sum(len(r) for r in rows)
-            path = self.entry / f"shard-{shard:05d}.{part}.bin"
+            path = shard_path(self.entry, shard, part)
             cache_mod.write_bytes_atomic(path, (np.ascontiguousarray(r).data.cast("B") for r in rows))
             pending[part].clear()
-        state["shards"].append(
-            {"index": shard, "train_sequences": counts["train"], "eval_sequences": counts["eval"]}
-        )
-        state["documents"] = documents
-        state["carry"] = {part: packers[part].carry.tolist() for part in ("train", "eval")}
-        write_json_atomic(self.entry / PROGRESS_FILE, state)
+        self.state.shards.append(_Shard(shard, counts["train"], counts["eval"]))
+        self.state.documents = documents
+        self.state.carry = {part: packers[part].carry.tolist() for part in PARTS}
+        self.state.write(self.entry / PROGRESS_FILE)
 
-    def _finish(
-        self, tok: Tokenizer, dtype: np.dtype, state: dict[str, Any], resumed_shards: int, started: float
-    ) -> None:
+    def _finish(self, tok: Tokenizer, dtype: np.dtype, resumed_shards: int) -> None:
         """Join the shards into train.bin / eval.bin, then write meta.json: the entry is complete."""
-        totals = {part: sum(s[f"{part}_sequences"] for s in state["shards"]) for part in ("train", "eval")}
+        state, stats = self.state, self.state.stats
+        totals = {part: state.sequences(part) for part in PARTS}
         if totals["train"] == 0:
             raise MicroBertError(
-                f"{self.src.name} has too little text: {state['documents']} document(s) gave no training "
+                f"{self.src.name} has too little text: {state.documents} document(s) gave no training "
                 "sequence (the first document of every 100 is held out for evaluation); give more text"
             )
         data_hash = hashlib.sha256()
-        for part in ("train", "eval"):
-            shards = [self.entry / f"shard-{s['index']:05d}.{part}.bin" for s in state["shards"]]
-            cache_mod.write_bytes_atomic(self.entry / f"{part}.bin", _hashed(shards, data_hash))
+        for part in PARTS:
+            cache_mod.write_bytes_atomic(
+                self.entry / f"{part}.bin", _hashed(self._shard_paths(part), data_hash)
+            )
         total_slots = (totals["train"] + totals["eval"]) * self.seq_len
-        non_padding = total_slots - state["stats"]["padding_tokens"]
-        stats = state["stats"]
+        non_padding = total_slots - stats.padding_tokens
         meta = {
             "format": FORMAT_VERSION,
             "cache_key": self.entry.name,
@@ -482,10 +535,10 @@ class _Job:
             # sha256 of train.bin then eval.bin: what a run folder checks a resume against
             "data_hash": data_hash.hexdigest()[:16],
             "dtype": dtype.name,
-            "documents": state["documents"],
-            "eval_documents": stats["eval_documents"],
-            "text_chars": stats["text_chars"],
-            "text_tokens": stats["text_tokens"],
+            "documents": state.documents,
+            "eval_documents": stats.eval_documents,
+            "text_chars": stats.text_chars,
+            "text_tokens": stats.text_tokens,
             "tokens": non_padding,
             "padding_tokens": total_slots - non_padding,
             "padding_fraction": round((total_slots - non_padding) / max(total_slots, 1), 6),
@@ -493,16 +546,16 @@ class _Job:
             "train_sequences": totals["train"],
             "eval_sequences": totals["eval"],
             "eval_every": self.eval_every,
-            "shards": len(state["shards"]),
+            "shards": len(state.shards),
             "resumed_shards": resumed_shards,
-            "seconds": round(time.perf_counter() - started, 3),
+            "seconds": round(time.perf_counter() - self.started, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "key": self.key_fields,
         }
         write_json_atomic(self.entry / META_FILE, meta)
-        for part in ("train", "eval"):
-            for s in state["shards"]:
-                (self.entry / f"shard-{s['index']:05d}.{part}.bin").unlink(missing_ok=True)
+        for part in PARTS:
+            for path in self._shard_paths(part):
+                path.unlink(missing_ok=True)
         (self.entry / PROGRESS_FILE).unlink(missing_ok=True)
 
 
