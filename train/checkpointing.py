@@ -122,7 +122,7 @@ def setting_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str,
 
 def list_complete(checkpoint_dir: Path) -> list[CheckpointInfo]:
     """Complete checkpoints, oldest first."""
-    found = []
+    found: list[CheckpointInfo] = []
     if not checkpoint_dir.is_dir():
         return found
     for child in checkpoint_dir.iterdir():

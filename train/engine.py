@@ -307,7 +307,7 @@ def build_engine(
     total_steps: int | None,
     place: Placement,
     clock: Callable[[], float] | None = None,
-) -> tuple[Any, torch.optim.lr_scheduler.LRScheduler, dict[str, Any], ClippedAdamW]:
+) -> tuple[Any, torch.optim.lr_scheduler.LambdaLR, dict[str, Any], ClippedAdamW]:
     """`deepspeed.initialize` over the model's flat parameters with the client optimizer and schedule.
 
     On an accelerator the model is compiled, encoder, head and loss in one graph (see
@@ -344,6 +344,7 @@ def build_engine(
             )
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # DeepSpeed hands the client scheduler back as it is: the LambdaLR above.
     engine, _optimizer, _loader, engine_scheduler = deepspeed.initialize(
         model=flat, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )

@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from microbert.config import ModelConfig
+from microbert.model import BertForMaskedLM
 
 
 def takes_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -28,8 +29,12 @@ def takes_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 class FlatParameters(nn.Module):
     GROUPS = ("decay", "no_decay")
+    # Declared for the type checker: set by register_parameter and through __dict__ in __init__.
+    flat_decay: nn.Parameter
+    flat_no_decay: nn.Parameter
+    model: BertForMaskedLM
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: BertForMaskedLM):
         super().__init__()
         named = dict(model.named_parameters())  # tied parameters appear once
         self.layout: dict[str, list[tuple[str, torch.Size]]] = {group: [] for group in self.GROUPS}
@@ -45,7 +50,7 @@ class FlatParameters(nn.Module):
 
     @property
     def config(self) -> ModelConfig:
-        return self.model.config  # type: ignore[no-any-return]
+        return self.model.config
 
     def views(self) -> dict[str, torch.Tensor]:
         views: dict[str, torch.Tensor] = {}
@@ -66,7 +71,7 @@ class FlatParameters(nn.Module):
         return self
 
     @torch.no_grad()
-    def sync_to_model(self) -> nn.Module:
+    def sync_to_model(self) -> BertForMaskedLM:
         """Copy the flat values into the model's own parameters (fp32, CPU) and return the model."""
         params = dict(self.model.named_parameters())
         for name, view in self.views().items():

@@ -72,7 +72,8 @@ class RunLog:
 class Progress:
     """A tqdm bar on a TTY, else periodic log lines."""
 
-    def __init__(self, log: RunLog, *, total: int, initial: int, every: int):
+    def __init__(self, log: RunLog, *, total: int | None, initial: int, every: int):
+        """`total` None: a `--time-budget` run, whose bar counts steps without an end."""
         self.log = log
         self.every = every
         self.bar: Any = None
