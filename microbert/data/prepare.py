@@ -264,9 +264,12 @@ def _open(entry: Path, *, cached: bool) -> PreparedDataset:
 PARTS = ("train", "eval")
 
 
+SHARD_PREFIX = "shard-"
+
+
 def shard_path(entry: Path, index: int, part: str) -> Path:
     """Shard `index` of `part` ("train" or "eval"): the one place its file name is written."""
-    return entry / f"shard-{index:05d}.{part}.bin"
+    return entry / f"{SHARD_PREFIX}{index:05d}.{part}.bin"
 
 
 @dataclass
@@ -428,7 +431,7 @@ class _Job:
         """Remove shards no progress record names (written, but interrupted before being recorded)."""
         keep = {path.name for part in PARTS for path in self._shard_paths(part)}
         for path in self.entry.iterdir():
-            if (path.name.startswith("shard-") and path.name not in keep) or ".tmp-" in path.name:
+            if (path.name.startswith(SHARD_PREFIX) and path.name not in keep) or ".tmp-" in path.name:
                 path.unlink(missing_ok=True)
 
     def _tokenize(self, tok: Tokenizer, dtype: np.dtype) -> None:
