@@ -23,9 +23,10 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 Record = dict[str, Any]
 
-# The serving target of the 2-core machine (BENCHMARKS.md, "Serving"): single-sentence requests.
+# The serving target of the 2-core machine (BENCHMARKS.md, "Serving, 2 CPU cores"): single sentences.
 SERVE_TARGET_PER_S = 1700
 SERVE_TARGET_P99_MS = 150.0
+SERVE_TARGET_CONNECTIONS = 64
 
 
 def load(results: Path = RESULTS) -> list[Record]:
@@ -138,18 +139,25 @@ def serve_cpu(records: list[Record]) -> str:
             f"{r['load_average_before']:.2f}–{r['load_average_after']:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    single = [r for r in rows if r["mode"] == "single" and r["p99_ms"] <= SERVE_TARGET_P99_MS]
+    single = [
+        r
+        for r in rows
+        if r["mode"] == "single"
+        and r["concurrency"] == SERVE_TARGET_CONNECTIONS
+        and r["p99_ms"] <= SERVE_TARGET_P99_MS
+    ]
     best = max(single, key=lambda r: r["sentences_per_second"], default=None)
-    target = f"The target, {SERVE_TARGET_PER_S:,} single sentences/s with p99 ≤ "
-    target += f"{SERVE_TARGET_P99_MS:.0f} ms, "
+    target = (
+        f"The target, {SERVE_TARGET_PER_S:,} single sentences/s at {SERVE_TARGET_CONNECTIONS} connections "
+        f"with p99 ≤ {SERVE_TARGET_P99_MS:.0f} ms, "
+    )
     if best is None:
-        target += "is not met: no single-sentence row has that p99."
+        target += "is not met: no such row has that p99."
     else:
         rate = best["sentences_per_second"]
         target += (
-            f"is {'met' if rate >= SERVE_TARGET_PER_S else 'not met'}: the best single-sentence row within "
-            f"that p99 answers {rate:,.0f}/s ({_server(best)}, {best['concurrency']} connections, "
-            f"p99 {_ms(best['p99_ms'])})."
+            f"is {'met' if rate >= SERVE_TARGET_PER_S else 'not met'}: the best such row within that p99 "
+            f"answers {rate:,.0f}/s ({_server(best)}, p99 {_ms(best['p99_ms'])})."
         )
     return "\n".join([*lines, "", _prose(target)])
 

@@ -149,7 +149,7 @@ def test_a_newer_record_replaces_its_row_only(tmp_path):
     rows = [(a, b) for a, b in changed if a.startswith("|")]
     assert len(rows) == 1 and "| 1,711 | 0 |" in rows[0][1] and "| 149 ms |" in rows[0][1]
     assert "2026-12-01, 2026-12-02" in after and "abc1234" in after
-    assert "is met: the best single-sentence row within that p99 answers 1,711/s" in " ".join(after.split())
+    assert "is met: the best such row within that p99 answers 1,711/s" in " ".join(after.split())
     copy = tmp_path / "README.md"
     copy.write_text(README, encoding="utf-8")
     assert _check(copy, "--results", str(results)).returncode == 1
