@@ -7,11 +7,16 @@ Targets (issue 3, on 2 CPU cores):
 - the loader delivers >= 5 M tokens/s of masked batches from the cache on one core;
 - preparing a 1 GB text source keeps peak resident memory under 2 GB.
 The 1 GB source is the corpus repeated into a temporary file, deleted afterwards.
+
+The results are appended as one record `{"bench": "data", "device": "cpu", "cpu_cores", "affinity",
+"prepare", "loader", "big", ...}` to `bench/results/<date>-cpu.json` (bench/records.py), which is
+where README.md's Data speeds are rendered from (`python bench/readme_outputs.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import subprocess
@@ -23,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.records import append_records, commit  # noqa: E402
 from microbert.data import ShardLoader, mask_tokens, prepare_dataset  # noqa: E402
 from microbert.data.sources import iter_documents, resolve_source  # noqa: E402
 from microbert.tokenizer import train_tokenizer  # noqa: E402
@@ -163,10 +169,12 @@ def main() -> int:
     parser.add_argument("--cuda-loader", action="store_true", help="also time the loader + masking on a GPU")
     parser.add_argument("--workers", type=int, default=None, help="encoder processes (default: one per core)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/results/")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gutenberg = args.corpora / "gutenberg"
     results: dict = {"cpu_cores": os.cpu_count(), "affinity": len(os.sched_getaffinity(0))}
+    results["load_average_before"] = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="microbert-bench-cache-") as cache:
         ds, results["prepare"] = bench_prepare(
             gutenberg, Path(cache), args.vocab_size, args.seq_len, args.workers
@@ -188,7 +196,13 @@ def main() -> int:
     if "big" in results:
         checks["1 GB prepare peak RSS < 2 GB"] = results["big"]["peak_rss_gb_all_processes"] < 2
     results["checks"] = checks
+    results["load_average_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(results, indent=None if args.json else 2))
+    if not args.no_record:
+        import torch
+
+        record = {"bench": "data", "device": "cpu", "torch": torch.__version__, "commit": commit()}
+        append_records([{**record, "date": dt.date.today().isoformat(), **results}], "cpu")
     return 0 if all(checks.values()) else 1
 
 

@@ -13,6 +13,10 @@ What it rewrites, each between markers in README.md:
   at 128 and 512 tokens (`microbert data prepare --seq-len N --json`); `cpu-eval`, the quick-start
   model's fill-mask accuracy (`microbert eval --json`) on the book it never saw and on the held-out
   documents, with the constant guess on the same positions.
+- `<!-- recorded: NAME -->` … `<!-- /recorded -->`, each on its own line: figures rendered from the
+  benchmark records in `bench/results/` by bench/readme_records.py (`serve-cpu`, the 2-core serving
+  table; `data-speed`, the data pipeline's speeds), with the machine and date the records carry. No
+  benchmark runs for them: `--records-only` renders (or `--check`s) these alone, offline, in a moment.
 
 The commands are read from README.md itself (its ```sh blocks), so what is shown is what the shown
 command prints. tests/test_readme.py runs the same commands on a tiny run and checks that the
@@ -38,12 +42,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` when run as a script
+from bench import readme_records
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 BIN = Path(sys.executable).parent  # microbert, microbert-train, microbert-serve of this environment
 
 OUTPUTS = ("quickstart-predict", "curl-fill-mask")
 FIGURES = ("padding", "cpu-eval")
+RECORDED = tuple(readme_records.RENDERERS)
 RUN_FOLDER = "runs/cpu"  # what the quick start trains
 
 
@@ -135,6 +143,22 @@ def replace_figure(text: str, name: str, value: str) -> str:
     if len(pattern.findall(text)) != 1:
         raise SystemExit(f"README.md needs exactly one `<!-- figure: {name} -->…<!-- /figure -->`")
     return pattern.sub(lambda m: m.group(1) + value + m.group(2), text)
+
+
+def replace_recorded(text: str, name: str, content: str) -> str:
+    """The lines between `<!-- recorded: NAME -->` and the next `<!-- /recorded -->` become `content`."""
+    pattern = re.compile(rf"(^<!-- recorded: {re.escape(name)} -->\n).*?(^<!-- /recorded -->$)", re.M | re.S)
+    if len(pattern.findall(text)) != 1:
+        raise SystemExit(f"README.md needs exactly one `<!-- recorded: {name} -->` … `<!-- /recorded -->`")
+    return pattern.sub(lambda m: m.group(1) + content.rstrip("\n") + "\n" + m.group(2), text)
+
+
+def render_recorded(text: str, results: Path = readme_records.RESULTS) -> str:
+    """README.md with every record-rendered part regenerated from the records in `results`."""
+    records = readme_records.load(results)
+    for name, render in readme_records.RENDERERS.items():
+        text = replace_recorded(text, name, render(records))
+    return text
 
 
 # --- running what README.md shows ----------------------------------------------------------------------
@@ -241,22 +265,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help="data cache for the figures (default the usual one)")
     parser.add_argument("--no-figures", action="store_true", help="leave the inline figures as they are")
     parser.add_argument("--check", action="store_true", help="do not write; exit 1 if README.md differs")
+    parser.add_argument(
+        "--records-only",
+        action="store_true",
+        help="only the parts rendered from bench/results/ (no run folder, nothing run)",
+    )
+    parser.add_argument("--results", type=Path, default=readme_records.RESULTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     text = args.readme.read_text(encoding="utf-8")
-    cwd = Path.cwd()
-    if args.train:
-        train, _ = quickstart(text)
-        run([*train, "--run-dir", args.run_dir, "--resume", "never"], cwd=cwd)
-    if not (Path(args.run_dir) / "export" / "latest").is_file():
-        raise SystemExit(f"{args.run_dir} has no export/latest: train it first (--train)")
-    new = text
-    for name, content in outputs(text, cwd=cwd, run_dir=args.run_dir).items():
-        new = replace_block(new, name, content)
-    if not args.no_figures:
-        new = replace_figure(new, "padding", padding_figure(cwd=cwd, cache_dir=args.cache_dir))
-        if "<!-- figure: cpu-eval -->" in new:
-            new = replace_figure(new, "cpu-eval", cpu_eval_figure(cwd=cwd, run_dir=args.run_dir))
+    new = render_recorded(text, args.results)
+    if not args.records_only:
+        new = run_rendered(new, args)
     if new == text:
         print(f"{args.readme}: up to date")
         return 0
@@ -267,6 +287,26 @@ def main(argv: list[str] | None = None) -> int:
     args.readme.write_text(new, encoding="utf-8")
     print(f"{args.readme}: rewritten")
     return 0
+
+
+def run_rendered(text: str, args: argparse.Namespace) -> str:
+    """The outputs and figures that come from running README's commands on the quick-start run."""
+    cwd = Path.cwd()
+    if args.train:
+        train, _ = quickstart(text)
+        run([*train, "--run-dir", args.run_dir, "--resume", "never"], cwd=cwd)
+    if not (Path(args.run_dir) / "export" / "latest").is_file():
+        raise SystemExit(
+            f"{args.run_dir} has no export/latest: train it first (--train), or pass --records-only"
+        )
+    new = text
+    for name, content in outputs(text, cwd=cwd, run_dir=args.run_dir).items():
+        new = replace_block(new, name, content)
+    if not args.no_figures:
+        new = replace_figure(new, "padding", padding_figure(cwd=cwd, cache_dir=args.cache_dir))
+        if "<!-- figure: cpu-eval -->" in new:
+            new = replace_figure(new, "cpu-eval", cpu_eval_figure(cwd=cwd, run_dir=args.run_dir))
+    return new
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ The slow tests run the quick start as written, with a 20-step run standing in fo
 (the same profile and data; flags appended, as a user may), then the README's other commands against
 that run folder, each from a scratch folder with the session's own data cache. The outputs README.md
 shows come from the real quick-start run (`bench/readme_outputs.py` writes them); here they are
-checked for the shape the commands print: the same lines, keys and counts.
+checked for the shape the commands print: the same lines, keys and counts. The throughput figures
+(`<!-- recorded: NAME -->`) are rendered from the benchmark records in bench/results/; the fast tests
+here re-render them and fail on any difference.
 """
 
 from __future__ import annotations
@@ -77,6 +79,114 @@ def test_marked_outputs_and_figures_are_the_scripts():
     assert sorted(m.group("name") for m in ro.FIGURE.finditer(README)) == sorted(ro.FIGURES)
     figure = next(m.group("value") for m in ro.FIGURE.finditer(README) if m.group("name") == "padding")
     assert re.fullmatch(r"\d+\.\d{3}% padding, at 512 \d+\.\d{3}%", figure), figure
+    recorded = re.findall(r"^<!-- recorded: ([\w-]+) -->$", README, re.M)
+    assert sorted(recorded) == sorted(ro.RECORDED)
+
+
+# --- the figures rendered from bench/results/ (offline, nothing run) --------------------------------------
+SCRIPT = [sys.executable, str(ro.REPO / "bench" / "readme_outputs.py"), "--records-only", "--check"]
+
+
+def _check(readme: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    argv = [*SCRIPT, "--readme", str(readme), *extra]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def _region(text: str, name: str) -> str:
+    return text[text.index(f"<!-- recorded: {name} -->") :].split("<!-- /recorded -->")[0]
+
+
+def test_recorded_figures_are_the_records():
+    assert ro.render_recorded(README) == README, "stale: run python bench/readme_outputs.py --records-only"
+
+
+def _bumped(line: str, start: int) -> str:
+    """`line` with its first digit at or after `start` changed."""
+    i = next(i for i in range(start, len(line)) if line[i].isdigit())
+    return line[:i] + str((int(line[i]) + 1) % 10) + line[i + 1 :]
+
+
+@pytest.mark.parametrize("where", ["a table cell", "the caption's load average"])
+def test_a_changed_digit_fails_the_check(tmp_path, where):
+    copy = tmp_path / "README.md"
+    copy.write_text(README, encoding="utf-8")
+    assert _check(copy).returncode == 0
+    region = _region(README, "serve-cpu")
+    if where == "a table cell":
+        line = next(x for x in region.splitlines() if x.startswith("| `microbert-serve"))
+        edited = _bumped(line, line.index(" | 64 | ") + len(" | 64 | "))  # its sentences/s
+    else:
+        line = next(x for x in region.splitlines() if "load average" in x)
+        edited = _bumped(line, line.index("load average"))
+    copy.write_text(README.replace(line, edited, 1), encoding="utf-8")
+    result = _check(copy)
+    assert result.returncode == 1
+    assert f"-{edited}" in result.stdout and f"+{line}" in result.stdout  # the diff shows the fix
+    assert copy.read_text(encoding="utf-8") != README  # --check writes nothing
+
+
+def _newest_cpu_record(impl: str, mode: str, concurrency: int) -> dict:
+    records = json.loads((ro.REPO / "bench" / "results" / "2026-12-01-cpu.json").read_text())
+    return [
+        r
+        for r in records
+        if r.get("impl") == impl
+        and r.get("mode") == mode
+        and r.get("concurrency") == concurrency
+        and not r.get("settings")
+        and str(r.get("load_generator", "")).startswith("wrk")
+    ][-1]
+
+
+def test_a_newer_record_replaces_its_row_only(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(ro.REPO / "bench" / "results", results)
+    old = _newest_cpu_record("microbert-serve --workers 2", "single", 64)
+    new = {**old, "date": "2026-12-02", "commit": "abc1234", "sentences_per_second": 1711.4, "p99_ms": 149.0}
+    (results / "2026-12-02-cpu.json").write_text(json.dumps([new]))
+    before, after = _region(README, "serve-cpu"), _region(ro.render_recorded(README, results), "serve-cpu")
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
+    rows = [(a, b) for a, b in changed if a.startswith("|")]
+    assert len(rows) == 1 and "| 1,711 | 0 |" in rows[0][1] and "| 149 ms |" in rows[0][1]
+    assert "2026-12-01, 2026-12-02" in after and "abc1234" in after
+    assert "is met: the best such row within that p99 answers 1,711/s" in " ".join(after.split())
+    copy = tmp_path / "README.md"
+    copy.write_text(README, encoding="utf-8")
+    assert _check(copy, "--results", str(results)).returncode == 1
+
+
+def test_data_speeds_come_from_the_newest_data_record(tmp_path):
+    base = {"bench": "data", "device": "cpu", "torch": "2.13.0+cpu", "cpu_cores": 4, "affinity": 2}
+    run = {
+        "prepare": {"text_mb": 6.81, "tokenize_pack_mb_per_s": 6.42},
+        "loader": {"batch": "64x128", "loader_tokens_per_s": 11_734_000},
+        "big": {
+            "source_gb": 1.0,
+            "prepare_seconds": 45.6,
+            "prepare_mb_per_s": 21.9,
+            "peak_rss_gb_all_processes": 0.661,
+        },
+        "load_average_before": 0.41,
+        "load_average_after": 1.93,
+    }
+    results = tmp_path / "results"
+    results.mkdir()
+    older = {**base, **run, "date": "2026-11-30", "commit": "0000000"}
+    newest = {**base, **run, "date": "2026-12-02", "commit": "abc1234"}
+    (results / "2026-12-02-cpu.json").write_text(json.dumps([older, newest]))
+    speed = " ".join(_region(ro.render_recorded(README, results), "data-speed").split())
+    shown_figures = (
+        "2026-12-02, commit abc1234",
+        "2 of 4 cores",
+        "load average 0.41–1.93",
+        "6.4 MB/s",
+        "11.7 M tokens/s of masked 64x128",
+        "1.0 GB text file prepares in 46 s",
+        "0.66 GB peak",
+    )
+    for shown in shown_figures:
+        assert shown in speed, (shown, speed)
+    assert "0000000" not in speed
 
 
 # --- the commands, run ----------------------------------------------------------------------------------

@@ -148,7 +148,9 @@ def test_resume_with_a_new_peak_lr_applies_it_and_records_it(stopped_run, tmp_pa
     warmup = t["warmup_steps"] if t["warmup_steps"] is not None else max(1, int(0.06 * 8))
     for record in history(run_dir)["train"]:
         peak = 0.002 if record["step"] <= 4 else 0.004
-        expected = peak * lr_lambda(record["step"], warmup=warmup, total=8, min_ratio=t["min_lr_ratio"])
+        expected = peak * lr_lambda(
+            record["step"], warmup=warmup, total=8, min_ratio=t["min_lr_ratio"], schedule=t["schedule"]
+        )
         assert record["lr"] == pytest.approx(expected, rel=1e-9), record["step"]
     assert "applied from step 4 on: lr 0.002 -> 0.004" in (run_dir / "train.log").read_text()
 

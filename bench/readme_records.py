@@ -1,0 +1,195 @@
+"""README.md's throughput figures, rendered from the benchmark records in `bench/results/*.json`.
+
+The benchmarks append records (bench/records.py); this module only reads them, so the figures README
+shows are the ones a benchmark measured, with the machine and date the records carry, and
+`python bench/readme_outputs.py --check` notices a README that has fallen behind its records. No
+benchmark is run here: regenerating is instant and offline, which is what lets tests/test_readme.py
+check these parts on every run.
+
+Which records a figure shows is decided by a rule written here, not picked by hand:
+- `serve-cpu`: the `wrk` rows of `bench/serve_wrk.py` on 2 CPU cores (`device` "cpu", `cpu_cores` 2);
+  of each (shape, server, settings, request, connections) the newest record (a later date, then later
+  in its file: records are appended), so a new run replaces the rows it measured.
+- `data-speed`: the newest `bench/data_bench.py` record (`bench` "data").
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+Record = dict[str, Any]
+
+# The serving target of the 2-core machine (BENCHMARKS.md, "Serving, 2 CPU cores"): single sentences.
+SERVE_TARGET_PER_S = 1700
+SERVE_TARGET_P99_MS = 150.0
+SERVE_TARGET_CONNECTIONS = 64
+
+
+def load(results: Path = RESULTS) -> list[Record]:
+    """Every record of every `*.json` list in `results`, oldest first (by date, then file order)."""
+    records: list[Record] = []
+    for path in sorted(results.glob("*.json")):
+        records += [r for r in json.loads(path.read_text(encoding="utf-8")) if isinstance(r, dict)]
+    return sorted(records, key=lambda r: str(r.get("date", "")))  # stable: file order within a date
+
+
+def _newest(records: list[Record], key: Any) -> list[Record]:
+    latest: dict[Any, Record] = {}
+    for record in records:
+        latest.pop(key(record), None)  # re-insert: the dict keeps the newest, in the order measured
+        latest[key(record)] = record
+    return list(latest.values())
+
+
+def _prose(text: str) -> str:
+    """A paragraph wrapped as README.md's are (a line break inside a code span renders as a space)."""
+    return textwrap.fill(text, width=105, break_long_words=False, break_on_hyphens=False)
+
+
+def _ms(value: float) -> str:
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
+
+
+def _load(record: Record) -> str:
+    if "load_average_before" not in record:
+        return ""
+    return f", load average {record['load_average_before']:.2f}–{record['load_average_after']:.2f}"
+
+
+def _joined(values: list[Any]) -> str:
+    return ", ".join(dict.fromkeys(str(v) for v in values))
+
+
+def _server(record: Record) -> str:
+    if record["impl"] == "hf_pipeline_fastapi":
+        return 'FastAPI + `pipeline("fill-mask")`'
+    settings = "".join(f", `{k}={v}`" for k, v in sorted((record.get("settings") or {}).items()))
+    return f"`{record['impl']}`{settings}"
+
+
+def serve_cpu_rows(records: list[Record]) -> list[Record]:
+    """The rule: newest `wrk` record per (shape, server, settings, request, connections) on 2 cores."""
+    wrk = [
+        r
+        for r in records
+        if r.get("bench") == "serve"
+        and r.get("device") == "cpu"
+        and r.get("cpu_cores") == 2
+        and str(r.get("load_generator", "")).startswith("wrk")
+    ]
+
+    def key(r: Record) -> tuple:
+        settings = json.dumps(r.get("settings") or {}, sort_keys=True)
+        return r["shape"], r["impl"], settings, r["mode"], r["concurrency"]
+
+    rows = _newest(wrk, key)
+    order = {"single": 0, "batch32": 1}
+    return sorted(
+        rows,
+        key=lambda r: (
+            r["impl"] == "hf_pipeline_fastapi",
+            r["impl"],
+            sorted((r.get("settings") or {}).items()),
+            order.get(r["mode"], 2),
+            r["concurrency"],
+        ),
+    )
+
+
+def serve_cpu(records: list[Record]) -> str:
+    rows = serve_cpu_rows(records)
+    if not rows:
+        return "No 2-core `wrk` serving run is recorded in `bench/results/`; see BENCHMARKS.md."
+    load = [x for r in rows for x in (r["load_average_before"], r["load_average_after"])]
+
+    def each(field: str) -> str:
+        return _joined([r[field] for r in rows])
+
+    caption = (
+        "Recorded by `bash bench/serve_cpu.sh` (`python -m bench.serve_wrk`) on the 2-core development "
+        f"machine (records of device `cpu`, 2 cores, torch {each('torch')}), {each('shape')} shape, "
+        f"`{each('load_generator')}` on the same two cores, {each('duration_s')} s a row, "
+        f"{each('date')}, commit {each('commit')}; "
+        f"load average {min(load):.2f}–{max(load):.2f} (1 minute, before and after each row, the benchmark's "
+        "own processes included). Sentences/s counts the inputs of 2xx answers only; non-2xx counts the "
+        "requests answered with an error status; p50 and p99 are `wrk`'s, over all answers. "
+        "`bench/readme_outputs.py` writes this table from the newest record of each row in `bench/results/`."
+    )
+    lines = [
+        _prose(caption),
+        "",
+        "| server | request | connections | sentences/s | non-2xx | p50 | p99 | load avg |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        request = {"single": "single", "batch32": "32 inputs"}.get(r["mode"], str(r["mode"]))
+        refused = f"{r['non_2xx']:,} of {r['requests']:,}" if r.get("non_2xx") else "0"
+        cells = [
+            _server(r),
+            request,
+            str(r["concurrency"]),
+            f"{r['sentences_per_second']:,.0f}",
+            refused,
+            _ms(r["p50_ms"]),
+            _ms(r["p99_ms"]),
+            f"{r['load_average_before']:.2f}–{r['load_average_after']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    single = [
+        r
+        for r in rows
+        if r["mode"] == "single"
+        and r["concurrency"] == SERVE_TARGET_CONNECTIONS
+        and r["p99_ms"] <= SERVE_TARGET_P99_MS
+    ]
+    best = max(single, key=lambda r: r["sentences_per_second"], default=None)
+    target = (
+        f"The target, {SERVE_TARGET_PER_S:,} single sentences/s at {SERVE_TARGET_CONNECTIONS} connections "
+        f"with p99 ≤ {SERVE_TARGET_P99_MS:.0f} ms, "
+    )
+    if best is None:
+        target += "is not met: no such row has that p99."
+    else:
+        rate = best["sentences_per_second"]
+        target += (
+            f"is {'met' if rate >= SERVE_TARGET_PER_S else 'not met'}: the best such row within that p99 "
+            f"answers {rate:,.0f}/s ({_server(best)}, p99 {_ms(best['p99_ms'])})."
+        )
+    return "\n".join([*lines, "", _prose(target)])
+
+
+def data_speed(records: list[Record]) -> str:
+    runs = [r for r in records if r.get("bench") == "data"]
+    if not runs:
+        return _prose(
+            "**Speed** (`python bench/data_bench.py`, which records its results in `bench/results/`): no run "
+            'is recorded there yet; BENCHMARKS.md ("Data pipeline, CPU") has the figures of an earlier '
+            "run, taken by hand."
+        )
+    r = runs[-1]
+    prepare, loader = r["prepare"], r["loader"]
+    text = (
+        f"**Speed** (`bench/data_bench.py`, device `{r['device']}`, {r['affinity']} of {r['cpu_cores']} "
+        f"cores, {r['date']}, commit {r['commit']}{_load(r)}): tokenize + pack "
+        f"{prepare['tokenize_pack_mb_per_s']:.1f} MB/s of the Gutenberg text "
+        f"({prepare['text_mb']:.1f} MB, cold cache, tokenizer given); the loader delivers "
+        f"{loader['loader_tokens_per_s'] / 1e6:.1f} M tokens/s of masked {loader['batch']} batches from the "
+        "cache on one core"
+    )
+    if "loader_cuda" in r:
+        text += f" ({r['loader_cuda']['loader_tokens_per_s'] / 1e6:.1f} M/s with masking on a GPU)"
+    if "big" in r:
+        big = r["big"]
+        text += (
+            f"; a {big['source_gb']:.1f} GB text file prepares in {big['prepare_seconds']:.0f} s "
+            f"({big['prepare_mb_per_s']:.0f} MB/s: repeated text is cheap) with "
+            f"{big['peak_rss_gb_all_processes']:.2f} GB peak memory summed over all processes"
+        )
+    return _prose(text + ".")
+
+
+RENDERERS = {"serve-cpu": serve_cpu, "data-speed": data_speed}
