@@ -76,12 +76,14 @@ def test_cpu_profile_leaves_the_unigram_plateau(train_env, tmp_path):
     2 cores): its model must predict better than always answering the most frequent token. With
     BERT's position init, this recipe stays at 1.0x the constant guess for 24 M tokens (bench/results/
     2026-12-01-tiny-sweep-h200.jsonl); the sinusoidal init reaches about 1.6x here. The schedule is
-    warm-up-stable-decay so a short run keeps the profile's peak LR for most of its steps."""
+    warm-up-stable-decay so a short run keeps the profile's peak LR for most of its steps, and the
+    profile's 450 s clock is lifted so that a loaded machine still runs all 800 steps."""
     run_dir = tmp_path / "run"
     out = run_train(
         {**train_env, "DS_ACCELERATOR": "cpu"},
-        "--profile", "cpu", "--max-steps", "800", "--schedule", "wsd", "--eval-every", "800",
-        "--log-every", "400", "--checkpoint-every", "100000", "--run-dir", str(run_dir), "--resume", "never",
+        "--profile", "cpu", "--max-steps", "800", "--time-budget", "1h", "--schedule", "wsd",
+        "--eval-every", "800", "--log-every", "400", "--checkpoint-every", "100000",
+        "--run-dir", str(run_dir), "--resume", "never",
         timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
