@@ -208,11 +208,16 @@ def test_gpu_head_pads_the_vocabulary_matmul_and_matches_the_cpu():
         assert abs(float(got_loss) - float(want_loss)) < 1e-4
 
 
-def test_sinusoidal_position_init_has_the_recorded_scale_and_no_other_weight_changes():
+def _twins() -> tuple[BertForMaskedLM, BertForMaskedLM]:
+    """Two models with the same initial weights: one to keep, one to re-initialise."""
     torch.manual_seed(0)
     plain = BertForMaskedLM(CONFIG)
     torch.manual_seed(0)
-    model = BertForMaskedLM(CONFIG)
+    return plain, BertForMaskedLM(CONFIG)
+
+
+def test_sinusoidal_position_init_has_the_recorded_scale_and_no_other_weight_changes():
+    plain, model = _twins()
     init_position_embeddings(model, "sinusoidal")
     pos = model.bert.embeddings.position_embeddings.weight
     assert float(pos.square().mean().sqrt()) == pytest.approx(SINUSOIDAL_POSITION_STD, rel=1e-4)
@@ -225,10 +230,7 @@ def test_sinusoidal_position_init_has_the_recorded_scale_and_no_other_weight_cha
 
 
 def test_normal_position_init_is_berts_and_auto_picks_by_width():
-    torch.manual_seed(0)
-    plain = BertForMaskedLM(CONFIG)
-    torch.manual_seed(0)
-    model = BertForMaskedLM(CONFIG)
+    plain, model = _twins()
     init_position_embeddings(model, "normal")
     assert torch.equal(model.state_dict()["bert.embeddings.position_embeddings.weight"],
                        plain.state_dict()["bert.embeddings.position_embeddings.weight"])  # fmt: skip
