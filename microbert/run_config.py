@@ -6,6 +6,11 @@ batch, optimizer and scheduler numbers plus an optional `"microbert"` section (t
 data settings of the seed's v1–v4 setups). The resolved result is plain JSON, written into the run
 folder before the first step so a run can always be explained after the fact.
 
+Each `TrainConfig` field is declared once (microbert/setting.py): type, default, help, section, flag
+and checks. `train/args.py` builds the command line from those declarations and `resolve` runs the
+checks on the merged layers; what no single field can check (the model built from its preset, the
+sequence length against its positions, the global batch) is in `_cross_checks`.
+
 It lives in `microbert/` (not `train/`) so `microbert configs show PROFILE` can resolve a profile
 without importing the trainer or DeepSpeed; profiles and DeepSpeed configs stay data files in `train/`.
 """
@@ -26,6 +31,7 @@ from microbert.setting import (
     BOOLEAN,
     STRING_LIST,
     Flag,
+    Rule,
     Section,
     at_least_zero,
     declared,
@@ -83,8 +89,10 @@ def _tensorboard_installed(_name: str, value: Any) -> str | None:
     return None
 
 
-def _writable_run_dir(_name: str, run_dir: Any) -> str | None:
+def _writable_run_dir(name: str, run_dir: Any) -> str | None:
     """The run folder must be creatable and writable: found now, not after an hour of data prep."""
+    if not isinstance(run_dir, str):
+        return f"{name} must be a folder path, got {run_dir!r}"
     path = Path(run_dir)
     probe = path
     while not probe.exists():
@@ -102,9 +110,8 @@ def _writable_run_dir(_name: str, run_dir: Any) -> str | None:
 class TrainConfig:
     """Everything a run needs besides the data itself. Primitives only: it round-trips to JSON.
 
-    Each field is declared once (microbert/setting.py): its type, default, help, section, and where
-    it has them its flag (train/args.py builds `microbert-train`'s parser from these) and checks
-    (`resolve` reports every failing one at once). Checks across fields are in `_cross_checks`.
+    A field is `SECTION(default, help, flag=…, check=…)`; None is a valid value where the type says
+    `| None` (it means "the preset's" or "derived", as the help says), so no check needs to say so.
     """
 
     # --- model
@@ -112,7 +119,9 @@ class TrainConfig:
         "bert-tiny", "model preset (see `microbert configs list`)", flag=Flag(choices=False), check=_preset
     )  # no argparse choices: a typo gets resolve's message, which lists the presets
     model_overrides: dict[str, Any] = MODEL(  # noqa: RUF009 (a Section returns a dataclasses.field)
-        factory=dict, help="ModelConfig fields that replace the preset's (Hugging Face names: hidden_size, …)"
+        factory=dict,
+        help="ModelConfig fields that replace the preset's (Hugging Face names: hidden_size, …)",
+        check=Rule("a JSON object of ModelConfig fields", lambda v: v is None or isinstance(v, dict)),
     )
     # MicroBERT pre-trains without dropout by default, as ModernBERT and Cramming do: with 0.1, whether
     # a small BERT leaves the unigram plateau within a short run is a lottery over seeds (BENCHMARKS.md).
@@ -500,8 +509,8 @@ def _cross_checks(
     """What no one setting can check alone: the model built from its preset and overrides, the sequence
     length against its positions, and the global batch against its factors (when those are valid)."""
     model_config: ModelConfig | None = None
-    if "model" not in bad:
-        overrides = dict(t.model_overrides or {})
+    if bad.isdisjoint({"model", "model_overrides"}):
+        overrides = dict(t.model_overrides or {})  # null in a run file: none, as before
         if t.vocab_size is not None:
             overrides["vocab_size"] = t.vocab_size
         if t.dropout is not None and "dropout" not in bad:

@@ -1,6 +1,7 @@
 """Settings declared once (microbert/setting.py): every TrainConfig field carries its section and help,
 a help text never spells out a default by hand, and the checks beside the fields report what is wrong
-with a run file's values, including values the old checks let through or crashed on."""
+with a run file's values, including values the checks before them let through (true for a number) or
+crashed on (null for a count, a list for model_overrides, a number for run_dir)."""
 
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def test_help_names_each_default_through_the_field_not_by_hand():
 def _resolve_run_file(tmp_path, settings: dict) -> ConfigError:
     run_file = tmp_path / "run.json"
     run_file.write_text(json.dumps(settings))
+    flags = {} if "run_dir" in settings else {"run_dir": str(tmp_path / "r")}
     with pytest.raises(ConfigError) as info:
-        resolve(profile="cpu", ds_config=None, run_file=str(run_file), flags={"run_dir": str(tmp_path / "r")})
+        resolve(profile="cpu", ds_config=None, run_file=str(run_file), flags=flags)
     return info.value
 
 
@@ -70,6 +72,14 @@ def test_null_for_a_required_setting_is_reported_not_a_crash(tmp_path):
     assert error.problems == [
         "grad_accum must be an integer ≥ 1, got None",
         "num_gpus must be an integer ≥ 1, got None",
+    ]
+
+
+def test_a_value_of_the_wrong_kind_is_reported_not_a_crash(tmp_path):
+    error = _resolve_run_file(tmp_path, {"model_overrides": ["hidden_size"], "run_dir": 5})
+    assert error.problems == [
+        "model_overrides must be a JSON object of ModelConfig fields, got ['hidden_size']",
+        "run_dir must be a folder path, got 5",
     ]
 
 
