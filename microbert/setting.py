@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -252,9 +253,10 @@ class Declared:
         return None
 
 
-def declared(cls: type) -> list[Declared]:
-    """The fields of a settings dataclass in declaration order; a field declared without a Section
-    (so without help) is an error here, which the tests turn into a failure."""
+@functools.cache
+def declared(cls: type) -> tuple[Declared, ...]:
+    """The fields of a settings dataclass in declaration order (computed once: declarations do not
+    change); a field declared without a Section (so without help) is an error here."""
     hints = typing.get_type_hints(cls)
     out: list[Declared] = []
     for f in dataclasses.fields(cls):
@@ -263,7 +265,7 @@ def declared(cls: type) -> list[Declared]:
             raise TypeError(f"{cls.__name__}.{f.name} is declared without a section and help")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         out.append(Declared(f.name, hints[f.name], default, meta))
-    return out
+    return tuple(out)
 
 
 def _allows_none(annotation: Any) -> bool:
