@@ -62,6 +62,9 @@ case $part in
     timeout 230 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
       --mb-variants "${BASE_LONG:-lr1.4e-4-b64}" --long-only --steps-per-second 59 --eval-points 16 \
       --hf-target "${HF_BASE:-0.0749}" --out "$OUT/base" 2>&1 | grep -v -i "warn" | grep '"heldout_accuracy"\|FAILED' ;;
+  steps)  # the GPU profiles' recipes per step (their LR, warm-up, horizon) against BertConfig's defaults, 1,000 steps
+    timeout "${STEPS_TIMEOUT:-300}" python3 bench/tiny_sweep.py --variants bench/step_variants.json --procs 8 \
+      --out "$OUT" 2>&1 | grep -v -i "warn" ;;
   final)  # bert-base at a lower peak LR, long budget only; then the serving figures (bench/serve_gpu.sh)
     timeout 230 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
       --mb-variants lr2e-4-mlm15 --long-only --steps-per-second 20.7 --eval-points 6 \
