@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from microbert.config import POSITION_INITS, PRESETS, ModelConfig
+from microbert.config import DEFAULT_LR, POSITION_INITS, PRESETS, ModelConfig
 from microbert.errors import ConfigError, unknown_name
 from microbert.setting import (
     BOOLEAN,
@@ -173,7 +173,12 @@ class TrainConfig:
         0.15, "share of tokens masked in training (80/10/10 corruption)", flag=True, check=within(0.0, 1.0)
     )
     # --- optimizer
-    lr: float = OPTIMIZER(5e-4, "peak learning rate", flag=True, check=positive())
+    lr: float = OPTIMIZER(
+        DEFAULT_LR,
+        "peak learning rate; when no layer sets one, the model preset's ({default}; bert-base 2e-4)",
+        flag=True,
+        check=positive(),
+    )
     weight_decay: float = OPTIMIZER(
         0.01, "AdamW weight decay (none on biases and LayerNorm weights)", check=within(0.0, 1.0)
     )
@@ -476,6 +481,9 @@ def resolve(
         name = Path(profile).stem if profile else Path(ds_name).stem if ds_name else "default"
         merged["run_dir"] = f"runs/{name}"
 
+    preset = PRESETS.get(str(merged.get("model", TrainConfig.model)))
+    if "lr" not in merged and preset is not None:  # no layer chose a peak LR: the shape's own
+        merged["lr"] = preset.lr
     train = TrainConfig(**{k: v for k, v in merged.items() if k in TrainConfig.field_names()})
     model_config = _validate(train, problems, world_size)
     if problems:
