@@ -25,6 +25,15 @@ from microbert.run_config import Resolved, TrainConfig
 
 WARMUP_SHARE = 0.06  # warm-up when none is given: 6% of the run (RoBERTa's), in steps or in time
 AT_LAUNCH = "auto: resolved at launch"  # how a value only the launch decides is shown before it
+# what the data preparation tells (DataPlan): unknown before launch
+_PREPARED_FIELDS = (
+    "vocab_size",
+    "train_sequences",
+    "eval_sequences",
+    "cache_key",
+    "tokenizer_hash",
+    "data_hash",
+)
 
 
 @dataclass(frozen=True)
@@ -229,7 +238,7 @@ def plan_run(
         unresolved.append("placement.precision")
     if data is None:
         data = DataPlan(dataset=t.dataset, seq_len=t.seq_len, vocab_size=resolved.model_config.vocab_size)
-        unresolved += ["data.vocab_size", "data.train_sequences", "data.eval_sequences"]
+        unresolved += [f"data.{name}" for name in _PREPARED_FIELDS]
     model = resolved.model_config
     if data.vocab_size != model.vocab_size:
         model = model.replace(vocab_size=data.vocab_size)
