@@ -18,10 +18,13 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microbert.config import ModelConfig
 from microbert.run_config import Resolved, TrainConfig
+
+if TYPE_CHECKING:
+    from microbert.data import PreparedDataset
 
 WARMUP_SHARE = 0.06  # warm-up when none is given: 6% of the run (RoBERTa's), in steps or in time
 AT_LAUNCH = "auto: resolved at launch"  # how a value only the launch decides is shown before it
@@ -71,6 +74,22 @@ class DataPlan:
     cache_key: str | None = None
     tokenizer_hash: str | None = None
     data_hash: str | None = None
+
+    @classmethod
+    def of(cls, data: PreparedDataset, dataset: str) -> DataPlan:
+        """What prepared data `data` (of source `dataset`) tells the plan."""
+        from microbert.tokenizer import tokenizer_hash
+
+        return cls(
+            dataset=dataset,
+            seq_len=data.seq_len,
+            vocab_size=data.tokenizer.get_vocab_size(),
+            train_sequences=len(data.train),
+            eval_sequences=len(data.eval),
+            cache_key=data.cache_key,
+            tokenizer_hash=tokenizer_hash(data.tokenizer),
+            data_hash=data.meta.get("data_hash"),
+        )
 
     @property
     def prepared(self) -> bool:

@@ -35,11 +35,9 @@ from microbert.config import resolve_position_init
 from microbert.data import PreparedDataset, ShardLoader, prepare_dataset
 from microbert.data.cache import cache_root
 from microbert.errors import MicroBertError
-from microbert.model import BertForMaskedLM, init_position_embeddings, masked_slots_for
 from microbert.plan import DataPlan, Placement, RunPlan, plan_run
 from microbert.predict import FillMaskPredictor
 from microbert.run_config import Resolved, TrainConfig
-from microbert.tokenizer import tokenizer_hash
 from train import checkpointing
 from train.components import (
     Checkpointer,
@@ -63,7 +61,7 @@ from train.launcher import STOP_FILE
 from train.nodes import Nodes, PeerLost, discover, peer_lost
 from train.reporting import Progress, RunLog, ScalarReport, peak_flops
 from train.run_lock import RunLock
-from train.step import TrainStep
+from train.step import TrainStep, build_loader, build_model
 
 DEFAULT_PROBES = [
     "The [MASK] of the king was great.",
@@ -185,8 +183,7 @@ class Launch:
 def build_trainer(launch: Launch, resolved: Resolved, launch_command: str) -> Trainer:
     """The run's plan, and every part of the run built from it; the latest checkpoint restored."""
     t, place, log = resolved.train, launch.place, launch.log
-    # read first, so a bad MICROBERT_COMPILE is reported before any data is prepared
-    cuda_graphs = compile_mode(place) == "reduce-overhead"
+    compile_mode(place)  # read first, so a bad MICROBERT_COMPILE is reported before any data is prepared
     log(
         f"run {launch.run_dir} | {place.world_size} process(es) on {place.device_type} | precision "
         f"{place.precision} | layers: {' < '.join(resolved.sources)}"
@@ -223,44 +220,20 @@ def build_trainer(launch: Launch, resolved: Resolved, launch_command: str) -> Tr
     plan = plan_run(
         resolved,
         place,
-        DataPlan(
-            dataset=t.dataset,
-            seq_len=t.seq_len,
-            vocab_size=vocab,
-            train_sequences=len(data.train),
-            eval_sequences=len(data.eval),
-            cache_key=data.cache_key,
-            tokenizer_hash=tokenizer_hash(data.tokenizer),
-            data_hash=data.meta.get("data_hash"),
-        ),
+        DataPlan.of(data, t.dataset),
         size_micro_batch=lambda model: auto_micro_batch(model, t.seq_len, place),
         resume_grad_accum=resume_grad_accum,
     )
     settings, batch = plan.settings, plan.batch
     assert plan.complete and batch.micro_batch_size is not None, plan.unresolved
-    torch.manual_seed(settings.seed)  # the same initial weights on every rank and every restart
-    model = BertForMaskedLM(plan.model)
-    init_position_embeddings(model, settings.position_init, settings.position_init_std)
-    loader = ShardLoader(
-        data.train,
-        batch_size=batch.micro_batch_size,
-        seed=settings.seed,
-        rank=place.rank,
-        world_size=place.world_size,
-        device=place.device,
-    )
+    model = build_model(plan)
+    loader = build_loader(plan, data)
     clock = TrainingClock()
     try:
         parts = build_engine(model, plan, clock.seconds)
     except torch.OutOfMemoryError:
         raise MicroBertError(oom_message(settings, batch.micro_batch_size)) from None
-    # On an accelerator the MLM head runs on a fixed number of slots per micro-batch: static
-    # shapes, no host sync per step. On a CPU the exact masked set is cheaper.
-    masked_slots = (
-        None
-        if place.on_cpu
-        else masked_slots_for(batch.micro_batch_size * settings.seq_len, settings.mlm_probability)
-    )
+    train_step = TrainStep(parts.engine, plan, data)
     flops_per_token = plan.model.training_flops_per_token(settings.seq_len)
     peak = peak_flops(device_model(place))
     log(
@@ -291,14 +264,7 @@ def build_trainer(launch: Launch, resolved: Resolved, launch_command: str) -> Tr
         plan=plan,
         loader=loader,
         parts=parts,
-        train_step=TrainStep(
-            parts.engine,
-            plan,
-            mask_token_id=data.mask_token_id,
-            special_token_ids=data.special_token_ids,
-            masked_slots=masked_slots,
-            cuda_graphs=cuda_graphs,
-        ),
+        train_step=train_step,
         meter=IntervalMeter(
             place,
             every=settings.log_every,
@@ -309,7 +275,6 @@ def build_trainer(launch: Launch, resolved: Resolved, launch_command: str) -> Tr
         checkpointer=checkpointer,
         clock=clock,
         state=state,
-        masked_slots=masked_slots,
     )
 
 
@@ -458,17 +423,11 @@ class Trainer:
         checkpointer: Checkpointer,
         clock: TrainingClock,
         state: TrainState,
-        masked_slots: int | None,
     ) -> None:
-        self.launch, self.plan, self.loader, self.parts = launch, plan, loader, parts
-        self.train_step, self.meter, self.evaluator, self.checkpointer = (
-            train_step,
-            meter,
-            evaluator,
-            checkpointer,
-        )
-        self.clock, self.state, self.masked_slots = clock, state, masked_slots
-        self.log = launch.log
+        self.launch, self.log, self.plan = launch, launch.log, plan
+        self.loader, self.parts, self.train_step = loader, parts, train_step
+        self.meter, self.evaluator, self.checkpointer = meter, evaluator, checkpointer
+        self.clock, self.state = clock, state
 
     def _finished(self) -> bool:
         total = self.plan.schedule.total_steps
@@ -531,7 +490,7 @@ class Trainer:
         if interval.dropped:
             self.log(
                 f"warning: {interval.dropped} masked positions did not fit the MLM head's "
-                f"{self.masked_slots} slots before step {state.step} and were left out of the loss"
+                f"{self.train_step.masked_slots} slots before step {state.step} and were left out of the loss"
             )
         state.tokens_seen += interval.tokens
         grad_norm = self.parts.optimizer.last_grad_norm

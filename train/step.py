@@ -1,4 +1,6 @@
 """One optimizer step: mask the micro-batches, forward, backward, step; out of memory in words.
+Also the model and the loader it steps over, built from the run plan (the trainer and
+bench/train_bench.py build them here, so the benchmark measures the trainer's step).
 
 The random streams of a step are reseeded from (seed, step, rank) before it runs: the dropout
 stream from (…, 1), the masking generator from (…, 2, micro-batch). No stream is carried across
@@ -16,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from microbert.data import mask_tokens
+from microbert.data import PreparedDataset, ShardLoader, mask_tokens
 from microbert.errors import MicroBertError
+from microbert.model import BertForMaskedLM, init_position_embeddings, masked_slots_for
 from microbert.plan import RunPlan
-from train.engine import oom_message
+from train.engine import compile_mode, oom_message
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids, attention_mask: (B, T) on the device
 
@@ -27,6 +30,28 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids, attention_mask: (B, T) o
 def seed_for(*parts: int) -> int:
     """A 63-bit seed mixed from integers, so (seed, step, rank) streams never overlap."""
     return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def build_model(plan: RunPlan) -> BertForMaskedLM:
+    """The plan's model, with the same initial weights on every rank and every restart."""
+    torch.manual_seed(plan.settings.seed)
+    model = BertForMaskedLM(plan.model)
+    init_position_embeddings(model, plan.settings.position_init, plan.settings.position_init_std)
+    return model
+
+
+def build_loader(plan: RunPlan, data: PreparedDataset) -> ShardLoader:
+    """This rank's endless, resumable batches of the plan's micro-batch size."""
+    assert plan.batch.micro_batch_size is not None, "a complete plan"
+    place = plan.placement
+    return ShardLoader(
+        data.train,
+        batch_size=plan.batch.micro_batch_size,
+        seed=plan.settings.seed,
+        rank=place.rank,
+        world_size=place.world_size,
+        device=place.device,
+    )
 
 
 @dataclass(frozen=True)
@@ -43,24 +68,24 @@ class TrainStep:
     """`step(n, batches)`: optimizer step n over `grad_accum` micro-batches drawn from `batches`."""
 
     def __init__(
-        self,
-        engine: Any,
-        plan: RunPlan,
-        *,
-        mask_token_id: int,
-        special_token_ids: list[int],
-        masked_slots: int | None,
-        cuda_graphs: bool,
+        self, engine: Any, plan: RunPlan, data: PreparedDataset, *, exact_head: bool = False
     ) -> None:
         assert plan.batch.micro_batch_size is not None, "a complete plan"
         self.engine = engine
         self.plan = plan
         self.micro_batch_size = plan.batch.micro_batch_size
-        self.mask_token_id = mask_token_id
-        self.special_token_ids = special_token_ids
-        self.masked_slots = masked_slots
-        self.cuda_graphs = cuda_graphs
-        self.generator = torch.Generator(device=plan.placement.device)
+        self.mask_token_id = data.mask_token_id
+        self.special_token_ids = data.special_token_ids
+        place, t = plan.placement, plan.settings
+        # On an accelerator the MLM head runs on a fixed number of slots per micro-batch: static
+        # shapes, no host sync per step. On a CPU the exact masked set is cheaper.
+        self.masked_slots = (
+            None
+            if place.on_cpu or exact_head
+            else masked_slots_for(self.micro_batch_size * t.seq_len, t.mlm_probability)
+        )
+        self.cuda_graphs = compile_mode(place) == "reduce-overhead"
+        self.generator = torch.Generator(device=place.device)
 
     def __call__(self, step: int, batches: Iterator[Batch]) -> StepResult:
         t, place = self.plan.settings, self.plan.placement
