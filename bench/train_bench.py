@@ -2,30 +2,39 @@
 
     python bench/train_bench.py [--shapes bert-base,bert-mini,v4] [--impls microbert,hf_transformers]
     deepspeed --num_gpus 2 bench/train_bench.py --shapes bert-base --impls microbert   # scaling
+    DS_ACCELERATOR=cpu python bench/train_bench.py --shapes bert-tiny --impls microbert --steps 5  # smoke
 
-Both implementations train on the same batches: packed sequences from MicroBERT's shard cache
-(the embedded corpus, tokenized with a WordPiece vocabulary of the shape's size), read by
-`ShardLoader` and masked on the GPU by `mask_tokens` (15%). Each runs `--warmup` steps, then
-`--steps` timed steps with a CUDA synchronisation only at both ends.
+Both implementations train on the same kind of batches: packed sequences from MicroBERT's shard
+cache (the embedded corpus, tokenized with a WordPiece vocabulary of the shape's size), read by
+`ShardLoader` and masked on the device by `mask_tokens` (15%). Each runs `--warmup` steps, then
+`--steps` timed steps with a device synchronisation only at both ends.
 
-- microbert: `BertForMaskedLM` in the DeepSpeed engine (ZeRO stage 1, bf16, client fused AdamW),
-  MLM head on a fixed number of slots holding the masked positions, the model compiled with
-  `torch.compile` (`--compile-mode reduce-overhead` adds CUDA graphs).
+- microbert: what `microbert-train` runs, built by the trainer's own builders from settings like a
+  run's (the shape's preset, sequence length and micro-batch; everything else the trainer's
+  defaults): the run plan (`microbert.plan.plan_run`), the model and loader (`train.step`), the
+  DeepSpeed engine with its config, client optimizer and schedule (`train.engine.build_engine`: flat
+  parameters, ZeRO stage 1, bf16, the on-device clip, the compiled wrapper, CUDA graphs unless
+  `MICROBERT_COMPILE` / `--compile-mode` says otherwise) and the step itself (`train.step.TrainStep`:
+  masking, the MLM head on fixed slots, forward, backward, step). The embedding matrix is sized to
+  the tokenizer, as in a training run.
 - hf_transformers: `transformers.BertForMaskedLM` (SDPA attention), bf16 autocast, fused AdamW,
-  the better of eager and `torch.compile`.
+  the better of eager and `torch.compile` (CUDA only).
 
 Tokens/s counts non-padding tokens of the global batch. MFU = tokens/s × (6·N + 12·L·d·S) / peak,
 N = encoder matmul weights + MLM transform + d·V, peak = the card's datasheet dense bf16 rate from
 the trainer's own table (`train.reporting.PEAK_FLOPS`: 989 TFLOP/s for an H100 or H200), so the MFU
 here and in `train.log` divide by the same figure; `--peak-tflops` overrides it (e.g. a measured
 matmul peak, about 790 on an H200), and each record says which figure it used (`peak_tflops`).
-Records are appended to `bench/results/<date>-<gpu>.json` (and `$OUT` when set).
+Records are appended to `bench/results/<date>-<gpu>.json` (and `$OUT` when set); a CPU run (a smoke
+test of the benchmark itself) prints its records and keeps none.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
+import itertools
 import json
 import os
 import sys
@@ -35,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from deepspeed.accelerator import get_accelerator
 
 if __package__ in (None, ""):  # `python bench/train_bench.py` or the deepspeed launcher: repo on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,7 +52,7 @@ if __package__ in (None, ""):  # `python bench/train_bench.py` or the deepspeed 
 from bench.records import append_records, commit
 from microbert.config import ModelConfig, get_preset
 from microbert.data import ShardLoader, mask_tokens, prepare_dataset
-from microbert.model import BertForMaskedLM, masked_slots_for
+from microbert.run_config import resolve
 from train.reporting import peak_flops as trainer_peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,26 +61,40 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class Shape:
     name: str
-    config: ModelConfig
+    preset: str  # microbert.config.PRESETS
     seq_len: int
     batch_size: int
 
+    @property
+    def config(self) -> ModelConfig:
+        return get_preset(self.preset)
+
 
 SHAPES = {
-    "bert-base": Shape("bert-base", get_preset("bert-base"), 128, 256),
-    "bert-mini": Shape("bert-mini", get_preset("bert-mini"), 128, 256),
-    "v4": Shape("v4", get_preset("hf-xl"), 256, 96),
+    "bert-tiny": Shape("bert-tiny", "bert-tiny", 32, 8),  # a CPU smoke test of the benchmark itself
+    "bert-base": Shape("bert-base", "bert-base", 128, 256),
+    "bert-mini": Shape("bert-mini", "bert-mini", 128, 256),
+    "v4": Shape("v4", "hf-xl", 256, 96),
 }
 
 
-def peak_flops(device_name: str, override: float | None) -> float:
-    """The figure MFU divides by: `--peak-tflops`, else the trainer's datasheet table."""
+def peak_flops(device_name: str, override: float | None) -> float | None:
+    """The figure MFU divides by: `--peak-tflops`, else the trainer's datasheet table (None on CPU)."""
     if override:
         return override * 1e12
+    if device_name == "cpu":
+        return None
     peak = trainer_peak_flops(device_name)
     if peak is None:
         raise SystemExit(f"no datasheet peak for {device_name!r}: pass --peak-tflops")
     return peak
+
+
+def device_name() -> str:
+    """The GPU's model name ("NVIDIA H200"), or "cpu" where DeepSpeed runs on the CPU."""
+    if get_accelerator().device_name() == "cpu":
+        return "cpu"
+    return torch.cuda.get_device_name(0)
 
 
 def rank_and_world() -> tuple[int, int, int]:
@@ -102,95 +126,85 @@ def make_batches(shape: Shape, config: ModelConfig, device: torch.device, rank: 
         )
         return masked, attention_mask, labels
 
-    return next_batch, config.replace(vocab_size=max(vocab, config.vocab_size))
+    return next_batch, config.replace(
+        vocab_size=vocab
+    )  # the embedding sized to the tokenizer, as in training
 
 
 def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int) -> tuple[float, float]:
+    accelerator = get_accelerator()
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    accelerator.synchronize()
+    accelerator.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    torch.cuda.synchronize()
+    accelerator.synchronize()
     elapsed = time.perf_counter() - start
     return elapsed, float(loss)
 
 
 def bench_microbert(shape: Shape, args: argparse.Namespace) -> dict:
-    import deepspeed
+    """The trainer's step on the trainer's engine, built by the trainer's builders (module doc)."""
+    from microbert.plan import DataPlan, plan_run
+    from train.engine import build_engine, compile_mode, init_distributed
+    from train.step import TrainStep, build_loader, build_model
 
-    rank, world, local_rank = rank_and_world()
-    torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank)
-    deepspeed.init_distributed()
-    next_batch, config = make_batches(shape, shape.config, device, rank, world, args.seed)
-    torch.manual_seed(args.seed)
-    model = BertForMaskedLM(config.replace(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
-    if not args.no_compile and args.compile_scope != "flat":
-        target = model.bert if args.compile_scope == "encoder" else model
-        target.compile(mode=args.compile_mode)
-    if args.flat:
-        from train.flat import FlatParameters
-
-        model = FlatParameters(model)
-        if not args.no_compile and args.compile_scope == "flat":
-            model.compile(mode=args.compile_mode)  # the views into the flat parameters in the graph
-    if args.client_clip:
-        from train.optim import ClippedAdamW
-
-        optimizer = ClippedAdamW(
-            model.parameters(), max_grad_norm=1.0, lr=1e-4, weight_decay=0.01, fused=True
-        )
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": shape.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
-        # bf16 needs no loss scaling, so no per-parameter inf/NaN scan (and its host sync) per step.
-        "bf16": {"enabled": True, "check_grad_overflow": False},
-        # One gradient bucket, no overlap machinery: on one GPU (and NVLink pairs) the reduction is
-        # cheap and the per-bucket host work is not (bert-mini: 1.12 -> 1.58 M tokens/s on an H100).
-        "zero_optimization": {
-            "stage": 1,
-            "overlap_comm": False,
-            "contiguous_gradients": False,
-            "reduce_bucket_size": 500_000_000,
-        },
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
+    _, _, local_rank = rank_and_world()
+    settings = {
+        "model": shape.preset,
+        "seq_len": shape.seq_len,
+        "micro_batch_size": shape.batch_size,
+        "dataset": "embedded",
+        "seed": args.seed,
+        **({"dropout": args.dropout} if args.dropout is not None else {}),
     }
-    if args.client_clip:  # the optimizer clips; DeepSpeed computes no norm
-        ds_config["gradient_clipping"] = 0.0
-        ds_config["zero_optimization"]["compute_grad_norm"] = False
-        ds_config["zero_allow_untested_optimizer"] = True  # an AdamW subclass
-    for key, value in json.loads(args.ds_extra).items():
-        ds_config[key] = {**ds_config.get(key, {}), **value} if isinstance(value, dict) else value
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    slots = None if args.exact_head else masked_slots_for(shape.batch_size * shape.seq_len, 0.15)
-    graphs = args.compile_mode == "reduce-overhead"
-    overflow = torch.zeros((), dtype=torch.long, device=device)
+    resolved = resolve(profile=None, ds_config=None, run_file=None, flags=settings)
+    extra = json.loads(args.ds_extra)
+    if extra:  # merged into the layers' DeepSpeed config, which the trainer completes from the plan
+        base = dict(resolved.deepspeed)
+        for key, value in extra.items():
+            base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+        resolved = dataclasses.replace(resolved, deepspeed=base)
+    place = init_distributed(local_rank, resolved.train.precision)
+    data = prepare_dataset("embedded", seq_len=shape.seq_len, vocab_size=resolved.model_config.vocab_size)
+    plan = plan_run(resolved, place, DataPlan.of(data, "embedded"))
+    parts = build_engine(build_model(plan), plan)
+    train_step = TrainStep(parts.engine, plan, data, exact_head=args.exact_head)
+    batches = iter(build_loader(plan, data))
+    step_numbers = itertools.count()
+    overflow = torch.zeros((), dtype=torch.long, device=place.device)
 
     def step() -> torch.Tensor:
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        input_ids, attention_mask, labels = next_batch()
-        out = engine(input_ids, attention_mask, labels=labels, masked_slots=slots)
-        engine.backward(out.loss)
-        engine.step()
-        if slots is not None:
-            overflow.add_((out.num_masked - slots).clamp(min=0))
-        return out.loss.detach().clone()
+        result = train_step(next(step_numbers), batches)
+        if result.dropped is not None:
+            overflow.add_(result.dropped)
+        return result.loss
 
     with sdpa_backend(args.sdpa_backend):
         elapsed, loss = time_steps(step, args.warmup, args.steps)
         if args.profile:
             profile(step, f"microbert-{shape.name}")
     if int(overflow):
-        print(f"warning: {int(overflow)} masked positions did not fit {slots} slots", flush=True)
-    return {"elapsed": elapsed, "loss": loss, "world": world, "config": config, "slots": slots}
+        print(
+            f"warning: {int(overflow)} masked positions did not fit {train_step.masked_slots} slots",
+            flush=True,
+        )
+    return {
+        "elapsed": elapsed,
+        "loss": loss,
+        "world": place.world_size,
+        "config": plan.model,
+        "slots": train_step.masked_slots,
+        "variant": {
+            "builders": "trainer",
+            "compile_mode": compile_mode(place) or "off",
+            "precision": place.precision,
+            "dropout": plan.model.hidden_dropout_prob,
+            "vocab_size": plan.model.vocab_size,
+        },
+    }
 
 
 def sdpa_backend(name: str | None):
@@ -260,9 +274,10 @@ def record(
     world = result["world"]
     tokens = shape.batch_size * shape.seq_len * world * args.steps  # packed: every position is a token
     tokens_per_second = tokens / result["elapsed"]
-    name = torch.cuda.get_device_name(0)
+    name = device_name()
     peak = peak_flops(name, args.peak_tflops)
-    mfu = tokens_per_second * config.training_flops_per_token(shape.seq_len) / (peak * world)
+    flops = config.training_flops_per_token(shape.seq_len)
+    mfu = round(tokens_per_second * flops / (peak * world), 4) if peak else None
     return {
         "bench": "train",
         "shape": shape.name,
@@ -272,9 +287,9 @@ def record(
         "batch_size": shape.batch_size,
         "seq_len": shape.seq_len,
         "tokens_per_second": round(tokens_per_second),
-        "mfu": round(mfu, 4),
-        "peak_tflops": round(peak / 1e12, 1),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "mfu": mfu,
+        "peak_tflops": round(peak / 1e12, 1) if peak else None,
+        "peak_memory_gib": round(get_accelerator().max_memory_allocated() / 2**30, 2),
         "final_loss": round(result["loss"], 4),
         "torch": torch.__version__,
         "commit": commit(),
@@ -285,26 +300,36 @@ def record(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="MicroBERT vs transformers training throughput")
-    parser.add_argument("--shapes", default="bert-base,bert-mini,v4")
-    parser.add_argument("--impls", default="microbert,hf_transformers")
+    parser.add_argument(
+        "--shapes", default="bert-base,bert-mini,v4", help=f"comma-separated: {', '.join(SHAPES)}"
+    )
+    parser.add_argument(
+        "--impls", default="microbert,hf_transformers", help="microbert, hf_transformers or both"
+    )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-compile", action="store_true", help="microbert: run the encoder eagerly")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="microbert: run eagerly (MICROBERT_COMPILE=off)"
+    )
     parser.add_argument("--hf-modes", default="eager,compile", help="which transformers modes to try")
-    parser.add_argument("--ds-extra", default="{}", help="JSON merged into the DeepSpeed config")
+    parser.add_argument(
+        "--ds-extra",
+        default="{}",
+        help="microbert: JSON merged into the DeepSpeed config the trainer completes",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="override the shape's batch")
-    parser.add_argument("--flat", action="store_true", help="microbert: one flat parameter for DeepSpeed")
     parser.add_argument(
-        "--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)"
+        "--compile-mode",
+        choices=("off", "default", "reduce-overhead"),
+        default=None,
+        help="microbert: MICROBERT_COMPILE for this run (default: the trainer's, CUDA graphs on CUDA)",
     )
-    parser.add_argument("--client-clip", action="store_true", help="microbert: clip in the optimizer")
     parser.add_argument(
-        "--compile-scope",
-        choices=("flat", "model", "encoder"),
-        default="flat",
-        help="microbert: compile the flat-parameter wrapper (with --flat), the model, or the encoder",
+        "--dropout", type=float, default=None, help="microbert: the run's dropout (default: the trainer's)"
     )
+    for always in ("--flat", "--client-clip"):  # the trainer always does both; older command lines
+        parser.add_argument(always, action="store_true", help="accepted, always on: the trainer's engine")
     parser.add_argument("--sdpa-backend", choices=("flash", "efficient", "cudnn", "math"), default=None)
     parser.add_argument("--exact-head", action="store_true", help="microbert: head on the exact masked set")
     parser.add_argument("--profile", action="store_true", help="write a torch.profiler table per run")
@@ -323,26 +348,28 @@ def main() -> None:
         ("MASTER_PORT", "29517"),
     ):
         os.environ.setdefault(key, value)
+    if args.no_compile or args.compile_mode:  # read by train.engine.compile_mode, as in microbert-train
+        os.environ["MICROBERT_COMPILE"] = "off" if args.no_compile else args.compile_mode
     rank, _, _ = rank_and_world()
-    peak_flops(torch.cuda.get_device_name(0), args.peak_tflops)  # an unknown card stops here, not after a run
+    on_gpu = device_name() != "cpu"
+    if not on_gpu and args.impls != "microbert":
+        raise SystemExit("on a CPU only --impls microbert runs (the transformers side is CUDA only)")
+    peak_flops(device_name(), args.peak_tflops)  # an unknown card stops here, not after a run
     records = []
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         if args.batch_size:
-            shape = Shape(shape.name, shape.config, shape.seq_len, args.batch_size)
+            shape = dataclasses.replace(shape, batch_size=args.batch_size)
         for impl in args.impls.split(","):
             if impl == "microbert":
-                variant = {
-                    "compiled": not args.no_compile,
-                    "compile_mode": args.compile_mode or "default",
-                    "compile_scope": args.compile_scope,
-                    "sdpa_backend": args.sdpa_backend or "auto",
-                    "flat": args.flat,
-                    "client_clip": args.client_clip,
-                    "ds_extra": args.ds_extra,
-                }
                 result = bench_microbert(shape, args)
-                rec = record(shape, impl, result, args, {**variant, "head_slots": result["slots"]})
+                extra = {
+                    **result["variant"],
+                    "sdpa_backend": args.sdpa_backend or "auto",
+                    "ds_extra": args.ds_extra,
+                    "head_slots": result["slots"],
+                }
+                rec = record(shape, impl, result, args, extra)
             else:
                 best = None
                 for mode in args.hf_modes.split(","):
@@ -355,9 +382,12 @@ def main() -> None:
             if rank == 0:
                 print(json.dumps(rec), flush=True)
                 records.append(rec)
-            torch.cuda.empty_cache()
-    if rank == 0:
+            if on_gpu:
+                torch.cuda.empty_cache()
+    if rank == 0 and on_gpu:
         append_records(records, records[0]["device"] if records else "")
+    elif rank == 0:
+        print("a CPU run checks the benchmark itself: its records are printed, not kept", flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -25,31 +25,11 @@ from deepspeed.accelerator import get_accelerator
 from microbert.config import ModelConfig
 from microbert.errors import MicroBertError
 from microbert.model import BertForMaskedLM
+from microbert.plan import Placement, RunPlan, SchedulePlan
 from microbert.run_config import SCHEDULES, TrainConfig
 from train.flat import FlatParameters
 from train.nodes import group_timeout
 from train.optim import ClippedAdamW
-
-WARMUP_SHARE = 0.06  # warm-up when none is given: 6% of the run (RoBERTa's), in steps or in time
-
-
-@dataclass
-class Placement:
-    """Where this process runs: its rank, the world, its device, and the numeric precision."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    precision: str  # "bf16" or "fp32"
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def on_cpu(self) -> bool:
-        return self.device.type == "cpu"
 
 
 def verbose() -> bool:
@@ -88,17 +68,17 @@ def init_distributed(local_rank: int | None, precision: str) -> Placement:
     world = torch.distributed.get_world_size()
     local = local_rank if local_rank is not None else rank
     accelerator = get_accelerator()
-    device_name = accelerator.device_name(local) if accelerator.device_name() != "cpu" else "cpu"
-    device = torch.device(device_name)
-    if device.type != "cpu":
+    device = accelerator.device_name(local) if accelerator.device_name() != "cpu" else "cpu"
+    on_cpu = torch.device(device).type == "cpu"
+    if not on_cpu:
         accelerator.set_device(local)
         cap_device_memory(device)
     if precision == "auto":
-        precision = "bf16" if device.type != "cpu" and accelerator.is_bf16_supported() else "fp32"
+        precision = "bf16" if not on_cpu and accelerator.is_bf16_supported() else "fp32"
     return Placement(rank=rank, local_rank=local, world_size=world, device=device, precision=precision)
 
 
-def cap_device_memory(device: torch.device) -> None:
+def cap_device_memory(device: str) -> None:
     """`MICROBERT_GPU_MEMORY_GB`: use at most this much of the GPU, as if it were a smaller card.
 
     For sharing a GPU, and for checking that a profile made for a 24 GB card fits one while running
@@ -106,7 +86,7 @@ def cap_device_memory(device: torch.device) -> None:
     the usual out-of-memory error and its advice).
     """
     value = os.environ.get("MICROBERT_GPU_MEMORY_GB")
-    if not value or device.type != "cuda":
+    if not value or torch.device(device).type != "cuda":
         return
     total = torch.cuda.get_device_properties(device).total_memory
     try:
@@ -125,11 +105,22 @@ def usable_memory(place: Placement) -> int:
     """Free accelerator memory in bytes, within the per-process cap when one is set."""
     free = int(get_accelerator().available_memory(place.local_rank))
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    if place.device.type == "cuda" and get_fraction is not None and torch.cuda.is_available():
+    if place.device_type == "cuda" and get_fraction is not None and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(place.device).total_memory
         capped = int(get_fraction(place.device) * total) - torch.cuda.memory_reserved(place.device)
         free = min(free, capped)
     return free
+
+
+def device_model(place: Placement) -> str | None:
+    """The accelerator's model name (e.g. "NVIDIA H200"), for its peak FLOP/s; None on CPU."""
+    if place.on_cpu:
+        return None
+    module = getattr(torch, place.device_type, None)
+    try:
+        return str(module.get_device_name(place.local_rank)) if module is not None else None
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def decay_factor(progress: float, *, schedule: str, min_ratio: float, decay_fraction: float) -> float:
@@ -167,65 +158,72 @@ def lr_lambda(
     return decay_factor(progress, schedule=schedule, min_ratio=min_ratio, decay_fraction=decay_fraction)
 
 
-def timed_schedule(t: TrainConfig, clock: Callable[[], float]) -> Callable[[int], float]:
+def timed_schedule(schedule: SchedulePlan, clock: Callable[[], float]) -> Callable[[int], float]:
     """The LR multiplier of a run with a wall-clock budget (`--time-budget`): the schedule follows
     the share of the budget spent, not a step count, so the run ends decayed whatever the machine's
-    speed. Warm-up is `--warmup-steps` steps when given, else the first 6% of the budget.
-    `clock()` gives the training seconds so far (evaluation and checkpoints excluded).
+    speed. Warm-up is `--warmup-steps` steps when given, else the first 6% of the budget (the plan's
+    `warmup_s`). `clock()` gives the training seconds so far (evaluation and checkpoints excluded).
 
     A closure, not an object: `LambdaLR.state_dict()` (saved in every checkpoint) pickles the
     attributes of callable objects, and the clock belongs to the trainer.
     """
-    assert t.time_budget_s is not None
-    budget = float(t.time_budget_s)
+    assert schedule.time_budget_s is not None
+    budget = float(schedule.time_budget_s)
+    warmup_steps, warmup_s = schedule.warmup_steps, schedule.warmup_s
     warmup_end_s: list[float] = []  # when a step-count warm-up ended
 
     def factor(step: int) -> float:
         now = clock()
-        if t.warmup_steps is not None:
-            if step < t.warmup_steps:
-                return (step + 1) / t.warmup_steps
+        if warmup_steps is not None:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
             if not warmup_end_s:
                 warmup_end_s.append(now)
             start = warmup_end_s[0]
         else:
-            start = WARMUP_SHARE * budget
+            assert warmup_s is not None
+            start = warmup_s
             if now < start:
                 return max(now / start, 1e-3)
         progress = (now - start) / max(budget - start, 1e-9)
         return decay_factor(
-            progress, schedule=t.schedule, min_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction
+            progress,
+            schedule=schedule.shape,
+            min_ratio=schedule.min_lr_ratio,
+            decay_fraction=schedule.decay_fraction,
         )
 
     return factor
 
 
-def warmup_steps(t: TrainConfig, total_steps: int) -> int:
-    return t.warmup_steps if t.warmup_steps is not None else max(1, int(WARMUP_SHARE * total_steps))
+def lr_factor(schedule: SchedulePlan, clock: Callable[[], float] | None = None) -> Callable[[int], float]:
+    """The plan's LR multiplier per step: over its steps, or over the clock of a time-budget run."""
+    if schedule.follows_clock:
+        assert clock is not None, "a time-budget run needs the training clock"
+        return timed_schedule(schedule, clock)
+    assert schedule.total_steps is not None and schedule.warmup_steps is not None, "an unresolved plan"
+    warm, total = schedule.warmup_steps, schedule.total_steps
+
+    def factor(step: int) -> float:
+        return lr_lambda(
+            step,
+            warmup=warm,
+            total=total,
+            min_ratio=schedule.min_lr_ratio,
+            schedule=schedule.shape,
+            decay_fraction=schedule.decay_fraction,
+        )
+
+    return factor
 
 
-def warmup_warning(t: TrainConfig, total_steps: int | None) -> str | None:
-    """A warm-up longer than the run never reaches the peak learning rate: worth a line in the log.
-    (A time-budget run, with no step count, has its own schedule.)"""
-    if total_steps is None:
-        return None
-    warm = warmup_steps(t, total_steps)
-    if warm <= total_steps:
-        return None
-    return (
-        f"warning: the warm-up ({warm} steps) is longer than the run ({total_steps} steps), so the "
-        f"learning rate never reaches its peak {t.lr:g}: lower --warmup-steps or raise --max-steps"
-    )
-
-
-def deepspeed_config(
-    base: dict[str, Any], t: TrainConfig, micro_batch: int, place: Placement
-) -> dict[str, Any]:
-    """The config handed to `deepspeed.initialize`: batch geometry, ZeRO stage and precision from t."""
-    config = {k: v for k, v in base.items() if k not in ("bf16", "fp16", "train_batch_size")}
-    config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["gradient_accumulation_steps"] = t.grad_accum
-    config["train_batch_size"] = micro_batch * t.grad_accum * place.world_size
+def deepspeed_config(plan: RunPlan) -> dict[str, Any]:
+    """The config handed to `deepspeed.initialize`: the plan's batch geometry, ZeRO stage and precision."""
+    t, batch = plan.settings, plan.batch
+    config = {k: v for k, v in plan.deepspeed.items() if k not in ("bf16", "fp16", "train_batch_size")}
+    config["train_micro_batch_size_per_gpu"] = batch.micro_batch_size
+    config["gradient_accumulation_steps"] = batch.grad_accum
+    config["train_batch_size"] = batch.train_batch_size
     # The client optimizer clips on the device (train/optim.py); DeepSpeed's own clip reads the
     # norm back to the host every step, so it computes no norm and clips nothing.
     config["gradient_clipping"] = 0.0
@@ -240,7 +238,7 @@ def deepspeed_config(
     config["zero_optimization"] = zero
     # bf16 has no loss scale to protect, so no per-parameter inf/NaN scan (and host sync) per step;
     # a diverged loss is caught by the trainer at its logging cadence.
-    config["bf16"] = {"enabled": place.precision == "bf16", "check_grad_overflow": False}
+    config["bf16"] = {"enabled": plan.placement.precision == "bf16", "check_grad_overflow": False}
     config.setdefault("steps_per_print", 10**9)  # the trainer does its own logging
     return config
 
@@ -299,23 +297,28 @@ def auto_micro_batch(model_config: ModelConfig, seq_len: int, place: Placement) 
     return max(1, min(512, 2 ** int(math.log2(batch))))
 
 
-def build_engine(
-    model: BertForMaskedLM,
-    t: TrainConfig,
-    base_config: dict[str, Any],
-    micro_batch: int,
-    total_steps: int | None,
-    place: Placement,
-    clock: Callable[[], float] | None = None,
-) -> tuple[Any, torch.optim.lr_scheduler.LambdaLR, dict[str, Any], ClippedAdamW]:
+@dataclass(frozen=True)
+class Engine:
+    """What `build_engine` made: the DeepSpeed engine, its LR schedule, the client optimizer, and the
+    config DeepSpeed was given (`resolved_config.json` keeps it)."""
+
+    engine: Any  # deepspeed.DeepSpeedEngine (untyped)
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    optimizer: ClippedAdamW
+    config: dict[str, Any]
+
+
+def build_engine(model: BertForMaskedLM, plan: RunPlan, clock: Callable[[], float] | None = None) -> Engine:
     """`deepspeed.initialize` over the model's flat parameters with the client optimizer and schedule.
 
     On an accelerator the model is compiled, encoder, head and loss in one graph (see
     `compile_mode`): the fused LayerNorm, dropout, GELU and cross-entropy kernels matter more for
-    BERT than anything else but the matmuls.
-    `total_steps` None: a `--time-budget` run, whose schedule follows `clock` (`timed_schedule`).
-    Returns the engine, its scheduler, the DeepSpeed config and the client optimizer.
+    BERT than anything else but the matmuls. Everything else comes from the plan: the batch
+    geometry, the precision, the optimizer's settings and the schedule (a `--time-budget` run's
+    follows `clock`, the training seconds so far: `timed_schedule`).
     """
+    assert plan.complete, f"an engine needs a complete plan; unresolved: {', '.join(plan.unresolved)}"
+    place = plan.placement
     flat = FlatParameters(model)
     mode = compile_mode(place)
     if mode is not None:
@@ -323,33 +326,16 @@ def build_engine(
         # so their ~150 views and view-backwards cost no host time, and CUDA graphs see the two
         # flat parameters at fixed addresses.
         flat.compile(mode=None if mode == "default" else mode)
-    config = deepspeed_config(base_config, t, micro_batch, place)
-    optimizer = build_optimizer(flat, t, place)
+    config = deepspeed_config(plan)
+    optimizer = build_optimizer(flat, plan.settings, place)
     register_with_zero()
-    factor: Callable[[int], float]
-    if total_steps is None:
-        assert clock is not None, "a time-budget run needs the training clock"
-        factor = timed_schedule(t, clock)
-    else:
-        warm, total = warmup_steps(t, total_steps), total_steps
-
-        def factor(step: int) -> float:
-            return lr_lambda(
-                step,
-                warmup=warm,
-                total=total,
-                min_ratio=t.min_lr_ratio,
-                schedule=t.schedule,
-                decay_fraction=t.decay_fraction,
-            )
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(plan.schedule, clock))
     # DeepSpeed hands the client scheduler back as it is: the LambdaLR above.
     engine, _optimizer, _loader, engine_scheduler = deepspeed.initialize(
         model=flat, optimizer=optimizer, lr_scheduler=scheduler, config=config
     )
     optimizer.shard_rank = place.rank  # ZeRO-1 hands each rank one slice of the flat group
-    return engine, engine_scheduler, config, optimizer
+    return Engine(engine=engine, scheduler=engine_scheduler, optimizer=optimizer, config=config)
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead")
@@ -363,7 +349,7 @@ def compile_mode(place: Placement) -> str | None:
     2.0 -> 4.1 M tokens/s on an H100). default on other accelerators; never on a CPU, where
     compiling costs more than a short run gains.
     """
-    default = "reduce-overhead" if place.device.type == "cuda" else "default"
+    default = "reduce-overhead" if place.device_type == "cuda" else "default"
     value = os.environ.get("MICROBERT_COMPILE", default).strip().lower()
     value = {"0": "off", "1": "default", "cuda-graphs": "reduce-overhead"}.get(value, value)
     if value not in COMPILE_MODES:

@@ -1,56 +1,67 @@
-"""The training run: data, model, engine, resume, the step loop, eval, checkpoints, exports, report.
+"""The training run: take the run folder, plan the run, build its parts, then step until done.
+
+`run()` opens a `Launch` (the run folder locked, the process group joined, the log open),
+`build_trainer` makes the plan (microbert/plan.py) and everything built from it (data, model,
+engine, the step, the meter, evaluation, checkpoints) and restores a checkpoint, and
+`Trainer.train` only orders the work, torchtitan-style: a step, then whichever of logging,
+evaluation and checkpointing is due.
 
 Exact resume rests on three things: the loader's (epoch, position) saved in every checkpoint; the
-masking generator and the dropout RNG reseeded every step from (seed, step, rank), so no random
-stream has to be carried across a restart; and DeepSpeed restoring weights, Adam moments and the
-LR schedule. On CPU a run stopped and resumed ends with the very same bits as one that never stopped.
+masking generator and the dropout RNG reseeded every step from (seed, step, rank) (train/step.py),
+so no random stream has to be carried across a restart; and DeepSpeed restoring weights, Adam
+moments and the LR schedule. On CPU a run stopped and resumed ends with the very same bits as one
+that never stopped.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import shlex
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from microbert.checkpoint import LATEST, save_artifact, update_latest
 from microbert.commands.predict import render
 from microbert.config import resolve_position_init
-from microbert.data import ShardLoader, mask_tokens, prepare_dataset
+from microbert.data import PreparedDataset, ShardLoader, prepare_dataset
 from microbert.data.cache import cache_root
 from microbert.errors import MicroBertError
-from microbert.evaluate import EVAL_MASK_RATE, EVAL_SEED, evaluate
-from microbert.model import BertForMaskedLM, init_position_embeddings, masked_slots_for
+from microbert.plan import DataPlan, Placement, RunPlan, plan_run
 from microbert.predict import FillMaskPredictor
-from microbert.run_config import Resolved
-from microbert.tokenizer import tokenizer_hash
+from microbert.run_config import Resolved, TrainConfig
 from train import checkpointing
+from train.components import (
+    Checkpointer,
+    Evaluator,
+    Interval,
+    IntervalMeter,
+    TrainingClock,
+    TrainState,
+    run_record,
+)
 from train.engine import (
-    Placement,
+    Engine,
     auto_micro_batch,
     build_engine,
     compile_mode,
+    device_model,
     init_distributed,
     oom_message,
-    warmup_warning,
 )
 from train.launcher import STOP_FILE
-from train.nodes import PeerLost, discover, peer_lost
-from train.reporting import Progress, RunLog, ScalarReport, peak_flops, write_history
+from train.nodes import Nodes, PeerLost, discover, peer_lost
+from train.reporting import Progress, RunLog, ScalarReport, peak_flops
 from train.run_lock import RunLock
-
-PLOT_EVERY_S = 300.0  # redraw training_history.png at most this often before the end
+from train.step import TrainStep, build_loader, build_model
 
 DEFAULT_PROBES = [
     "The [MASK] of the king was great.",
@@ -59,11 +70,6 @@ DEFAULT_PROBES = [
     "What is your [MASK], my lord?",
     "She looked at him with [MASK] eyes.",
 ]
-
-
-def _seed_for(*parts: int) -> int:
-    """A 63-bit seed mixed from integers, so (seed, step, rank) streams never overlap."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 class StopRequest:
@@ -129,12 +135,15 @@ class StopRequest:
         return "a stop request"
 
 
-class Trainer:
-    def __init__(self, resolved: Resolved, local_rank: int | None, launch_command: str):
-        self.resolved = resolved
-        self.t = resolved.train
-        self.launch_command = launch_command
-        self.run_dir = Path(self.t.run_dir)
+class Launch:
+    """This trainer's place in the world: the run folder (locked), the process group, the log.
+
+    Opened before anything heavy, so a second trainer on a live folder is told at once; closed
+    (log and lock released) however the run ends.
+    """
+
+    def __init__(self, settings: TrainConfig, local_rank: int | None) -> None:
+        self.run_dir = Path(settings.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.export_dir = self.run_dir / "export"
         self.lock = RunLock(self.run_dir)
@@ -142,27 +151,17 @@ class Trainer:
         # second trainer is told at once, not after DeepSpeed's start-up; every rank then learns it.
         early = os.environ.get("RANK", "0") == "0"
         problem = self._take_run_folder() if early else None
-        self.place = init_distributed(local_rank, self.t.precision)
+        self.place: Placement = init_distributed(local_rank, settings.precision)
         if self.place.is_main and not early:
             problem = self._take_run_folder()
         problem = checkpointing.agree(problem)  # every rank stops if rank 0 could not take the folder
         if problem is not None:
             raise MicroBertError(problem)
         checkpointing._barrier()
-        self.nodes = discover(self.place.rank, self.place.world_size)
+        self.nodes: Nodes = discover(self.place.rank, self.place.world_size)
         checkpointing.require_shared_run_dir(self.run_dir, self.nodes)
         self.log = RunLog(self.run_dir / "train.log", self.place.is_main)
         self.stop = StopRequest(self.place, self.run_dir / STOP_FILE)
-        self.step = 0
-        self.tokens_seen = 0
-        self.elapsed_before = 0.0
-        # training seconds (evaluation and checkpoints excluded): the clock a time budget runs on
-        self.clock_origin = time.perf_counter()
-        self.paused_s = 0.0
-        self.startup_s = 0.0
-        self.history: dict[str, Any] = {"train": [], "eval": []}
-        self.last_eval: dict[str, Any] | None = None
-        self.last_plot = time.monotonic()
 
     def _take_run_folder(self) -> str | None:
         """Lock the run folder for this trainer; the problem in words, or None."""
@@ -175,548 +174,379 @@ class Trainer:
             return f"cannot use {self.run_dir} as the run folder: {exc.strerror or exc}"
         return None
 
-    # --- setup ---------------------------------------------------------------------------------
-    def setup(self) -> None:
-        t, place = self.t, self.place
-        # read first, so a bad MICROBERT_COMPILE is reported before any data is prepared
-        self.cuda_graphs = compile_mode(place) == "reduce-overhead"
-        self.log(
-            f"run {self.run_dir} | {place.world_size} process(es) on {place.device.type} | precision "
-            f"{place.precision} | layers: {' < '.join(self.resolved.sources)}"
-        )
-        if place.is_main:
-            for debris in checkpointing.remove_debris(self.run_dir):
-                self.log(f"removed {debris}, left by a trainer that stopped mid-write")
-        if t.resume == "never" and place.is_main:
-            self._clear_previous_run()
-        model_config = self.resolved.model_config
-        data = self.nodes.prepare_once(
-            cache_root(),
-            lambda tokenizer: prepare_dataset(
-                t.dataset,
-                tokenizer=tokenizer,
-                seq_len=t.seq_len,
-                vocab_size=model_config.vocab_size,
-                max_samples=t.max_samples,
-                streaming=t.streaming,
-                text_column=t.text_column,
-                progress=place.is_main and sys.stderr.isatty(),
-            ),
-            self.log,
-        )
-        self.data = data
-        vocab = data.tokenizer.get_vocab_size()
-        if vocab != model_config.vocab_size:
-            self.log(f"tokenizer has {vocab} tokens: the embedding matrix is sized to match")
-            model_config = model_config.replace(vocab_size=vocab)
-        self.model_config = model_config
-        self.log(
-            f"data {t.dataset}: {len(data.train)} training and {len(data.eval)} held-out sequences of "
-            f"{t.seq_len} tokens ({'cached' if data.cached else 'prepared'}, {data.path})"
-        )
-        torch.manual_seed(t.seed)  # the same initial weights on every rank and every restart
-        model = BertForMaskedLM(model_config)
-        init_position_embeddings(model, t.position_init, t.position_init_std)
-        if t.micro_batch_size == "auto":
-            self.micro_batch = auto_micro_batch(model_config, t.seq_len, place)
-        else:
-            self.micro_batch = int(t.micro_batch_size)
-        self.requested_batch = {"micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum}
-        t.grad_accum = self._grad_accum_for_resume()
-        self.loader = ShardLoader(
-            data.train,
-            batch_size=self.micro_batch,
-            seed=t.seed,
-            rank=place.rank,
-            world_size=place.world_size,
-            device=place.device,
-        )
-        if self.loader.batches_per_epoch < 1:
-            raise MicroBertError(
-                f"{len(data.train)} training sequences give no full batch of {self.micro_batch} × "
-                f"{place.world_size} rank(s): lower --batch-size or use more data (--max-samples)"
-            )
-        self.total_steps: int | None
-        if t.max_steps is not None:
-            self.total_steps = t.max_steps
-        elif t.time_budget_s is not None:
-            self.total_steps = None  # the clock decides; the schedule follows it (timed_schedule)
-        else:
-            epochs = t.epochs if t.epochs is not None else 1.0
-            self.total_steps = max(1, math.ceil(epochs * self.loader.batches_per_epoch / t.grad_accum))
-        self.engine, self.scheduler, ds_config, self.optimizer = build_engine(
-            model,
-            t,
-            self.resolved.deepspeed,
-            self.micro_batch,
-            self.total_steps,
-            place,
-            self.training_seconds,
-        )
-        self.ds_config = ds_config
-        # On an accelerator the MLM head runs on a fixed number of slots per micro-batch: static
-        # shapes, no host sync per step. On a CPU the exact masked set is cheaper.
-        self.masked_slots = (
-            None if place.on_cpu else masked_slots_for(self.micro_batch * t.seq_len, t.mlm_probability)
-        )
-        self.flops_per_token = model_config.training_flops_per_token(t.seq_len)
-        peak = peak_flops(_device_model(place))
-        self.peak_flops = peak * place.world_size if peak else None
-        self.log(
-            f"model {t.model}: {model_config.num_parameters() / 1e6:.2f}M parameters, "
-            f"{self.flops_per_token / 1e6:.1f} MFLOP per token (6N + 12·L·d·S); micro-batch "
-            f"{self.micro_batch} × accumulation {t.grad_accum} × {place.world_size} rank(s) = "
-            f"{ds_config['train_batch_size']} sequences per step; {self._length()} "
-            f"({self.loader.batches_per_epoch} batches per epoch per rank); dropout "
-            f"{model_config.hidden_dropout_prob:g}, masking {t.mlm_probability:.0%}, peak LR {t.lr:g} "
-            f"({t.schedule}), {resolve_position_init(t.position_init, model_config.hidden_size)} "
-            "position init"
-        )
-        if warning := warmup_warning(t, self.total_steps):
-            self.log(warning)
-        if t.resume == "auto":
-            self._resume()
-        if place.is_main:
-            self._write_resolved_config()
-        checkpointing._barrier()
+    def close(self) -> None:
+        self.log.close()
+        self.lock.release()
 
-    def _clear_previous_run(self) -> None:
-        import shutil
 
-        for folder in (self.checkpoint_dir, self.export_dir):
-            if folder.exists():
-                self.log(f"--resume never: removing the previous run's {folder}")
-                shutil.rmtree(folder)
-        for name in ("training_history.json", "training_history.png", "status.json"):
-            (self.run_dir / name).unlink(missing_ok=True)
+# --- building a trainer -----------------------------------------------------------------------------
+def build_trainer(launch: Launch, resolved: Resolved, launch_command: str) -> Trainer:
+    """The run's plan, and every part of the run built from it; the latest checkpoint restored."""
+    t, place, log = resolved.train, launch.place, launch.log
+    compile_mode(place)  # read first, so a bad MICROBERT_COMPILE is reported before any data is prepared
+    log(
+        f"run {launch.run_dir} | {place.world_size} process(es) on {place.device_type} | precision "
+        f"{place.precision} | layers: {' < '.join(resolved.sources)}"
+    )
+    if place.is_main:
+        for debris in checkpointing.remove_debris(launch.run_dir):
+            log(f"removed {debris}, left by a trainer that stopped mid-write")
+    if t.resume == "never" and place.is_main:
+        _clear_previous_run(launch)
+    data = _prepare_data(launch, resolved)
+    vocab = data.tokenizer.get_vocab_size()
+    if vocab != resolved.model_config.vocab_size:
+        log(f"tokenizer has {vocab} tokens: the embedding matrix is sized to match")
+    log(
+        f"data {t.dataset}: {len(data.train)} training and {len(data.eval)} held-out sequences of "
+        f"{t.seq_len} tokens ({'cached' if data.cached else 'prepared'}, {data.path})"
+    )
+    latest = checkpointing.latest_complete(launch.checkpoint_dir) if t.resume == "auto" else None
 
-    def _run_record(self) -> dict[str, Any]:
-        """What the weights are bound to, and the settings they are trained with (`run.json`)."""
-        return {
-            "model": checkpointing.model_shape(self.model_config.to_dict()),
-            "tokenizer_hash": tokenizer_hash(self.data.tokenizer),
-            "data_hash": self.data.meta.get("data_hash"),
-            "dataset_cache_key": self.data.cache_key,
-            "seq_len": self.t.seq_len,
-            "seed": self.t.seed,
-            "settings": self.t.to_dict(),
-        }
-
-    def _resume(self) -> None:
-        info = checkpointing.latest_complete(self.checkpoint_dir)
-        if info is None:
-            return
-        record, saved = self._run_record(), info.record()
-        changed: dict[str, list[Any]] = {}
-        if saved is None:
-            self.log(
-                f"{info.path} has no {checkpointing.RUN_RECORD} (an older version wrote it): not checked"
-            )
-        else:
-            bound = checkpointing.bound_changes(saved, record)
-            if bound:
-                raise MicroBertError(
-                    f"cannot resume {self.run_dir} from step {info.step}: the checkpoint's weights belong to "
-                    f"another {'; '.join(bound)}. Resume with the settings the run started with (its "
-                    "resolved_config.json lists them; the data as it was prepared then), or start afresh "
-                    "with --resume never or a new --run-dir"
-                )
-            changed = checkpointing.setting_changes(saved.get("settings", {}), record["settings"])
-        client, rank_state = checkpointing.load(
-            self.engine, info, rank=self.place.rank, world_size=self.place.world_size, log=self.log
-        )
-        self.step = int(client["step"])
-        self.tokens_seen = int(client["tokens_seen"])
-        self.elapsed_before = float(client["elapsed_s"])
-        self.history = client["history"]
-        self.last_eval = self.history["eval"][-1] if self.history["eval"] else None
-        if rank_state is not None:
-            self.loader.load_state_dict(rank_state["loader"])
-            if "rng" in rank_state:
-                checkpointing.set_rng_state(rank_state["rng"])
-        self.log(
-            f"resumed from step {self.step} ({info.path}); {self.tokens_seen:,} tokens seen, "
-            f"loader at epoch {self.loader.epoch}"
-        )
-        if changed:
-            self._apply_changes(changed)
-        self.resumed = {"step": self.step, "changed": changed}
-        if self.place.is_main:
-            self._export_if_behind()
-
-    def _apply_changes(self, changed: dict[str, list[Any]]) -> None:
-        """Settings that differ from the checkpoint's take effect from the resumed step on.
-
-        DeepSpeed restores the optimizer's hyper-parameters and the schedule's peak from the
-        checkpoint; the new values are put back here. The schedule's shape (warm-up, decay, total
-        steps) is code, not state, and follows the new settings by itself.
-        """
-        t = self.t
-        described = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
-        self.log(f"changed since the checkpoint, applied from step {self.step} on: {described}")
-        groups = self.scheduler.optimizer.param_groups
-        for group in groups:
-            group["initial_lr"] = t.lr
-            group["betas"] = (t.adam_beta1, t.adam_beta2)
-            group["eps"] = t.adam_eps
-        self.scheduler.base_lrs = [t.lr for _ in groups]
-        step = self.scheduler.last_epoch
-        for group, factor in zip(groups, self.scheduler.lr_lambdas, strict=True):
-            group["lr"] = t.lr * factor(step)
-        self.scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
-
-    def _export_if_behind(self) -> None:
-        """A run killed while exporting has its checkpoint but not its export: write it now."""
-        name = f"step-{self.step}"
-        latest = self.export_dir / LATEST
-        current = latest.read_text().strip() if latest.is_file() else None
-        if current == name and (self.export_dir / name).is_dir():
-            return
-        self.log(f"export/{LATEST} names {current or 'nothing'}, behind checkpoint {name}: exporting it")
-        self._export()
-
-    def _grad_accum_for_resume(self) -> int:
+    def resume_grad_accum(micro_batch: int) -> int:
         """On another number of ranks than the checkpoint's, keep its global batch (checkpointing.py)."""
-        info = checkpointing.latest_complete(self.checkpoint_dir) if self.t.resume == "auto" else None
-        if info is None:
-            return self.t.grad_accum
+        if latest is None:
+            return t.grad_accum
         accum, note = checkpointing.batch_for_resume(
-            info,
-            requested=self.requested_batch,
-            micro_batch=self.micro_batch,
-            world_size=self.place.world_size,
+            latest,
+            requested={"micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum},
+            micro_batch=micro_batch,
+            world_size=place.world_size,
         )
         if note:
-            self.log(note)
+            log(note)
         return accum
 
-    def _write_resolved_config(self) -> None:
-        resolved = self.resolved.to_dict()
-        resolved["model"] = {"preset": self.t.model, **self.model_config.to_dict()}
-        resolved["deepspeed"] = self.ds_config
-        resolved["runtime"] = {
-            "world_size": self.place.world_size,
-            "device": self.place.device.type,
-            "precision": self.place.precision,
-            "micro_batch_size": self.micro_batch,
-            "total_steps": self.total_steps,
-            "dataset_cache_key": self.data.cache_key,
-            "tokenizer_hash": tokenizer_hash(self.data.tokenizer),
-            "data_hash": self.data.meta.get("data_hash"),
-            "launch_command": self.launch_command,
-        }
-        # every resume of this run that changed a setting: the settings above are those in force now
-        resumes: list[Any] = []
-        resumed = getattr(self, "resumed", None)
-        previous = self.run_dir / "resolved_config.json"
-        if resumed is not None and previous.is_file():
-            try:
-                resumes = list(json.loads(previous.read_text()).get("resumes", []))
-            except (OSError, ValueError, TypeError):
-                resumes = []
-        if resumed is not None and resumed["changed"]:
-            resumes.append(resumed)
-        resolved["resumes"] = resumes
-        tmp = self.run_dir / ".resolved_config.json.tmp"
-        tmp.write_text(json.dumps(resolved, indent=2) + "\n")
-        os.replace(tmp, self.run_dir / "resolved_config.json")
+    plan = plan_run(
+        resolved,
+        place,
+        DataPlan.of(data, t.dataset),
+        size_micro_batch=lambda model: auto_micro_batch(model, t.seq_len, place),
+        resume_grad_accum=resume_grad_accum,
+    )
+    settings, batch = plan.settings, plan.batch
+    assert plan.complete and batch.micro_batch_size is not None, plan.unresolved
+    model = build_model(plan)
+    loader = build_loader(plan, data)
+    clock = TrainingClock()
+    try:
+        parts = build_engine(model, plan, clock.seconds)
+    except torch.OutOfMemoryError:
+        raise MicroBertError(oom_message(settings, batch.micro_batch_size)) from None
+    train_step = TrainStep(parts.engine, plan, data)
+    flops_per_token = plan.model.training_flops_per_token(settings.seq_len)
+    peak = peak_flops(device_model(place))
+    log(
+        f"model {settings.model}: {plan.model.num_parameters() / 1e6:.2f}M parameters, "
+        f"{flops_per_token / 1e6:.1f} MFLOP per token (6N + 12·L·d·S); micro-batch "
+        f"{batch.micro_batch_size} × accumulation {batch.grad_accum} × {place.world_size} rank(s) = "
+        f"{batch.train_batch_size} sequences per step; {plan.length()} "
+        f"({batch.batches_per_epoch} batches per epoch per rank); dropout "
+        f"{plan.model.hidden_dropout_prob:g}, masking {settings.mlm_probability:.0%}, peak LR "
+        f"{settings.lr:g} ({settings.schedule}), "
+        f"{resolve_position_init(settings.position_init, plan.model.hidden_size)} position init"
+    )
+    if warning := plan.schedule.warmup_warning():
+        log(warning)
+    checkpointer = Checkpointer(
+        plan, run_dir=launch.run_dir, engine=parts.engine, loader=loader, data=data, log=log
+    )
+    state, resumed = TrainState(), None
+    if latest is not None:
+        state, resumed = _resume(launch, plan, parts, loader, clock, latest)
+        if place.is_main:
+            checkpointer.export_if_behind(state)
+    if place.is_main:
+        _write_resolved_config(launch.run_dir, plan, parts.config, launch_command, resumed)
+    checkpointing._barrier()
+    return Trainer(
+        launch=launch,
+        plan=plan,
+        loader=loader,
+        parts=parts,
+        train_step=train_step,
+        meter=IntervalMeter(
+            place,
+            every=settings.log_every,
+            flops_per_token=flops_per_token,
+            peak_flops=peak * place.world_size if peak else None,
+        ),
+        evaluator=Evaluator(plan, data, log),
+        checkpointer=checkpointer,
+        clock=clock,
+        state=state,
+    )
 
-    def _length(self) -> str:
-        budget = f"{self.t.time_budget_s:g} s of training" if self.t.time_budget_s is not None else None
-        steps = f"{self.total_steps} steps" if self.total_steps is not None else None
-        return " or ".join(x for x in (budget, steps) if x) + (
-            ", whichever comes first" if budget and steps else ""
-        )
 
-    def training_seconds(self) -> float:
-        """Seconds spent training in this run, restarts included (evaluation and checkpoints not)."""
-        return self.elapsed_before + time.perf_counter() - self.clock_origin - self.paused_s
+def _prepare_data(launch: Launch, resolved: Resolved) -> PreparedDataset:
+    """The prepared data, once per cache (train/nodes.py), tokenized to the preset's vocabulary size."""
+    t, place = resolved.train, launch.place
+    return launch.nodes.prepare_once(
+        cache_root(),
+        lambda tokenizer: prepare_dataset(
+            t.dataset,
+            tokenizer=tokenizer,
+            seq_len=t.seq_len,
+            vocab_size=resolved.model_config.vocab_size,
+            max_samples=t.max_samples,
+            streaming=t.streaming,
+            text_column=t.text_column,
+            progress=place.is_main and sys.stderr.isatty(),
+        ),
+        launch.log,
+    )
 
-    # --- the loop --------------------------------------------------------------------------------
+
+def _clear_previous_run(launch: Launch) -> None:
+    for folder in (launch.checkpoint_dir, launch.export_dir):
+        if folder.exists():
+            launch.log(f"--resume never: removing the previous run's {folder}")
+            shutil.rmtree(folder)
+    for name in ("training_history.json", "training_history.png", "status.json"):
+        (launch.run_dir / name).unlink(missing_ok=True)
+
+
+def _resume(
+    launch: Launch,
+    plan: RunPlan,
+    parts: Engine,
+    loader: ShardLoader,
+    clock: TrainingClock,
+    info: checkpointing.CheckpointInfo,
+) -> tuple[TrainState, dict[str, Any]]:
+    """Weights, optimizer, schedule, loader and RNG from checkpoint `info`; returns the run's state
+    there and the resume's record (the step, and the settings changed since: `resolved_config.json`)."""
+    place, log = plan.placement, launch.log
+    record, saved = run_record(plan), info.record()
+    changed: dict[str, list[Any]] = {}
+    if saved is None:
+        log(f"{info.path} has no {checkpointing.RUN_RECORD} (an older version wrote it): not checked")
+    else:
+        bound = checkpointing.bound_changes(saved, record)
+        if bound:
+            raise MicroBertError(
+                f"cannot resume {launch.run_dir} from step {info.step}: the checkpoint's weights belong to "
+                f"another {'; '.join(bound)}. Resume with the settings the run started with (its "
+                "resolved_config.json lists them; the data as it was prepared then), or start afresh "
+                "with --resume never or a new --run-dir"
+            )
+        changed = checkpointing.setting_changes(saved.get("settings", {}), record["settings"])
+    client, rank_state = checkpointing.load(
+        parts.engine, info, rank=place.rank, world_size=place.world_size, log=log
+    )
+    history = client["history"]
+    state = TrainState(
+        step=int(client["step"]),
+        tokens_seen=int(client["tokens_seen"]),
+        history=history,
+        last_eval=history["eval"][-1] if history["eval"] else None,
+    )
+    clock.resume_from(float(client["elapsed_s"]))
+    if rank_state is not None:
+        loader.load_state_dict(rank_state["loader"])
+        if "rng" in rank_state:
+            checkpointing.set_rng_state(rank_state["rng"])
+    log(
+        f"resumed from step {state.step} ({info.path}); {state.tokens_seen:,} tokens seen, "
+        f"loader at epoch {loader.epoch}"
+    )
+    if changed:
+        _apply_changes(plan.settings, parts, changed, state.step, log)
+    return state, {"step": state.step, "changed": changed}
+
+
+def _apply_changes(
+    t: TrainConfig, parts: Engine, changed: dict[str, list[Any]], step: int, log: RunLog
+) -> None:
+    """Settings that differ from the checkpoint's take effect from the resumed step on.
+
+    DeepSpeed restores the optimizer's hyper-parameters and the schedule's peak from the
+    checkpoint; the new values are put back here. The schedule's shape (warm-up, decay, total
+    steps) is code, not state, and follows the new plan by itself.
+    """
+    described = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+    log(f"changed since the checkpoint, applied from step {step} on: {described}")
+    scheduler = parts.scheduler
+    groups = scheduler.optimizer.param_groups
+    for group in groups:
+        group["initial_lr"] = t.lr
+        group["betas"] = (t.adam_beta1, t.adam_beta2)
+        group["eps"] = t.adam_eps
+    scheduler.base_lrs = [t.lr for _ in groups]
+    last = scheduler.last_epoch
+    for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = t.lr * factor(last)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+
+
+def _write_resolved_config(
+    run_dir: Path,
+    plan: RunPlan,
+    engine_config: dict[str, Any],
+    launch_command: str,
+    resumed: dict[str, Any] | None,
+) -> None:
+    """`resolved_config.json`: the plan, the config DeepSpeed was given, the command, the resumes."""
+    resolved = plan.to_dict()
+    resolved["deepspeed"] = engine_config
+    resolved["runtime"]["launch_command"] = launch_command
+    # every resume of this run that changed a setting: the settings above are those in force now
+    resumes: list[Any] = []
+    previous = run_dir / "resolved_config.json"
+    if resumed is not None and previous.is_file():
+        try:
+            resumes = list(json.loads(previous.read_text()).get("resumes", []))
+        except (OSError, ValueError, TypeError):
+            resumes = []
+    if resumed is not None and resumed["changed"]:
+        resumes.append(resumed)
+    resolved["resumes"] = resumes
+    tmp = run_dir / ".resolved_config.json.tmp"
+    tmp.write_text(json.dumps(resolved, indent=2) + "\n")
+    os.replace(tmp, run_dir / "resolved_config.json")
+
+
+# --- the run ------------------------------------------------------------------------------------------
+class Trainer:
+    """A fully built run (`build_trainer`): `train()` orders the work, `report()` says how it went."""
+
+    def __init__(
+        self,
+        *,
+        launch: Launch,
+        plan: RunPlan,
+        loader: ShardLoader,
+        parts: Engine,
+        train_step: TrainStep,
+        meter: IntervalMeter,
+        evaluator: Evaluator,
+        checkpointer: Checkpointer,
+        clock: TrainingClock,
+        state: TrainState,
+    ) -> None:
+        self.launch, self.log, self.plan = launch, launch.log, plan
+        self.loader, self.parts, self.train_step = loader, parts, train_step
+        self.meter, self.evaluator, self.checkpointer = meter, evaluator, checkpointer
+        self.clock, self.state = clock, state
+
+    def _finished(self) -> bool:
+        total = self.plan.schedule.total_steps
+        return total is not None and self.state.step >= total
+
     def train(self) -> str:
         """Run to the end (or a stop); returns "finished" or "stopped"."""
-        t, place = self.t, self.place
-        self.stop.install()
-        progress = Progress(self.log, total=self.total_steps, initial=self.step, every=t.log_every)
-        scalars = ScalarReport(t.report_to, self.run_dir, self.history, enabled=place.is_main)
-        start = self.clock_origin = time.perf_counter()
-        self.paused_s = 0.0
-        first_step = self.step
-        budget = t.time_budget_s
-        interval_start, interval_wait = start, 0.0
-        interval_tokens = torch.zeros((), dtype=torch.long, device=place.device)
-        interval_steps = 0
-        # masked positions that did not fit the head's slots (odds < 1e-9 a batch); read when logging
-        dropped = torch.zeros((), dtype=torch.long, device=place.device)
-        generator = torch.Generator(device=place.device)
-        outcome = "finished"
+        t, place, state, stop = self.plan.settings, self.plan.placement, self.state, self.launch.stop
+        stop.install()
+        progress = Progress(
+            self.log, total=self.plan.schedule.total_steps, initial=state.step, every=t.log_every
+        )
+        scalars = ScalarReport(t.report_to, self.launch.run_dir, state.history, enabled=place.is_main)
+        start = self.clock.start()
+        self.meter.begin(start)
+        first_step = state.step
+        batches = self.meter.timed(self.loader)
         try:
-            while self.total_steps is None or self.step < self.total_steps:
-                step = self.step
-                torch.manual_seed(_seed_for(t.seed, step, place.rank, 1))  # dropout stream of this step
-                loss_value = torch.zeros((), device=place.device)
-                for micro in range(t.grad_accum):
-                    wait_start = time.perf_counter()
-                    input_ids, attention_mask = next(self.loader)
-                    interval_wait += time.perf_counter() - wait_start
-                    generator.manual_seed(_seed_for(t.seed, step, place.rank, 2, micro))
-                    inputs, labels = mask_tokens(
-                        input_ids,
-                        vocab_size=self.model_config.vocab_size,
-                        mask_token_id=self.data.mask_token_id,
-                        special_token_ids=self.data.special_token_ids,
-                        mlm_probability=t.mlm_probability,
-                        generator=generator,
-                    )
-                    try:
-                        if self.cuda_graphs:
-                            torch.compiler.cudagraph_mark_step_begin()
-                        out = self.engine(
-                            input_ids=inputs,
-                            attention_mask=attention_mask,
-                            labels=labels,
-                            masked_slots=self.masked_slots,
-                        )
-                        self.engine.backward(out.loss)
-                        self.engine.step()
-                    except torch.OutOfMemoryError:
-                        raise MicroBertError(oom_message(t, self.micro_batch)) from None
-                    loss_value = loss_value + out.loss.detach().float() / t.grad_accum
-                    interval_tokens += attention_mask.sum()
-                    if self.masked_slots is not None:
-                        dropped += (out.num_masked - self.masked_slots).clamp(min=0)
-                self.step += 1
-                if self.step == first_step + 1:
-                    # The first step of a process compiles and warms up (torch.compile, CUDA graphs,
-                    # DeepSpeed's buffers): the clock a time budget runs on starts after it.
-                    self.startup_s = time.perf_counter() - start
-                    self.clock_origin, self.paused_s = time.perf_counter(), 0.0
+            while not self._finished():
+                result = self.train_step(state.step, batches)
+                state.step += 1
+                if state.step == first_step + 1:
+                    startup = self.clock.first_step_done(start)
                     self.log(
-                        f"first step took {self.startup_s:.1f} s (compilation, warm-up): "
-                        "not on the training clock"
+                        f"first step took {startup:.1f} s (compilation, warm-up): not on the training clock"
                     )
-                interval_steps += 1
-                signalled, out_of_time = self.stop.agreed(
-                    budget is not None and self.training_seconds() >= budget
-                )
-                stopping = signalled or self.step == t.stop_at_step
-                last = out_of_time or (self.total_steps is not None and self.step >= self.total_steps)
-                if (
-                    self.step % t.log_every == 0
-                    or last
-                    or stopping
-                    or self.step % t.checkpoint_every == 0
-                    or self.step % t.eval_every == 0  # so the eval record's tokens_seen is current
-                ):
-                    now = time.perf_counter()
-                    tokens = int(self._all_ranks(interval_tokens, dist.ReduceOp.SUM))
-                    if self.masked_slots is not None and int(dropped):
-                        self.log(
-                            f"warning: {int(dropped)} masked positions did not fit the MLM head's "
-                            f"{self.masked_slots} slots before step {self.step} and were left out of the loss"
-                        )
-                        dropped.zero_()
-                    loss = float(self._all_ranks(loss_value, dist.ReduceOp.AVG))
-                    self.tokens_seen += tokens
-                    seconds = max(now - interval_start, 1e-9)
-                    record = self._train_record(loss, tokens / seconds, interval_wait / seconds)
-                    self.history["train"].append(record)
-                    # a budget, a step count, or both (whichever comes first)
-                    candidates = []
-                    if budget is not None:
-                        candidates.append(max(0.0, budget - self.training_seconds()))
-                    if self.total_steps is not None:
-                        candidates.append((self.total_steps - self.step) * seconds / max(interval_steps, 1))
-                    remaining = min(candidates)
-                    progress.update(self.step, record, remaining)
-                    interval_start, interval_wait, interval_steps = now, 0.0, 0
-                    interval_tokens.zero_()
+                self.meter.add(result)
+                signalled, out_of_time = stop.agreed(self.clock.out_of_time(t.time_budget_s))
+                stopping = signalled or state.step == t.stop_at_step
+                last = out_of_time or self._finished()
+                evaluate = last or self.evaluator.due(state.step)
+                checkpoint = last or stopping or self.checkpointer.due(state.step)
+                # an evaluation or a checkpoint reads the meter too, so their tokens_seen is current
+                if self.meter.due(state.step) or evaluate or checkpoint:
+                    self._record(self.meter.read(result.loss), progress)
                 paused_at = time.perf_counter()
-                if self.step % t.eval_every == 0 or last:
-                    self._evaluate()
-                if self.step % t.checkpoint_every == 0 or last or stopping:
-                    self._checkpoint(start, final=last or stopping)
-                scalars.write(self.history)
+                if evaluate:
+                    self.evaluator.run(
+                        self.parts.engine.module, state=state, training_seconds=self.clock.seconds()
+                    )
+                if checkpoint:
+                    self.checkpointer.save(state, elapsed_s=self.clock.seconds(), final=last or stopping)
+                scalars.write(state.history)
                 # eval and checkpoint time is not training time: keep it out of tokens/s and the clock
-                paused = time.perf_counter() - paused_at
-                interval_start += paused
-                self.paused_s += paused
+                self.meter.exclude(self.clock.exclude_since(paused_at))
                 if stopping:
-                    reason = "--stop-at-step" if self.step == t.stop_at_step else self.stop.reason()
-                    self.log(f"stopped at step {self.step} ({reason}); the same command resumes from here")
-                    outcome = "stopped"
-                    break
+                    reason = "--stop-at-step" if state.step == t.stop_at_step else stop.reason()
+                    self.log(f"stopped at step {state.step} ({reason}); the same command resumes from here")
+                    return "stopped"
                 if last:
                     break  # the time budget is spent (a step count ends the loop by itself)
         finally:
             progress.close()
             scalars.close()
-        return outcome
+        return "finished"
 
-    def _all_ranks(self, value: torch.Tensor, op: Any) -> float:
-        """Sum or mean over ranks (logged steps only: one small collective, one host sync)."""
-        if self.place.world_size > 1:
-            value = value.detach().clone().float() if op == dist.ReduceOp.AVG else value.clone()
-            if op == dist.ReduceOp.AVG and self.place.device.type == "cpu":
-                dist.all_reduce(value)  # gloo has no AVG
-                value /= self.place.world_size
-            else:
-                dist.all_reduce(value, op=op)
-        return float(value.item())
-
-    def _train_record(self, loss: float, tokens_per_second: float, wait_share: float) -> dict[str, Any]:
-        grad_norm = self.optimizer.last_grad_norm
-        mfu = tokens_per_second * self.flops_per_token / self.peak_flops if self.peak_flops else None
-        return {
-            "step": self.step,
-            "loss": loss,
-            "lr": float(self.scheduler.get_last_lr()[0]),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "tokens_per_second": tokens_per_second,
-            "mfu": mfu,
-            "data_wait_share": wait_share,
-            "tokens_seen": self.tokens_seen,
-        }
-
-    def _evaluate(self) -> None:
-        if self.place.is_main:
-            seconds = self.training_seconds()  # before the evaluation, which is not training time
-            # Eagerly: held-out batches have their own shapes (the exact masked set, a short last
-            # batch), which would recompile the training graph or record more CUDA graphs.
-            with torch.compiler.set_stance("force_eager"):
-                result = evaluate(
-                    self.engine.module,
-                    self.data.eval,
-                    batch_size=self.micro_batch,
-                    max_batches=self.t.eval_batches,
-                    special_token_ids=self.data.special_token_ids,
-                    mask_token_id=self.data.mask_token_id,
-                    mask_rate=EVAL_MASK_RATE,
-                    seed=EVAL_SEED,  # the positions `microbert eval` scores: the two figures agree
-                    device=self.place.device,
-                )
-            record = {
-                "step": self.step,
-                "training_seconds": seconds,
-                "tokens_seen": self.tokens_seen,
-                **result.to_dict(),
-            }
-            self.history["eval"].append(record)
-            self.last_eval = record
+    def _record(self, interval: Interval, progress: Progress) -> None:
+        """The interval's line in the history and the progress bar or log."""
+        state = self.state
+        if interval.dropped:
             self.log(
-                f"eval step {self.step}: fill-mask accuracy {result.accuracy * 100:.2f}% top-1, "
-                f"{result.top5_accuracy * 100:.2f}% top-5 ({result.over_baseline:.2f}× the constant guess "
-                f"{result.baseline_accuracy * 100:.2f}%), loss {result.loss:.4f}, perplexity "
-                f"{result.perplexity:.1f}, over {result.num_masked} held-out tokens all [MASK]ed"
+                f"warning: {interval.dropped} masked positions did not fit the MLM head's "
+                f"{self.train_step.masked_slots} slots before step {state.step} and were left out of the loss"
             )
-        checkpointing._barrier()
-
-    def _checkpoint(self, start: float, *, final: bool) -> None:
-        if any(c.step == self.step for c in checkpointing.list_complete(self.checkpoint_dir)):
-            return  # already saved (e.g. a stop right after a scheduled checkpoint)
-        shared = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "elapsed_s": self.training_seconds(),
-            "history": self.history,
+        state.tokens_seen += interval.tokens
+        grad_norm = self.parts.optimizer.last_grad_norm
+        record = {
+            "step": state.step,
+            "loss": interval.loss,
+            "lr": float(self.parts.scheduler.get_last_lr()[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_second": interval.tokens_per_second,
+            "mfu": interval.mfu,
+            "data_wait_share": interval.data_wait_share,
+            "tokens_seen": state.tokens_seen,
         }
-        loader_state = json.loads(json.dumps(self.loader.state_dict(), default=_plain))
-        rank_state = {"loader": loader_state, "rng": checkpointing.rng_state()}
-        folder = checkpointing.save(
-            self.engine,
-            self.checkpoint_dir,
-            self.step,
-            shared_state=shared,
-            rank_state=rank_state,
-            run_record=self._run_record(),
-            rank=self.place.rank,
-            world_size=self.place.world_size,
-            keep=self.t.keep_checkpoints,
-            batch={
-                "micro_batch_size": self.micro_batch,
-                "grad_accum": self.t.grad_accum,
-                "train_batch_size": self.ds_config["train_batch_size"],
-                "requested": self.requested_batch,
-            },
-        )
-        if self.place.is_main:
-            self._export()
-            plot = final or time.monotonic() - self.last_plot > PLOT_EVERY_S
-            write_history(self.run_dir, self.history, plot=plot)
-            if plot:
-                self.last_plot = time.monotonic()
-            self.log(f"checkpoint step {self.step}: {folder}; export {self.export_dir / f'step-{self.step}'}")
-        checkpointing._barrier()
+        state.history["train"].append(record)
+        progress.update(state.step, record, self._eta(interval))
 
-    def _export(self) -> None:
-        """The servable artifact of this step; `export/latest` moves only once it is complete."""
-        folder = self.export_dir / f"step-{self.step}"
-        metadata = {
-            "step": self.step,
-            "seq_len": self.t.seq_len,
-            "tokens_seen": self.tokens_seen,
-            "dataset": self.t.dataset,
-            "eval": self.last_eval,
-        }
-        model = self.engine.module.sync_to_model()  # the flat parameters' values, in the model's names
-        save_artifact(model, self.data.tokenizer, folder, metadata=metadata)
-        update_latest(self.export_dir, folder)
-        keep = {f"step-{c.step}" for c in checkpointing.list_complete(self.checkpoint_dir)}
-        keep.add(folder.name)
-        for old in self.export_dir.glob("step-*"):
-            if old.name not in keep:
-                import shutil
-
-                shutil.rmtree(old, ignore_errors=True)
+    def _eta(self, interval: Interval) -> float:
+        """Seconds left: of the time budget, or at this interval's pace, whichever ends first."""
+        candidates = []
+        budget, total = self.plan.settings.time_budget_s, self.plan.schedule.total_steps
+        if budget is not None:
+            candidates.append(max(0.0, budget - self.clock.seconds()))
+        if total is not None:
+            candidates.append((total - self.state.step) * interval.seconds / max(interval.steps, 1))
+        return min(candidates)
 
     # --- the end ----------------------------------------------------------------------------------
-    def report(self, outcome: str, wall_s: float) -> None:
+    def report(self, outcome: str) -> None:
         """Status file, peak memory and, at the end of a finished run, the probe predictions."""
-        if not self.place.is_main:
+        place, state = self.plan.placement, self.state
+        if not place.is_main:
             return
-        peak = _peak_memory(self.place)
-        elapsed = self.training_seconds()
+        peak = _peak_memory(place)
+        elapsed = self.clock.seconds()
+        total = self.plan.schedule.total_steps
         self.log(
-            f"{outcome} at step {self.step}/{self.total_steps or self.step}: "
-            f"{self.tokens_seen:,} non-padding tokens, "
+            f"{outcome} at step {state.step}/{total or state.step}: "
+            f"{state.tokens_seen:,} non-padding tokens, "
             f"{elapsed:.0f} s of training in all, peak memory {peak}"
         )
         status = {
             "state": outcome,
-            "step": self.step,
-            "total_steps": self.total_steps,
+            "step": state.step,
+            "total_steps": total,
             "training_seconds": round(elapsed, 3),
-            "startup_seconds": round(self.startup_s, 3),
-            "tokens_seen": self.tokens_seen,
+            "startup_seconds": round(self.clock.startup_s, 3),
+            "tokens_seen": state.tokens_seen,
+            "eval": state.last_eval,
         }
-        status["eval"] = self.last_eval
-        (self.run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+        (self.launch.run_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
         if outcome == "finished":
-            probes = self.t.probe_texts or DEFAULT_PROBES
-            predictor = FillMaskPredictor.from_pretrained(self.run_dir, device="cpu")
+            probes = self.plan.settings.probe_texts or DEFAULT_PROBES
+            predictor = FillMaskPredictor.from_pretrained(self.launch.run_dir, device="cpu")
             block = render(probes, predictor.predict(probes, top_k=5))
             for line in block.rstrip("\n").split("\n"):
                 self.log(line)
-
-
-def _plain(value: Any) -> Any:
-    """JSON for NumPy scalars and arrays in a loader state."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's loader state")
-
-
-def _device_model(place: Placement) -> str | None:
-    """The accelerator's model name (e.g. "NVIDIA H200"), for its peak FLOP/s; None on CPU."""
-    if place.on_cpu:
-        return None
-    module = getattr(torch, place.device.type, None)
-    try:
-        return str(module.get_device_name(place.local_rank)) if module is not None else None
-    except (AttributeError, RuntimeError):
-        return None
 
 
 def _peak_memory(place: Placement) -> str:
@@ -733,30 +563,30 @@ def run(resolved: Resolved, local_rank: int | None) -> int:
     """Train to the end or to a stop; 0 in both cases."""
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     try:
-        trainer = Trainer(resolved, local_rank, command)
+        launch = Launch(resolved.train, local_rank)
     except KeyboardInterrupt:
         raise Interrupted(SETUP_INTERRUPTED) from None
+    trainer: Trainer | None = None
     try:
         try:
-            trainer.setup()
+            trainer = build_trainer(launch, resolved, command)
         except KeyboardInterrupt:
             raise Interrupted(SETUP_INTERRUPTED) from None
-        started = time.perf_counter()
-        outcome = trainer.train()
-        trainer.report(outcome, time.perf_counter() - started)
+        trainer.report(trainer.train())
         if dist.is_initialized():
             # every rank leaves together: no NCCL watchdog is left polling a closed store at exit
             dist.barrier()
             dist.destroy_process_group()
     except torch.OutOfMemoryError:
-        raise MicroBertError(oom_message(resolved.train, getattr(trainer, "micro_batch", 0))) from None
+        # a step maps its own (train/step.py); this is an evaluation, an export, or the set-up
+        micro_batch = trainer.plan.batch.micro_batch_size if trainer is not None else None
+        raise MicroBertError(oom_message(resolved.train, micro_batch or 0)) from None
     except RuntimeError as exc:  # torch.distributed errors are RuntimeErrors
         if not peer_lost(exc):
             raise
-        raise PeerLost(exc, trainer.checkpoint_dir) from None
+        raise PeerLost(exc, launch.checkpoint_dir) from None
     finally:
-        trainer.log.close()
-        trainer.lock.release()
+        launch.close()
     return 0
 
 

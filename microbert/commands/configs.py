@@ -7,6 +7,8 @@ import json
 
 from microbert.config import PRESETS, ModelConfig, get_preset
 from microbert.errors import ConfigError
+from microbert.plan import AT_LAUNCH, Placement, RunPlan, plan_run
+from microbert.run_config import Resolved
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -158,8 +160,12 @@ def profile_hardware(name: str) -> str:
     return str(data.get("hardware") or f"{data.get('num_gpus', 1)} GPU(s)")
 
 
+def _on_cpu(hardware: str) -> bool:
+    return hardware.lower().startswith("cpu")
+
+
 def processes(num_gpus: int, hardware: str) -> str:
-    on_cpu = hardware.lower().startswith("cpu")
+    on_cpu = _on_cpu(hardware)
     return f"{num_gpus} process" + ("es" if num_gpus > 1 else "") + ("" if on_cpu else ", one per GPU")
 
 
@@ -188,10 +194,27 @@ def launch_commands(name: str, num_gpus: int, num_nodes: int = 1) -> list[str]:
     return commands
 
 
+def profile_plan(resolved: Resolved, hardware: str) -> RunPlan:
+    """The run plan of a profile before launch (`microbert.plan`): rank 0 of `num_gpus × num_nodes`
+    processes on the profile's device; the micro-batch "auto", the prepared data and what follows
+    from them are left to the launch."""
+    t = resolved.train
+    placement = Placement(
+        rank=0,
+        local_rank=0,
+        world_size=t.num_gpus * t.num_nodes,
+        device="cpu" if _on_cpu(hardware) else "cuda",
+        precision=t.precision,
+    )
+    return plan_run(resolved, placement)
+
+
 def show_profile(name: str, *, as_json: bool) -> int:
     from microbert.run_config import resolve
 
     r = resolve(profile=name, ds_config=None, run_file=None, flags={})
+    hardware = profile_hardware(name)
+    plan = profile_plan(r, hardware).to_dict()["plan"]
     data = r.to_dict()
     data["parameters"] = r.model_config.num_parameters()
     data["training_flops_per_token"] = r.model_config.training_flops_per_token(r.train.seq_len)
@@ -199,7 +222,8 @@ def show_profile(name: str, *, as_json: bool) -> int:
         r.model_config, r.train.num_gpus * r.train.num_nodes, r.train.precision
     )
     data["launch"] = launch_commands(name, r.train.num_gpus, r.train.num_nodes)
-    data["hardware"] = profile_hardware(name)
+    data["hardware"] = hardware
+    data["plan"] = plan
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
@@ -225,6 +249,18 @@ def show_profile(name: str, *, as_json: bool) -> int:
     print("\nmodel:")
     for key, value in r.model_config.to_dict().items():
         print(f"  {key:<{width}}  {value}")
+    print(
+        f'\nplan (what the trainer computes from the above, once; "{AT_LAUNCH}" where only the launch knows):'
+    )
+    shown = {
+        section: {k: v for k, v in plan[section].items() if k not in ("rank", "local_rank")}
+        for section in ("placement", "data", "batch", "schedule")
+    }
+    key_width = max(len(k) for values in shown.values() for k in values)
+    for section, values in shown.items():
+        print(f"  {section}")
+        for key, value in values.items():
+            print(f"    {key:<{key_width}}  {value}")
     print("\ndeepspeed (before the trainer sets batch, precision and ZeRO stage from the above):")
     print("  " + json.dumps(r.deepspeed))
     return 0

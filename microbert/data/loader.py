@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from microbert.errors import ConfigError
+from microbert.plan import batches_per_epoch
 
 
 class ShardLoader:
@@ -58,8 +59,9 @@ class ShardLoader:
         self.drop_last = drop_last
         self.pad_token_id = pad_token_id
         self.global_batch = batch_size * world_size
-        n = len(sequences)
-        self.batches_per_epoch = n // self.global_batch if drop_last else -(-n // self.global_batch)
+        self.batches_per_epoch = batches_per_epoch(
+            len(sequences), batch_size, world_size, drop_last=drop_last
+        )
         self.prefetch = prefetch if self.device.type == "cuda" else 0
         self.epoch = 0
         self.position = 0  # batches of this epoch already handed out

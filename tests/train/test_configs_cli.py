@@ -67,3 +67,25 @@ def test_the_cpu_profile_is_listed_as_a_cpu_not_as_one_gpu(capsys):
     assert capsys.readouterr().out.startswith("profile cpu: CPU (2+ cores), 1 process, model bert-tiny")
     assert main(["configs", "show", "h200_8gpu"]) == 0
     assert "8x H200 141 GB, 8 processes, one per GPU" in capsys.readouterr().out
+
+
+def test_configs_show_prints_the_run_plan_with_what_only_the_launch_knows(capsys):
+    assert main(["configs", "show", "h200_8gpu"]) == 0
+    out = capsys.readouterr().out
+    plan = out[out.index("\nplan (") : out.index("\ndeepspeed (")]
+    rows = {
+        line.split()[0]: " ".join(line.split()[1:])
+        for line in plan.splitlines()[2:]
+        if line.startswith("    ")
+    }
+    assert rows["world_size"] == "8" and rows["precision"] == "bf16"
+    assert (
+        rows["micro_batch_size"] == "auto: resolved at launch"
+        and rows["train_batch_size"] == rows["micro_batch_size"]
+    )
+    assert (rows["total_steps"], rows["warmup_steps"], rows["shape"]) == ("40000", "2000", "cosine")
+    assert main(["configs", "show", "cpu", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["batch"]["train_batch_size"] == 128 and plan["placement"]["device"] == "cpu"
+    assert plan["schedule"]["total_steps"] is None and plan["schedule"]["warmup_s"] == 27.0  # 6% of 450 s
+    assert plan["data"]["vocab_size"] == "auto: resolved at launch"  # the tokenizer's size, once prepared

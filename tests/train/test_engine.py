@@ -4,22 +4,22 @@ micro-batch sized from free accelerator memory."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from microbert.config import get_preset
 from microbert.errors import MicroBertError
+from microbert.plan import plan_run
 from microbert.run_config import resolve
 from train import engine
 from train.engine import Placement, auto_micro_batch, deepspeed_config
 
 
 def _place(device: str = "cuda:0", world: int = 8, precision: str = "bf16") -> Placement:
-    return Placement(rank=0, local_rank=0, world_size=world, device=torch.device(device), precision=precision)
+    return Placement(rank=0, local_rank=0, world_size=world, device=device, precision=precision)
 
 
 def test_deepspeed_config_sets_batch_geometry_precision_and_zero_stage():
     resolved = resolve(profile="h200_8gpu", ds_config=None, run_file=None, flags={"grad_accum": 2})
-    config = deepspeed_config(resolved.deepspeed, resolved.train, 48, _place())
+    config = deepspeed_config(plan_run(resolved, _place(), size_micro_batch=lambda model: 48))
     assert config["train_micro_batch_size_per_gpu"] == 48
     assert config["gradient_accumulation_steps"] == 2
     assert config["train_batch_size"] == 48 * 2 * 8
@@ -27,7 +27,7 @@ def test_deepspeed_config_sets_batch_geometry_precision_and_zero_stage():
     assert config["bf16"] == {"enabled": True, "check_grad_overflow": False}
     assert config["gradient_clipping"] == 0.0 and config["zero_optimization"]["compute_grad_norm"] is False
     assert "optimizer" not in config and "scheduler" not in config  # always a client optimizer
-    cpu = deepspeed_config(resolved.deepspeed, resolved.train, 8, _place("cpu", 1, "fp32"))
+    cpu = deepspeed_config(plan_run(resolved, _place("cpu", 1, "fp32"), size_micro_batch=lambda model: 8))
     assert cpu["bf16"]["enabled"] is False and cpu["train_batch_size"] == 16
 
 

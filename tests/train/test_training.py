@@ -69,6 +69,9 @@ def test_run_folder_outputs(full_run, capsys):
     assert resolved["train"]["max_steps"] == 24 and resolved["runtime"]["world_size"] == 1
     assert resolved["deepspeed"]["zero_optimization"]["stage"] == 1
     assert resolved["model"]["hidden_dropout_prob"] == 0.1  # the run file's layer
+    plan = resolved["plan"]  # the run plan, as the engine was built from it
+    assert (plan["batch"]["train_batch_size"], plan["schedule"]["total_steps"]) == (8, 24)
+    assert resolved["deepspeed"]["train_batch_size"] == 8 and plan["resolved_at_launch"] == []
     h = history(full_run)
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_second", "mfu", "data_wait_share"} <= set(
         h["train"][0]
