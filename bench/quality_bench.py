@@ -45,9 +45,9 @@ from bench.records import append_records, commit
 from bench.scoring import score
 from microbert.config import get_preset
 from microbert.data import prepare_dataset
+from microbert.run_config import WARMUP_SHARE  # the trainer's: both stacks warm up over the same share
 
 REPO = Path(__file__).resolve().parents[1]
-WARMUP_SHARE = 0.06
 SCORE_ROWS = 2048  # rows scored per target (= the trainer's cadence evaluation: 8 batches of 256)
 
 # MicroBERT recipe rows at the short budget: name -> extra flags (the first is the profile default)

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from microbert.config import ModelConfig
-from microbert.run_config import Resolved, TrainConfig
+from microbert.run_config import WARMUP_SHARE, Resolved, TrainConfig
 
 if TYPE_CHECKING:
     from microbert.data import PreparedDataset
 
-WARMUP_SHARE = 0.06  # warm-up when none is given: 6% of the run (RoBERTa's), in steps or in time
 AT_LAUNCH = "auto: resolved at launch"  # how a value only the launch decides is shown before it
 # what the data preparation tells (DataPlan): unknown before launch
 _PREPARED_FIELDS = (

@@ -58,6 +58,7 @@ TRAIN_DIR = _train_data_dir()
 PROFILES_DIR = TRAIN_DIR / "profiles"  # hardware profiles: data files, one per machine
 CONFIGS_DIR = TRAIN_DIR / "configs"  # DeepSpeed configs (v1.json … v4.json, zero1.json)
 
+WARMUP_SHARE = 0.06  # warm-up when none is given: 6% of the run (RoBERTa's), in steps or in time
 SCHEDULES = ("cosine", "linear", "wsd")  # LR decay after warm-up (train/engine.py `decay_factor`)
 
 # Keys of a DeepSpeed config that the trainer owns (it always passes a client optimizer and
@@ -197,7 +198,7 @@ class TrainConfig:
         0.2, "wsd: the share of the run spent decaying", check=within(0, 1, open_low=True)
     )
     warmup_steps: int | None = SCHEDULE(
-        None, "linear warm-up steps (default 6% of the run)", flag=True, check=integer(0)
+        None, f"linear warm-up steps (default {WARMUP_SHARE:.0%} of the run)", flag=True, check=integer(0)
     )
     # --- batch
     micro_batch_size: int | str = BATCH(
