@@ -10,7 +10,8 @@ batch at once and keeps Python out of the per-sentence path:
   one device→host copy; lengths are rounded up to buckets so shapes repeat, and on CUDA each bucket's
   forward pass is replayed from a CUDA graph (`cuda_graphs`; on a CPU the same code runs eagerly);
 - `FillMaskFormatter.format`: the pipeline's output, with token strings from a table made at load
-  time and every candidate `sequence` of the batch decoded in one `decode_batch` call.
+  time and each candidate's `sequence` spliced from the tokens' decoded pieces (the text before the
+  mask + the candidate + the text after), not decoded once per candidate.
 
 Results match the pipeline's: one mask gives a list of candidates, several masks give a list per
 mask (whose `sequence` keeps the special tokens, as the pipeline's does), highest score first. The
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 from microbert.checkpoint import Artifact, load_artifact
 from microbert.errors import InputError, InputTooLongError
@@ -93,20 +95,28 @@ class ModelOutput:
 _BATCH_CALL = 32
 
 
+# The replacements `transformers` applies after decoding when `clean_up_tokenization_spaces` is set.
+_CLEAN_UP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
+# One scan finds whether any of them applies; most sequences need none (the decoder cleaned them).
+_CLEAN_UP_NEEDED = re.compile("|".join(re.escape(before) for before, _ in _CLEAN_UP))
+
+
 def clean_up_tokenization(text: str) -> str:
     """The clean-up `transformers` applies after decoding when `clean_up_tokenization_spaces` is set."""
-    for before, after in (
-        (" .", "."),
-        (" ?", "?"),
-        (" !", "!"),
-        (" ,", ","),
-        (" ' ", "'"),
-        (" n't", "n't"),
-        (" 'm", "'m"),
-        (" 's", "'s"),
-        (" 've", "'ve"),
-        (" 're", "'re"),
-    ):
+    if _CLEAN_UP_NEEDED.search(text) is None:  # no replacement would change anything
+        return text
+    for before, after in _CLEAN_UP:
         text = text.replace(before, after)
     return text
 
@@ -127,6 +137,61 @@ def mask_count(text: str, mask_token: str) -> int:
     return text.count(mask_token)
 
 
+class _Pieces:
+    """Each token's text as the decoder writes it at the start of a sequence and after another token.
+
+    WordPiece's decoder (and no decoder: tokens joined by spaces) writes every token on its own,
+    so a decoded sequence is its tokens' pieces end to end, and a candidate's `sequence` is the text
+    before the mask, the candidate's piece and the text after: a string concatenation per candidate
+    instead of a decode. The pieces come from the tokenizer's own `decode`, so its prefix and
+    clean-up settings are the ones used. Other decoders (byte-level BPE, Metaspace) are not
+    piecewise: `_Pieces.of` gives None for them and the formatter decodes each candidate.
+    """
+
+    def __init__(self, first: list[str], after: list[str], special: list[bool], pad_token_id: int):
+        self.first = first  # id → its text at the start of a sequence
+        self.after = after  # id → its text after another token
+        self.special = special  # id → dropped by skip_special_tokens
+        self.pad_token_id = pad_token_id
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, first: list[str], pad_token_id: int) -> _Pieces | None:
+        decoder = tokenizer.decoder
+        if decoder is not None and not isinstance(decoder, decoders.WordPiece):
+            return None
+        size = len(first)
+        special = [False] * size
+        for token_id, token in tokenizer.get_added_tokens_decoder().items():
+            if token_id < size:
+                special[token_id] = token.special
+        anchor = next((i for i in range(size) if not special[i] and first[i]), None)
+        if anchor is None:
+            return None
+        pairs = tokenizer.decode_batch([[anchor, i] for i in range(size)], skip_special_tokens=False)
+        start = first[anchor]
+        if not all(pair.startswith(start) for pair in pairs):  # not piecewise after all: decode instead
+            return None
+        return cls(first, [pair[len(start) :] for pair in pairs], special, pad_token_id)
+
+    def sequences(
+        self, ids: list[int], position: int, candidates: list[int], skip_special: bool
+    ) -> list[str]:
+        """The decoded `ids` with each candidate at `position`, [PAD]s dropped (as the pipeline does)."""
+        pad, special, first, after = self.pad_token_id, self.special, self.first, self.after
+        left = [t for t in ids[:position] if t != pad and not (skip_special and special[t])]
+        right = [t for t in ids[position + 1 :] if t != pad and not (skip_special and special[t])]
+        before = first[left[0]] + "".join([after[t] for t in left[1:]]) if left else ""
+        rest = "".join([after[t] for t in right])
+        alone = first[right[0]] + "".join([after[t] for t in right[1:]]) if right else ""
+        out = []
+        for token in candidates:
+            if token == pad or (skip_special and special[token]):
+                out.append(before + rest if left else alone)
+            else:
+                out.append(before + (after[token] if left else first[token]) + rest)
+        return out
+
+
 class FillMaskFormatter:
     """Turns model outputs into the pipeline's candidates; needs only the tokenizer (no model).
 
@@ -140,6 +205,7 @@ class FillMaskFormatter:
         size = tokenizer.get_vocab_size(with_added_tokens=True)
         strings = tokenizer.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
         self.token_strs: list[str] = [self._clean(s) for s in strings]  # id → token_str, as decode([id])
+        self.pieces = _Pieces.of(tokenizer, strings, pad_token_id)
 
     @classmethod
     def from_folder(cls, folder: Path) -> FillMaskFormatter:
@@ -154,44 +220,38 @@ class FillMaskFormatter:
             return self.tokenizer.decode_batch(rows, skip_special_tokens=skip_special_tokens)
         return [self.tokenizer.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
 
+    def _decoded(self, prepared: PreparedInput, output: ModelOutput) -> list[list[str]]:
+        """Every candidate's sequence, per mask, by decoding (for decoders that are not piecewise)."""
+        single = prepared.num_masks == 1
+        m, k = output.token_ids.shape
+        sequences = np.tile(prepared.ids, (m * k, 1))  # (m*k, T): the input once per candidate
+        sequences[np.arange(m * k), np.repeat(prepared.mask_positions, k)] = output.token_ids.reshape(-1)
+        rows = [row[row != self.pad_token_id].tolist() for row in sequences]
+        decoded = self._decode(rows, single)
+        return [decoded[i * k : (i + 1) * k] for i in range(m)]
+
     def format(self, items: Sequence[tuple[PreparedInput, ModelOutput]]) -> list[FillMaskResult]:
-        """One result per input; the sequences of all candidates decoded in (at most) two calls."""
-        jobs: dict[bool, list[list[int]]] = {True: [], False: []}
-        starts = []
+        """One result per input, highest score first; sequences spliced from token pieces."""
+        results: list[FillMaskResult] = []
+        table, clean, pieces = self.token_strs, self._clean, self.pieces
         for prepared, output in items:
             single = prepared.num_masks == 1
-            m, k = output.token_ids.shape
-            sequences = np.tile(prepared.ids, (m * k, 1))  # (m*k, T): the input once per candidate
-            sequences[np.arange(m * k), np.repeat(prepared.mask_positions, k)] = output.token_ids.reshape(-1)
-            if (prepared.ids == self.pad_token_id).any():  # the pipeline drops [PAD]s typed in the text
-                rows = [row[row != self.pad_token_id].tolist() for row in sequences]
+            token_ids = output.token_ids.tolist()
+            if pieces is None:
+                sequences = self._decoded(prepared, output)
             else:
-                rows = sequences.tolist()
-            starts.append(len(jobs[single]))
-            jobs[single] += rows
-        decoded = {single: self._decode(rows, single) for single, rows in jobs.items()}
-        results: list[FillMaskResult] = []
-        table, clean = self.token_strs, self._clean
-        for (prepared, output), start in zip(items, starts, strict=True):
-            single = prepared.num_masks == 1
-            sequences_text = decoded[single]
-            k = output.token_ids.shape[1]
-            per_mask: list[list[Candidate]] = []
-            for m, (scores, token_ids) in enumerate(
-                zip(output.scores.tolist(), output.token_ids.tolist(), strict=True)
-            ):
-                offset = start + m * k
-                per_mask.append(
-                    [
-                        Candidate(
-                            score=score,
-                            token=token,
-                            token_str=table[token],
-                            sequence=clean(sequences_text[offset + j]),
-                        )
-                        for j, (score, token) in enumerate(zip(scores, token_ids, strict=True))
-                    ]
-                )
+                ids = prepared.ids.tolist()
+                sequences = [
+                    pieces.sequences(ids, position, tokens, single)
+                    for position, tokens in zip(prepared.mask_positions.tolist(), token_ids, strict=True)
+                ]
+            per_mask: list[list[Candidate]] = [
+                [
+                    {"score": score, "token": token, "token_str": table[token], "sequence": clean(text)}
+                    for score, token, text in zip(scores, tokens, texts, strict=True)
+                ]
+                for scores, tokens, texts in zip(output.scores.tolist(), token_ids, sequences, strict=True)
+            ]
             results.append(per_mask[0] if single else per_mask)
         return results
 
