@@ -249,11 +249,12 @@ class ModelServer:
 
 async def _main_async(settings: Settings) -> None:
     from serve.metrics import Metrics
-    from serve.service import ModelService
+    from serve.service import ModelService, settle_heap
 
     assert settings.model_socket is not None
     service = ModelService(settings, Metrics())
     await service.start()
+    settle_heap()
     server = ModelServer(service, settings.model_socket)
     await server.start()
     log.info("model process %d listening on %s", os.getpid(), settings.model_socket)

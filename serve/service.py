@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -109,6 +110,27 @@ class Backend(Protocol):
         listed: bool,
         timeout_s: float,
     ) -> tuple[FillMaskFormatter, Path, Items]: ...
+
+
+_heap_settled = False
+
+
+def settle_heap() -> None:
+    """Once per process, when serving starts: keep the garbage collector off the hot path.
+
+    What exists by then (the imported libraries, the model: ~200k objects) lives as long as the
+    process; frozen, no collection walks it again. And requests in flight keep a few thousand
+    objects alive, which crossed the default gen-0 threshold (700) hundreds of times a second.
+    Measured on bert-tiny, 2 cores, under wrk: collections took 16% of the event loop's time, with
+    full ones of up to 175 ms; after this, 0.03%. Collecting first frees what is already garbage.
+    """
+    global _heap_settled
+    if _heap_settled:
+        return
+    _heap_settled = True
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def _folder_state(path: Path) -> tuple[tuple[str, int, int], ...]:
