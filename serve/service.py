@@ -18,6 +18,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -172,6 +173,7 @@ class ModelService:
             max_batch_size=s.max_batch_size,
             max_batch_tokens=s.max_batch_tokens,
             max_wait_s=s.max_wait_ms / 1000,
+            max_queue_tokens=s.queue_tokens,
             max_queue=s.max_queue,
             metrics=self.metrics,
         )
@@ -352,7 +354,10 @@ class ModelService:
             futures = batcher.submit(predictor, prepared)
         except QueueFullError as exc:
             error = ServiceError(429, "queue_full", str(exc))
-            error.headers["retry-after"] = "1"
+            # Whole seconds, as HTTP has them (at least 1: a 0 invites an immediate retry storm), and
+            # the estimate itself in milliseconds for clients that can wait less than a second.
+            error.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+            error.headers["retry-after-ms"] = str(max(1, math.ceil(exc.retry_after_s * 1000)))
             raise error from None
         gathered = asyncio.gather(*futures)
         gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
