@@ -12,8 +12,11 @@ corpus, no training) is served by each implementation in turn, on loopback:
 
 For each, `wrk --latency` runs `--duration` seconds (after a 2 s warm-up) at each connection count,
 with single-sentence requests (`single`: one ~24-word sentence, one [MASK]) and 32-input requests
-(`batch32`). Without HTTP: `--predictor` times `FillMaskPredictor.predict` on a list (batches of
-`--batch-size`), `--hf-list` `pipeline(list, batch_size=64)`. `--overload S` runs microbert-serve with
+(`batch32`). After a 429 a connection waits what the answer's Retry-After-Ms (else Retry-After) says
+before its next request, as a well-behaved client does (`--no-backoff`: at once, a retry storm);
+the record counts only 2xx answers as served and gives the 429 share apart (`share_429`).
+Without HTTP: `--predictor` times `FillMaskPredictor.predict` on a list (batches of `--batch-size`),
+`--hf-list` `pipeline(list, batch_size=64)`. `--overload S` runs microbert-serve with
 a small queue under 1,024 closed-loop clients (bench/serve_load.py: they re-send at once after a
 fast 429) for S seconds and records the statuses, the p99 of the 200s and the server's RSS before
 and after.
@@ -53,12 +56,41 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH = [TEXT.replace("across the [MASK]", f"across the [MASK] {i}") for i in range(32)]
 
 
-def lua(body: bytes) -> str:
+# After a 429 the next request waits what the server said (Retry-After-Ms, else Retry-After), through
+# wrk's delay(); statuses are counted per thread and summed in done(). wrk keeps one Lua state per
+# thread, not per connection, so a backoff goes to the next request the thread sends (a FIFO), which
+# may be another of its connections: the total backoff is what the server asked for.
+_BACKOFF = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+statuses = {}
+pending = {}
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+  if status == 429 then
+    local ms = tonumber(headers["retry-after-ms"])
+    if not ms then ms = (tonumber(headers["retry-after"]) or 1) * 1000 end
+    table.insert(pending, ms)
+  end
+end
+function delay() return table.remove(pending, 1) or 0 end
+function done(summary, latency, requests)
+  local total = {}
+  for _, t in ipairs(threads) do
+    for code, n in pairs(t:get("statuses")) do total[code] = (total[code] or 0) + n end
+  end
+  for code, n in pairs(total) do io.write(string.format("status %d: %d\\n", code, n)) end
+end
+"""
+
+
+def lua(body: bytes, backoff: bool = True) -> str:
+    """wrk's script: POST `body`; with `backoff`, honour 429s' Retry-After and count statuses."""
     return (
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(body.decode())}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    ) + (_BACKOFF if backoff else "")
 
 
 def ok_share(result: dict[str, Any]) -> float:
@@ -86,6 +118,10 @@ def parse_wrk(out: str) -> dict[str, Any]:
     result["socket_errors"] = errors[1].strip() if errors else None
     total = re.search(r"(\d+) requests in", out)
     result["requests"] = int(total[1]) if total else None
+    statuses = {code: int(n) for code, n in re.findall(r"^status (\d+): (\d+)$", out, re.M)}
+    if statuses:  # the backoff script's count: every response, warm-up excluded
+        result["statuses"] = statuses
+        result["share_429"] = round(statuses.get("429", 0) / sum(statuses.values()), 4)
     return result
 
 
@@ -194,7 +230,7 @@ def bench_http(
         "batch32": (folder / "batch32.lua", json.dumps({"inputs": BATCH}).encode(), 32),
     }
     for path, body, _ in scripts.values():
-        path.write_text(lua(body))
+        path.write_text(lua(body, backoff=not args.no_backoff))
     records = []
     for n, impl in enumerate(args.impls.split(",")):
         port = 8420 + n
@@ -215,7 +251,8 @@ def bench_http(
                         else {},
                         "mode": mode,
                         "concurrency": connections,
-                        "load_generator": f"wrk -t{min(args.threads, connections)}",
+                        "load_generator": f"wrk -t{min(args.threads, connections)}"
+                        + ("" if args.no_backoff else ", waits Retry-After after a 429"),
                         "duration_s": args.duration,
                         # answered sentences only: a 429 or 503 is not a served sentence
                         "sentences_per_second": round(
@@ -367,6 +404,9 @@ def main() -> int:
     parser.add_argument("--overload-clients", type=int, default=1024)
     parser.add_argument("--overload-queue", type=int, default=256)
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
+    parser.add_argument(
+        "--no-backoff", action="store_true", help="wrk re-sends at once after a 429 (the old client)"
+    )
     parser.add_argument("--model-dir", type=Path, help="serve this run folder instead of a random-weight one")
     parser.add_argument(
         "--smoke", action="store_true", help="2 s runs at 16 connections (a check, not a figure)"

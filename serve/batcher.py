@@ -75,20 +75,39 @@ class _ArrivalRate:
 
 
 class _DrainRate:
-    """Queue tokens the model takes per second, averaged over the last passes: what Retry-After reads."""
+    """Queue tokens the model takes per second, averaged over the last passes, and when each refused
+    client should come back.
+
+    Telling every refused client "in the time it takes to make room for you" brings them all back
+    at once, to room for one: a retry storm with a delay. So each refusal also books the client's
+    tokens behind those already told to come back (a virtual queue that drains at the model's
+    rate), and the next refused client is told to come after them: retries arrive spread out, as
+    room appears.
+    """
 
     def __init__(self, weight: float = 0.3):
         self.weight = weight
         self.tokens_per_second: float | None = None  # None until a pass has run
+        self.booked = 0.0  # tokens of refused clients told to come back, not yet drained
+        self._booked_at = time.perf_counter()
 
     def add(self, tokens: int, seconds: float) -> None:
         rate = tokens / max(seconds, 1e-6)
         old = self.tokens_per_second
         self.tokens_per_second = rate if old is None else (1 - self.weight) * old + self.weight * rate
 
-    def seconds_for(self, tokens: int) -> float:
-        """How long the model takes to drain `tokens` from the queue (1 s before any pass has run)."""
-        return 1.0 if self.tokens_per_second is None else tokens / self.tokens_per_second
+    def retry_after_s(self, excess: int, need: int) -> float:
+        """Seconds until `excess` queued tokens and the clients refused before are drained (1 s
+        before any pass has run); books `need` tokens for this client's retry."""
+        rate = self.tokens_per_second
+        if rate is None:
+            return 1.0
+        now = time.perf_counter()
+        self.booked = max(0.0, self.booked - (now - self._booked_at) * rate)
+        self._booked_at = now
+        wait = (excess + self.booked) / rate
+        self.booked += need
+        return wait
 
 
 class Batcher:
@@ -163,8 +182,8 @@ class Batcher:
         Admission counts padded tokens, the unit of the model's work: a request fits when its tokens
         and those queued stay within `max_queue_tokens` (and, when set, its inputs within
         `max_queue`). An empty queue takes any request, so none is too large to be served ever.
-        The refusal says when to retry: the time the model needs to drain the excess, at the rate
-        it has drained the queue over its last passes.
+        The refusal says when to retry: the time the model needs to drain the excess and the
+        clients refused before this one, at the rate it has drained the queue over its last passes.
         """
         costs = [queue_tokens(p) for p in prepared]
         need, queued = sum(costs), self._queued_tokens
@@ -177,7 +196,7 @@ class Batcher:
                 f"{self.max_queue_tokens} tokens"
                 + (f" and {self.max_queue} inputs" if self.max_queue is not None else "")
                 + "); retry after the Retry-After header's seconds",
-                retry_after_s=self.drain.seconds_for(excess),
+                retry_after_s=self.drain.retry_after_s(excess, need),
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()

@@ -1,9 +1,9 @@
 """Admission by tokens over real HTTP (issue 13): the queue counts padded tokens, not inputs, and a
-429 says when to retry from the rate the model has been draining the queue."""
+429 says when to retry from the rate the model has been draining the queue, one refused client after
+another."""
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from pathlib import Path
@@ -55,11 +55,15 @@ def test_the_queue_admits_by_tokens_and_the_429_says_when_to_retry(tiny_artifact
         senders.append(send([TEXT] * 3))  # 48 tokens queued
         _wait(lambda: batcher.queued_tokens == 48, "three inputs were not queued")
         # One long input (64 tokens) does not fit beside the 48; three short ones (48) do.
+        batcher.drain.tokens_per_second = 64.0  # a known drain rate from here on: the model is held
         refused = http.post("/fill-mask", json={"inputs": [LONG]})
         assert_error(refused, 429, "queue_full")
-        expected_ms = max(1, math.ceil((48 + 64 - 96) / rate * 1000))
-        assert int(refused.headers["retry-after-ms"]) == expected_ms
-        assert int(refused.headers["retry-after"]) == max(1, math.ceil(expected_ms / 1000))
+        # Room for it in (48 + 64 - 96) / 64 s...
+        assert int(refused.headers["retry-after-ms"]) == 250 and refused.headers["retry-after"] == "1"
+        # ...and the next refused client is told to come after it, not at the same moment.
+        again = http.post("/fill-mask", json={"inputs": [LONG]})
+        assert_error(again, 429, "queue_full")
+        assert 1150 < int(again.headers["retry-after-ms"]) <= 1250 and again.headers["retry-after"] == "2"
         senders.append(send([TEXT] * 3))
         _wait(lambda: batcher.queued_tokens == 96, "the second three inputs were not queued")
         assert sample(http.get("/metrics").text, "microbert_queue_depth_tokens") == 96
