@@ -13,8 +13,10 @@ corpus, no training) is served by each implementation in turn, on loopback:
 For each, `wrk --latency` runs `--duration` seconds (after a 2 s warm-up) at each connection count,
 with single-sentence requests (`single`: one ~24-word sentence, one [MASK]) and 32-input requests
 (`batch32`). After a 429 a connection waits what the answer's Retry-After-Ms (else Retry-After) says
-before its next request, as a well-behaved client does (`--no-backoff`: at once, a retry storm);
-the record counts only 2xx answers as served and gives the 429 share apart (`share_429`).
+before its next request, as a well-behaved client does (`--backoff auto`, the default: whenever the
+connections' inputs could overflow the server's queue, by its /info limits; otherwise no 429 can come
+and wrk runs without those Lua callbacks, which cost it CPU; `never`: re-send at once, a retry
+storm); the record counts only 2xx answers as served and gives the 429 share apart (`share_429`).
 Without HTTP: `--predictor` times `FillMaskPredictor.predict` on a list (batches of `--batch-size`),
 `--hf-list` `pipeline(list, batch_size=64)`. `--overload S` runs microbert-serve with
 a small queue under 1,024 closed-loop clients (bench/serve_load.py: they re-send at once after a
@@ -222,15 +224,45 @@ def server_command(
     raise SystemExit(f"unknown impl {impl!r}: microbert or hf_pipeline_fastapi")
 
 
+def could_be_refused(url: str, inputs: int, tokens: int, connections: int) -> bool:
+    """Whether `connections` requests of `inputs` inputs and `tokens` queue tokens each, in flight at
+    once, could overflow the server's queue (its /info limits).
+
+    When they cannot, no 429 can come back and wrk runs without the backoff script, whose Lua
+    callbacks cost wrk a third of its requests/s on 2 shared cores (measured), which is the
+    server's CPU.
+    """
+    try:
+        with urllib.request.urlopen(url + "/info", timeout=10) as response:
+            limits = json.loads(response.read()).get("limits", {})
+    except (OSError, ValueError):
+        return True  # not ours (FastAPI + pipeline has no /info): assume it could
+    if "max_queue_tokens" not in limits:
+        return True
+    over_inputs = limits.get("max_queue") is not None and connections * inputs > limits["max_queue"]
+    return over_inputs or connections * tokens > limits["max_queue_tokens"]
+
+
+def request_tokens(artifact: Path, texts: list[str]) -> int:
+    """The padded tokens a request's inputs count in microbert-serve's queue."""
+    from microbert.predict import bucket_length
+    from microbert.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(artifact)
+    return sum(bucket_length(len(e.ids)) for e in tokenizer.encode_batch(texts))
+
+
 def bench_http(
     args: argparse.Namespace, run: Path, artifact: Path, folder: Path, device: str
 ) -> list[dict[str, Any]]:
-    scripts = {
-        "single": (folder / "single.lua", json.dumps({"inputs": TEXT}).encode(), 1),
-        "batch32": (folder / "batch32.lua", json.dumps({"inputs": BATCH}).encode(), 32),
-    }
-    for path, body, _ in scripts.values():
-        path.write_text(lua(body, backoff=not args.no_backoff))
+    requests = {"single": [TEXT], "batch32": BATCH}
+    scripts = {}
+    for mode, texts in requests.items():
+        body = json.dumps({"inputs": texts[0] if mode == "single" else texts}).encode()
+        for backoff in (True, False):
+            path = folder / f"{mode}{'-backoff' if backoff else ''}.lua"
+            path.write_text(lua(body, backoff=backoff))
+            scripts[mode, backoff] = path
     records = []
     for n, impl in enumerate(args.impls.split(",")):
         port = 8420 + n
@@ -238,8 +270,12 @@ def bench_http(
         server = Server(command, env, port, folder / f"{impl}.log")
         try:
             for mode in args.modes.split(","):
-                script, _, sentences = scripts[mode]
+                sentences, tokens = len(requests[mode]), request_tokens(artifact, requests[mode])
                 for connections in args.connections:
+                    backoff = {"always": True, "never": False}.get(
+                        args.backoff, could_be_refused(server.url, sentences, tokens, connections)
+                    )
+                    script = scripts[mode, backoff]
                     run_wrk(args.wrk, server.url, script, connections, min(2.0, args.duration), args.threads)
                     before = load_average()
                     result = run_wrk(args.wrk, server.url, script, connections, args.duration, args.threads)
@@ -252,7 +288,7 @@ def bench_http(
                         "mode": mode,
                         "concurrency": connections,
                         "load_generator": f"wrk -t{min(args.threads, connections)}"
-                        + ("" if args.no_backoff else ", waits Retry-After after a 429"),
+                        + (", waits Retry-After after a 429" if backoff else ""),
                         "duration_s": args.duration,
                         # answered sentences only: a 429 or 503 is not a served sentence
                         "sentences_per_second": round(
@@ -405,7 +441,11 @@ def main() -> int:
     parser.add_argument("--overload-queue", type=int, default=256)
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument(
-        "--no-backoff", action="store_true", help="wrk re-sends at once after a 429 (the old client)"
+        "--backoff",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="wrk waits Retry-After after a 429: auto (when the connections could overflow the queue, "
+        "from /info), always, never (re-send at once: the old client's retry storm)",
     )
     parser.add_argument("--model-dir", type=Path, help="serve this run folder instead of a random-weight one")
     parser.add_argument(
