@@ -9,7 +9,9 @@ stage: `encode` (validate and tokenize), `run` (tensors, forward pass, softmax a
 back; on CUDA it ends in a synchronising copy, so the device's time is inside it), `format` (the
 pipeline's candidates) and `json` (`orjson` of the answers). Then the same batch under `cProfile`
 (the Python functions by own time) and `torch.profiler` (operators by own CPU time, and by CUDA
-time on a GPU); `--trace` also writes a Chrome trace of three `run` calls.
+time on a GPU); `--trace` also writes a Chrome trace of three `run` calls. `--collapsed FILE ...`
+only summarizes py-spy samples (`bench/serve_wrk.py --py-spy` writes them) as inclusive and own
+shares.
 
 Prints one JSON record per batch size (`{"bench": "serve-profile", ...}`, also appended through
 bench/records.py) and writes the tables to `$OUT/serve_profile-<preset>-b<N>.txt` (or a temporary
@@ -20,6 +22,7 @@ folder, named on stdout). A random-weight artifact of the preset's shape is made
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import io
 import json
@@ -93,10 +96,34 @@ def operator_profile(predictor: FillMaskPredictor, texts: list[str], repeats: in
     return "\n".join(tables)
 
 
+def summarize_collapsed(path: Path, rows: int = 40) -> str:
+    """A py-spy `--format raw` file (collapsed stacks, `frame;frame;... count`) as shares of all samples:
+    functions by inclusive share (time in them and what they call) and frames by own share."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames, samples = stack.split(";"), int(count)
+        total += samples
+        own[frames[-1]] += samples
+        for name in {frame.split(" (")[0] for frame in frames[1:]}:
+            inclusive[name] += samples
+    if not total:
+        return f"{path}: no samples"
+    lines = [f"{path}: {total} samples", "inclusive:"]
+    lines += [f"{100 * n / total:5.1f}% {name}" for name, n in inclusive.most_common(rows)]
+    lines += ["own:"] + [f"{100 * n / total:5.1f}% {name}" for name, n in own.most_common(rows // 2)]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--collapsed", type=Path, nargs="+", help="only summarize these py-spy raw files")
     parser.add_argument("--preset", default="bert-tiny")
     parser.add_argument("--batch-sizes", default="64,256")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -106,6 +133,10 @@ def main() -> int:
     )
     parser.add_argument("--trace", action="store_true", help="also a Chrome trace of three run() calls")
     args = parser.parse_args()
+    if args.collapsed:
+        for path in args.collapsed:
+            print(summarize_collapsed(path))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()

@@ -224,6 +224,29 @@ def server_command(
     raise SystemExit(f"unknown impl {impl!r}: microbert or hf_pipeline_fastapi")
 
 
+def start_py_spy(args: argparse.Namespace, server: Server, out: Path) -> subprocess.Popen[bytes] | None:
+    """With `--py-spy`: sample the server and its workers during the measured run (collapsed stacks,
+    read with `python -m bench.serve_profile --collapsed FILE`); nonblocking, so it barely slows them."""
+    if not args.py_spy:
+        return None
+    binary = shutil.which("py-spy")
+    if binary is None:
+        print("--py-spy: no py-spy on PATH (pip install py-spy); not sampling", flush=True)
+        return None
+    command = [binary, "record", "--nonblocking", "--subprocesses", "--threads", "--rate", "50",
+               "--format", "raw", "--duration", str(max(1, round(args.duration) - 1)),
+               "--output", str(out), "--pid", str(server.process.pid)]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def finish_py_spy(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+
+
 def could_be_refused(url: str, inputs: int, tokens: int, connections: int) -> bool:
     """Whether `connections` requests of `inputs` inputs and `tokens` queue tokens each, in flight at
     once, could overflow the server's queue (its /info limits).
@@ -278,7 +301,9 @@ def bench_http(
                     script = scripts[mode, backoff]
                     run_wrk(args.wrk, server.url, script, connections, min(2.0, args.duration), args.threads)
                     before = load_average()
+                    spy = start_py_spy(args, server, folder / f"py-spy-{impl}-{mode}-{connections}.txt")
                     result = run_wrk(args.wrk, server.url, script, connections, args.duration, args.threads)
+                    finish_py_spy(spy)
                     record = {
                         **base_record(args, device),
                         "impl": impl if impl != "microbert" else f"microbert-serve --workers {args.workers}",
@@ -440,6 +465,9 @@ def main() -> int:
     parser.add_argument("--overload-clients", type=int, default=1024)
     parser.add_argument("--overload-queue", type=int, default=256)
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
+    parser.add_argument(
+        "--py-spy", action="store_true", help="sample the server with py-spy during each measured run ($OUT)"
+    )
     parser.add_argument(
         "--backoff",
         choices=["auto", "always", "never"],
