@@ -109,8 +109,9 @@ def summarize_collapsed(path: Path, rows: int = 40) -> str:
         frames, samples = stack.split(";"), int(count)
         total += samples
         own[frames[-1]] += samples
-        for name in {frame.split(" (")[0] for frame in frames[1:]}:
-            inclusive[name] += samples
+        for name in {frame.split(" (")[0] for frame in frames}:
+            if not name.startswith(("process ", "thread")):  # py-spy's labels, not frames
+                inclusive[name] += samples
     if not total:
         return f"{path}: no samples"
     lines = [f"{path}: {total} samples", "inclusive:"]
