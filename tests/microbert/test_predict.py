@@ -4,10 +4,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders
 
 from microbert.errors import InputError
-from microbert.predict import FillMaskFormatter, FillMaskPredictor, ModelOutput, PreparedInput
+from microbert.predict import FillMaskFormatter, FillMaskPredictor, ModelOutput, PreparedInput, top_k
 from microbert.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -174,3 +175,17 @@ def test_a_decoder_that_is_not_piecewise_decodes_each_candidate(tiny_tokenizer):
          tokenizer.decode([2, 40, 4, 41, 3], skip_special_tokens=False)],
     ]  # fmt: skip
     assert [[c["sequence"] for c in per_mask] for per_mask in result] == expected
+
+
+@pytest.mark.parametrize("k", [1, 5, 8])
+def test_blockwise_top_k_equals_torch_topk(k):
+    """On a CPU the top-k of a wide row is taken among its best blocks: the same values and ids."""
+    torch.manual_seed(k)
+    probs = (torch.randn(37, 30522) * 3).softmax(dim=-1)
+    probs[3] = -1.0  # a row of targets: everything else is -1, below any probability
+    probs[3, [17, 30000, 4242]] = torch.tensor([0.2, 0.5, 0.1])
+    values, ids = top_k(probs, k)
+    expected_values, expected_ids = probs.topk(k, dim=-1)
+    assert torch.equal(values, expected_values)
+    real = expected_values >= 0  # the -1 fillers tie, so their ids may differ
+    assert torch.equal(ids[real], expected_ids[real])
