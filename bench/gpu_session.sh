@@ -51,6 +51,20 @@ case $part in
   base-mb)
     timeout 330 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
       --mb-variants default --hf-target "${HF_TARGET:-0}" --out "$OUT/base" 2>&1 | grep -v -i "warn" | tail -30 ;;
+  base-short)  # bert-base at the short budget: rows that take more, smaller steps (session 5)
+    timeout 540 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
+      --mb-variants "${BASE_SHORT:-lr2e-4-b128,lr2e-4-b64-wsd,lr2e-4-b128-wsd,lr3e-4-b128,lr1.4e-4-b64,lr2e-4-mlm30}" \
+      --short-only --out "$OUT/base" 2>&1 | grep -v -i "warn" | grep '"heldout_accuracy"\|FAILED' ;;
+  base-small)  # the HF Trainer at the short budget in the same call, smaller MicroBERT batches; then the best goes long
+    timeout 260 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls hf,microbert --short-only \
+      --hf-lrs 1e-4 --mb-variants "${BASE_SMALL:-lr1e-4-b64,lr1e-4-b32}" --out "$OUT/base" 2>&1 \
+      | grep -v -i "warn" | grep '"heldout_accuracy"\|FAILED'
+    timeout 230 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
+      --mb-variants "${BASE_LONG:-lr1.4e-4-b64}" --long-only --steps-per-second 59 --eval-points 16 \
+      --hf-target "${HF_BASE:-0.0749}" --out "$OUT/base" 2>&1 | grep -v -i "warn" | grep '"heldout_accuracy"\|FAILED' ;;
+  steps)  # the GPU profiles' recipes per step (their LR, warm-up, horizon) against BertConfig's defaults, 1,000 steps
+    timeout "${STEPS_TIMEOUT:-300}" python3 bench/tiny_sweep.py --variants bench/step_variants.json --procs 8 \
+      --out "$OUT" 2>&1 | grep -v -i "warn" ;;
   final)  # bert-base at a lower peak LR, long budget only; then the serving figures (bench/serve_gpu.sh)
     timeout 230 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
       --mb-variants lr2e-4-mlm15 --long-only --steps-per-second 20.7 --eval-points 6 \

@@ -66,6 +66,15 @@ MB_VARIANTS = {
     "lr2e-4-posnormal-wsd": ["--lr", "2e-4", "--position-init", "normal", "--schedule", "wsd"],
     "lr2e-4-sin02": ["--lr", "2e-4", "--position-init-std", "0.02"],
     "lr1e-4": ["--lr", "1e-4"],
+    # bert-base at the short budget: more, smaller steps; a longer stable phase; more masked positions
+    "lr2e-4-b128": ["--lr", "2e-4", "--batch-size", "128"],
+    "lr3e-4-b128": ["--lr", "3e-4", "--batch-size", "128"],
+    "lr2e-4-b128-wsd": ["--lr", "2e-4", "--batch-size", "128", "--schedule", "wsd"],
+    "lr2e-4-b64-wsd": ["--lr", "2e-4", "--batch-size", "64", "--schedule", "wsd"],
+    "lr1.4e-4-b64": ["--lr", "1.4e-4", "--batch-size", "64"],
+    "lr2e-4-mlm30": ["--lr", "2e-4", "--mlm-probability", "0.3"],
+    "lr1e-4-b64": ["--lr", "1e-4", "--batch-size", "64"],
+    "lr1e-4-b32": ["--lr", "1e-4", "--batch-size", "32"],
 }
 
 
@@ -177,10 +186,12 @@ def run_microbert(
 ) -> dict:
     run_dir = out / f"mb-{shape}-{variant}-{budget_s:g}s"
     profile = ["--profile", args.profile] if args.profile else []
+    flags = MB_VARIANTS[variant]
+    batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else args.batch_size
     command = [sys.executable, "-m", "train", *profile, "--model", shape, "--dataset",
                args.dataset, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
                "--time-budget", str(budget_s), "--resume", "never", "--run-dir", str(run_dir),
-               "--checkpoint-every", "1000000", "--eval-batches", str(SCORE_ROWS // args.batch_size),
+               "--checkpoint-every", "1000000", "--eval-batches", str(SCORE_ROWS // batch),
                "--eval-every", str(eval_every or 1000000), "--log-every", "100", "--seed", str(args.seed),
                *MB_VARIANTS[variant]]  # fmt: skip
     env = {**os.environ, "MICROBERT_NO_BAR": "1"}
@@ -189,12 +200,14 @@ def run_microbert(
     if rc != 0:
         raise RuntimeError(f"microbert run {run_dir.name} failed (rc {rc}); see {out / run_dir.name}.log")
     status = json.loads((run_dir / "status.json").read_text())
+    resolved = json.loads((run_dir / "resolved_config.json").read_text())
     history = json.loads((run_dir / "training_history.json").read_text())
     return {
         "impl": "microbert",
         "variant": variant,
         "flags": MB_VARIANTS[variant],
         "steps": status["step"],
+        "batch_size": resolved["runtime"]["micro_batch_size"],  # a variant may change it (one GPU)
         "training_seconds": status["training_seconds"],
         "startup_seconds": status["startup_seconds"],
         "final_loss": history["train"][-1]["loss"],
@@ -214,8 +227,8 @@ def finish(record: dict, shape: str, budget_s: float, rows: int, args: argparse.
         bench="quality",
         shape=shape,
         budget_s=budget_s,
-        tokens=record["steps"] * args.batch_size * args.seq_len,
-        epochs=round(record["steps"] * args.batch_size / rows, 2),
+        tokens=record["steps"] * record.setdefault("batch_size", args.batch_size) * args.seq_len,
+        epochs=round(record["steps"] * record["batch_size"] / rows, 2),
         heldout_accuracy=scores[same]["accuracy"],
         heldout_top5=scores[same]["top5_accuracy"],
         baseline_accuracy=scores[same]["baseline_accuracy"],
@@ -257,6 +270,9 @@ def main() -> int:
     parser.add_argument("--hf-target", type=float, help="the HF long-budget accuracy, when measured earlier")
     parser.add_argument(
         "--long-only", action="store_true", help="MicroBERT: only the long run, first variant"
+    )
+    parser.add_argument(
+        "--short-only", action="store_true", help="only the short rows (both stacks), no long run"
     )
     parser.add_argument(
         "--steps-per-second", type=float, default=20.0, help="with --long-only: for the cadence"
@@ -305,11 +321,14 @@ def main() -> int:
                 max(done, key=lambda r: (r["heldout_accuracy"], -(r["final_loss"] or 99))) if done else None
             )
             best_lr = best["lr"] if best else 5e-4
-        hf_long = attempt(
-            "hf long",
-            lambda: finish(run_hf(args.shape, data, best_lr, long, out, args), args.shape, long, rows, args),
-        )
-        hf_target = hf_long["heldout_accuracy"] if hf_long else hf_target
+        if not args.short_only:
+            hf_long = attempt(
+                "hf long",
+                lambda: finish(
+                    run_hf(args.shape, data, best_lr, long, out, args), args.shape, long, rows, args
+                ),
+            )
+            hf_target = hf_long["heldout_accuracy"] if hf_long else hf_target
     if "microbert" in impls:
         variants = args.mb_variants.split(",")
         shorts = []
@@ -326,7 +345,7 @@ def main() -> int:
         best = max(shorts, key=lambda r: (r["heldout_accuracy"], -r["final_loss"])) if shorts else None
         if args.long_only:
             best = {"variant": variants[0], "steps": args.steps_per_second, "training_seconds": 1.0}
-        if best is not None:
+        if best is not None and not args.short_only:
             steps_per_second = best["steps"] / max(best["training_seconds"], 1e-9)
             eval_every = max(1, math.floor(steps_per_second * long / args.eval_points))
 

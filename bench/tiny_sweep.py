@@ -11,12 +11,18 @@ then linear decay), several processes sharing the card. Each variant is a JSON o
 every `eval_every_tokens`. The recipe found here is then checked with the real trainer on 2 cores.
 Records `{"bench": "tiny_sweep", "name", "variant", "curve": [{tokens, accuracy, baseline, ...}],
 "tokens_per_second"}` go to `--out`/tiny_sweep.jsonl.
+
+The same loop asks the GPU profiles' question per step (`bench/step_variants.json`): a preset's shape
+on IMDB rows, bf16, each profile's peak LR, warm-up and schedule horizon, MicroBERT's model against
+`transformers`' `BertForMaskedLM` with `BertConfig`'s defaults (dropout 0.1, its init) under the
+same optimizer, schedule, batches and masks, scored on IMDB's held-out rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -48,6 +54,15 @@ DEFAULTS: dict[str, Any] = {
     "schedule": "linear",  # or "constant" (then decay over the last 20%)
     "seed": 0,
     "eval_every_tokens": 1e6,
+    # the GPU profiles' question, per step (bench/step_variants.json): a preset's shape on IMDB rows
+    "shape": None,  # a preset name: its layers, heads, widths and vocabulary replace those above
+    "dataset": "embedded",  # or "imdb" (MICROBERT_DATASET_IMDB), scored on its held-out reviews
+    "impl": "microbert",  # or "hf": transformers' BertForMaskedLM, BertConfig's defaults and init
+    "dropout": 0.0,  # "hf" takes BertConfig's 0.1 unless given
+    "bf16": False,  # autocast, as the trainer runs on a GPU
+    "steps": None,  # a step count instead of `tokens`
+    "horizon": None,  # the schedule's length in steps (a profile's max_steps), when longer than the run
+    "eval_every_steps": None,
 }
 
 
@@ -57,21 +72,12 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
 
     from microbert.config import ModelConfig
     from microbert.data.masking import mask_tokens
-    from microbert.data.prepare import prepare_dataset
     from microbert.evaluate import evaluate
     from microbert.model import BertForMaskedLM, init_position_embeddings
 
-    v = {**DEFAULTS, **variant}
+    v = _resolved(variant)
     torch.manual_seed(v["seed"])
-    data = prepare_dataset("embedded", seq_len=v["seq"], vocab_size=v["vocab"], cache_dir=cache_dir)
-    heldout = prepare_dataset(
-        "embedded-heldout",
-        seq_len=v["seq"],
-        vocab_size=v["vocab"],
-        tokenizer=data.tokenizer,
-        cache_dir=cache_dir,
-    )
-    held_rows = np.concatenate([heldout.train, heldout.eval])[:2048]
+    data, held_rows = _data(v, cache_dir)
     config = ModelConfig(
         vocab_size=data.tokenizer.get_vocab_size(),
         num_hidden_layers=v["layers"],
@@ -80,11 +86,19 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
         intermediate_size=v["intermediate"] or 4 * v["hidden"],
         max_position_embeddings=max(512, v["seq"]),
         initializer_range=v["init_std"],
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=v["dropout"],
+        attention_probs_dropout_prob=v["dropout"],
     )
-    model = BertForMaskedLM(config)
-    init_position_embeddings(model, v["pos_init"], v["init_std"] * v["pos_scale"])
+    if v["impl"] == "hf":
+        from transformers import BertConfig
+        from transformers import BertForMaskedLM as HfBertForMaskedLM
+
+        hf_config = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "intermediate_size", "max_position_embeddings")}  # fmt: skip
+        model = HfBertForMaskedLM(BertConfig(**hf_config))  # dropout, init: BertConfig's defaults
+    else:
+        model = BertForMaskedLM(config)
+        init_position_embeddings(model, v["pos_init"], v["init_std"] * v["pos_scale"])
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -94,23 +108,28 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
         betas=(0.9, v["beta2"]),
         eps=1e-6,
     )
-    steps = max(1, int(v["tokens"] // (v["batch"] * v["seq"])))
-    warmup = int(v["warmup"] * steps) if v["warmup"] < 1 else int(v["warmup"])
+    steps = int(v["steps"] or max(1, int(v["tokens"] // (v["batch"] * v["seq"]))))
+    horizon = int(v["horizon"] or steps)
+    warmup = int(v["warmup"] * horizon) if v["warmup"] < 1 else int(v["warmup"])
 
     def lr_at(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         if v["schedule"] == "constant":
-            tail = int(0.8 * steps)
-            return 1.0 if step < tail else max(0.0, (steps - step) / max(1, steps - tail))
-        return max(0.0, (steps - step) / max(1, steps - warmup))
+            tail = int(0.8 * horizon)
+            return 1.0 if step < tail else max(0.0, (horizon - step) / max(1, horizon - tail))
+        if v["schedule"] == "cosine":  # the trainer's: down to 10% of the peak
+            progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return max(0.0, (horizon - step) / max(1, horizon - warmup))
 
     specials = data.special_token_ids
     mask_id = data.mask_token_id
     rows = torch.from_numpy(data.train.astype(np.int64))
     gen = torch.Generator().manual_seed(v["seed"])
     dev_gen = torch.Generator(device=device).manual_seed(v["seed"])
-    eval_every = max(1, int(v["eval_every_tokens"] // (v["batch"] * v["seq"])))
+    eval_every = int(v["eval_every_steps"] or max(1, v["eval_every_tokens"] // (v["batch"] * v["seq"])))
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bool(v["bf16"]))
     curve: list[dict[str, Any]] = []
     order = torch.randperm(len(rows), generator=gen)
     cursor, started, train_s = 0, time.perf_counter(), 0.0
@@ -131,7 +150,8 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
             inputs = torch.where(labels != -100, mask_id, batch)
         for group in opt.param_groups:
             group["lr"] = v["lr"] * lr_at(step)
-        loss = model(input_ids=inputs, attention_mask=(batch != 0).long(), labels=labels).loss
+        with autocast:
+            loss = model(input_ids=inputs, attention_mask=(batch != 0).long(), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -140,14 +160,17 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             train_s += time.perf_counter() - started
-            score = evaluate(
-                model,
-                held_rows,
-                special_token_ids=specials,
-                mask_token_id=mask_id,
-                batch_size=128,
-                device=device,
-            )
+            with autocast:
+                score = evaluate(
+                    model,
+                    held_rows,
+                    special_token_ids=specials,
+                    mask_token_id=mask_id,
+                    batch_size=128,
+                    device=device,
+                )
+            print(f"{variant.get('name', '?')} step {step + 1}: {score.accuracy:.2%} "
+                  f"({score.over_baseline:.2f}x) loss {float(loss.detach()):.3f}", flush=True)  # fmt: skip
             curve.append(
                 {
                     "step": step + 1,
@@ -168,6 +191,38 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
         "curve": curve,
         "tokens_per_second": round(steps * v["batch"] * v["seq"] / max(train_s, 1e-9)),
     }
+
+
+def _resolved(variant: dict[str, Any]) -> dict[str, Any]:
+    """A variant over the defaults; a `shape` brings its preset's sizes, "hf" BertConfig's dropout."""
+    v = {**DEFAULTS, **variant}
+    if v["shape"]:
+        from microbert.config import get_preset
+
+        preset = get_preset(v["shape"])
+        v.update(layers=preset.num_hidden_layers, heads=preset.num_attention_heads,
+                 hidden=preset.hidden_size, intermediate=preset.intermediate_size,
+                 vocab=preset.vocab_size)  # fmt: skip
+        v.update(
+            {k: variant[k] for k in ("layers", "heads", "hidden", "intermediate", "vocab") if k in variant}
+        )
+    if v["impl"] == "hf" and "dropout" not in variant:
+        v["dropout"] = 0.1
+    return v
+
+
+def _data(v: dict[str, Any], cache_dir: str | None) -> tuple[Any, Any]:
+    """The training rows and 2,048 held-out rows: *Persuasion* for the embedded corpus, else IMDB's."""
+    import numpy as np
+
+    from microbert.data.prepare import prepare_dataset
+
+    data = prepare_dataset(v["dataset"], seq_len=v["seq"], vocab_size=v["vocab"], cache_dir=cache_dir)
+    if v["dataset"] == "embedded":
+        heldout = prepare_dataset("embedded-heldout", seq_len=v["seq"], vocab_size=v["vocab"],
+                                  tokenizer=data.tokenizer, cache_dir=cache_dir)  # fmt: skip
+        return data, np.concatenate([heldout.train, heldout.eval])[:2048]
+    return data, data.eval[:2048]
 
 
 def _worker(args: tuple[list[dict[str, Any]], str, str | None, str]) -> None:
@@ -204,19 +259,11 @@ def main() -> None:
     variants = json.loads(Path(args.variants).read_text())
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = str(Path(args.out) / "tiny_sweep.jsonl")
-    from microbert.data.prepare import prepare_dataset  # prepare every cache entry once, up front
-
-    for seq, vocab in sorted(
-        {(int({**DEFAULTS, **v}["seq"]), int({**DEFAULTS, **v}["vocab"])) for v in variants}
-    ):
-        data = prepare_dataset("embedded", seq_len=seq, vocab_size=vocab, cache_dir=args.cache_dir)
-        prepare_dataset(
-            "embedded-heldout",
-            seq_len=seq,
-            vocab_size=vocab,
-            tokenizer=data.tokenizer,
-            cache_dir=args.cache_dir,
-        )
+    prepared = set()  # prepare every cache entry once, up front, before the workers share it
+    for v in map(_resolved, variants):
+        if (v["dataset"], v["seq"], v["vocab"]) not in prepared:
+            prepared.add((v["dataset"], v["seq"], v["vocab"]))
+            _data(v, args.cache_dir)
     shares = [variants[i :: args.procs] for i in range(args.procs)]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with mp.get_context("spawn").Pool(args.procs) as pool:

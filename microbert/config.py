@@ -234,11 +234,19 @@ def _preset(layers: int, heads: int, hidden: int, **extra: Any) -> ModelConfig:
     )
 
 
+# The trainer's peak learning rate when no layer (profile, DeepSpeed config, run file, flag) sets one.
+# Post-LN BERT wants a lower peak as it grows: on one H200, batch 256, a short warm-up, bert-mini
+# learns at 5e-4 and stays on the unigram plateau at 2e-3; bert-base stays on it for 80 s at 5e-4 and
+# reaches 28% held-out at 2e-4 (BENCHMARKS.md, time to quality). Sizes without a measured row keep 5e-4.
+DEFAULT_LR = 5e-4
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
     config: ModelConfig
     description: str = field(default="")
+    lr: float = DEFAULT_LR  # the trainer's default peak LR for this shape (see DEFAULT_LR)
 
 
 # The seed's four setups keep their (tiny) shapes for parity; the bert-* sizes are the standard
@@ -254,7 +262,7 @@ PRESETS: dict[str, Preset] = {
         Preset("bert-mini", _preset(4, 4, 256), "Turc et al. 2019"),
         Preset("bert-small", _preset(4, 8, 512), "Turc et al. 2019"),
         Preset("bert-medium", _preset(8, 8, 512), "Turc et al. 2019"),
-        Preset("bert-base", _preset(12, 12, 768), "Devlin et al. 2019"),
+        Preset("bert-base", _preset(12, 12, 768), "Devlin et al. 2019", lr=2e-4),
     )
 }
 

@@ -6,6 +6,11 @@ batch, optimizer and scheduler numbers plus an optional `"microbert"` section (t
 data settings of the seed's v1–v4 setups). The resolved result is plain JSON, written into the run
 folder before the first step so a run can always be explained after the fact.
 
+Each `TrainConfig` field is declared once (microbert/setting.py): type, default, help, section, flag
+and checks. `train/args.py` builds the command line from those declarations and `resolve` runs the
+checks on the merged layers; what no single field can check (the model built from its preset, the
+sequence length against its positions, the global batch) is in `_cross_checks`.
+
 It lives in `microbert/` (not `train/`) so `microbert configs show PROFILE` can resolve a profile
 without importing the trainer or DeepSpeed; profiles and DeepSpeed configs stay data files in `train/`.
 """
@@ -16,12 +21,29 @@ import dataclasses
 import importlib.util
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from microbert.config import POSITION_INITS, PRESETS, ModelConfig
+from microbert.config import DEFAULT_LR, POSITION_INITS, PRESETS, ModelConfig
 from microbert.errors import ConfigError, unknown_name
+from microbert.setting import (
+    BOOLEAN,
+    STRING_LIST,
+    Flag,
+    Rule,
+    Section,
+    at_least_zero,
+    declared,
+    integer,
+    known,
+    one_of,
+    parse_batch,
+    parse_duration,
+    parse_flag_count,
+    positive,
+    within,
+)
 
 
 def _train_data_dir() -> Path:
@@ -43,67 +65,218 @@ SCHEDULES = ("cosine", "linear", "wsd")  # LR decay after warm-up (train/engine.
 _DS_CLIENT_KEYS = ("optimizer", "scheduler", "microbert")
 
 
+MODEL = Section("model")
+DATA = Section("data")
+OPTIMIZER = Section("optimizer")
+SCHEDULE = Section("schedule")
+BATCH = Section("batch")
+LENGTH = Section("length")
+HARDWARE = Section("hardware")
+RUN = Section("run folder")
+EVALUATION = Section("evaluation and logging")
+SECTIONS = (MODEL, DATA, OPTIMIZER, SCHEDULE, BATCH, LENGTH, HARDWARE, RUN, EVALUATION)  # help order
+
+
+def _preset(_name: str, value: Any) -> str | None:
+    if isinstance(value, str) and value in PRESETS:
+        return None
+    return unknown_name("preset", value, PRESETS)  # as given: a number in a run file shows as one
+
+
+def _tensorboard_installed(_name: str, value: Any) -> str | None:
+    if value == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        return "--report-to tensorboard needs the tensorboard package: pip install 'microbert[tensorboard]'"
+    return None
+
+
+def _writable_run_dir(name: str, run_dir: Any) -> str | None:
+    """The run folder must be creatable and writable: found now, not after an hour of data prep."""
+    if not isinstance(run_dir, str):
+        return f"{name} must be a folder path, got {run_dir!r}"
+    path = Path(run_dir)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"run folder {run_dir}: {probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"run folder {run_dir} is not writable ({probe}): pick another --run-dir"
+    return None
+
+
 @dataclass
 class TrainConfig:
-    """Everything a run needs besides the data itself. Primitives only: it round-trips to JSON."""
+    """Everything a run needs besides the data itself. Primitives only: it round-trips to JSON.
 
-    # model
-    model: str = "bert-tiny"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    # Hidden and attention dropout of the run (None = the preset's, BERT's 0.1). MicroBERT
-    # pre-trains without dropout by default, as ModernBERT and Cramming do: with 0.1, whether a
-    # small BERT leaves the unigram plateau within a short run is a lottery over seeds (BENCHMARKS.md).
-    dropout: float | None = 0.0
-    # How the position embeddings start (microbert.config.POSITION_INITS): "auto" takes a sinusoid
-    # table for small models (they leave the unigram plateau within minutes on a CPU) and BERT's
-    # N(0, 0.02) for large ones, as measured.
-    position_init: str = "auto"
-    position_init_std: float | None = None  # None: the init's own default (microbert.config)
-    # data
-    dataset: str = "embedded"
-    max_samples: int | None = None
-    streaming: bool = False
-    text_column: str = "text"
-    seq_len: int = 128
-    vocab_size: int | None = None  # tokenizer size; None = the preset's
+    A field is `SECTION(default, help, flag=…, check=…)`; None is a valid value where the type says
+    `| None` (it means "the preset's" or "derived", as the help says), so no check needs to say so.
+    """
+
+    # --- model
+    model: str = MODEL(
+        "bert-tiny", "model preset (see `microbert configs list`)", flag=Flag(choices=False), check=_preset
+    )  # no argparse choices: a typo gets resolve's message, which lists the presets
+    model_overrides: dict[str, Any] = MODEL(  # noqa: RUF009 (a Section returns a dataclasses.field)
+        factory=dict,
+        help="ModelConfig fields that replace the preset's (Hugging Face names: hidden_size, …)",
+        check=Rule("a JSON object of ModelConfig fields", lambda v: v is None or isinstance(v, dict)),
+    )
+    # MicroBERT pre-trains without dropout by default, as ModernBERT and Cramming do: with 0.1, whether
+    # a small BERT leaves the unigram plateau within a short run is a lottery over seeds (BENCHMARKS.md).
+    dropout: float | None = MODEL(
+        0.0,
+        "hidden and attention dropout (default {default}; BERT's is 0.1)",
+        flag=True,
+        check=within(0, 1, open_high=True),
+    )  # None: the preset's
+    # "auto" takes a sinusoid table for small models (they leave the unigram plateau within minutes
+    # on a CPU) and BERT's N(0, 0.02) for large ones, as measured (microbert.config.POSITION_INITS).
+    position_init: str = MODEL(
+        "auto",
+        "how position embeddings start: sinusoidal (small models learn word order sooner), normal "
+        "(BERT's N(0, 0.02)), or auto (sinusoidal up to hidden size 256, normal above); default {default}",
+        flag=True,
+        check=known("position_init", POSITION_INITS),
+    )
+    position_init_std: float | None = MODEL(
+        None,
+        "root-mean-square of the starting position embeddings",
+        flag=True,
+        check=within(0, 1, open_low=True),
+    )  # None: the init's own default (microbert.config)
+    # --- data
+    dataset: str = DATA(
+        "embedded", "{default} (default), a local path, imdb, a Hub name, hf:<repo>[:<config>]", flag=True
+    )
+    max_samples: int | None = DATA(
+        None,
+        "cap on training texts: 1000, 500k, 5M …",
+        flag=Flag(parse=parse_flag_count),
+        check=integer(),
+    )
+    streaming: bool = DATA(
+        False,
+        "stream a Hub dataset instead of downloading it first (bare --streaming: true)",
+        flag=True,
+        check=BOOLEAN,
+    )
+    text_column: str = DATA("text", "the column holding the text in a table or Hub dataset")
+    seq_len: int = DATA(128, "tokens per sequence (≤ the model's positions)", flag=True, check=integer(8))
+    vocab_size: int | None = DATA(
+        None, "tokenizer (and embedding) size; default the preset's", flag=True, check=integer(16)
+    )
     # 15%: at short budgets it beat 30% (MosaicBERT's and ModernBERT's rate) by far, bert-mini on
     # one H200, 8 s of training: 15.8% held-out against 9.3% (BENCHMARKS.md, time to quality)
-    mlm_probability: float = 0.15
-    # optimiser and schedule
-    lr: float = 5e-4
-    schedule: str = "cosine"  # one of SCHEDULES
-    min_lr_ratio: float = 0.1
-    decay_fraction: float = 0.2  # wsd: the share of the run spent decaying
-    warmup_steps: int | None = None  # None = 6% of the run
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_eps: float = 1e-6
-    grad_clip: float = 1.0
-    # batch and length
-    micro_batch_size: int | str = 32  # per GPU (per process on CPU), or "auto"
-    grad_accum: int = 1
-    train_batch_size: int | None = None  # global; must equal micro × accum × world when given
-    max_steps: int | None = None
-    epochs: float | None = None
-    time_budget_s: float | None = None  # train for this many seconds; the LR schedule follows the clock
-    seed: int = 42
-    # hardware
-    num_gpus: int = 1  # per node
-    num_nodes: int = 1  # machines the run spans (launched with --hostfile or --node-rank)
-    precision: str = "auto"  # auto: bf16 on an accelerator that supports it, fp32 on CPU
-    zero_stage: int = 1
-    # cadence and outputs
-    run_dir: str = "runs/default"
-    checkpoint_every: int = 500
-    eval_every: int = 500
-    eval_batches: int = 50
-    keep_checkpoints: int = 3
-    resume: str = "auto"
-    log_every: int = 10
-    stop_at_step: int | None = None  # checkpoint and exit here without changing the schedule
-    probe_texts: list[str] = field(default_factory=list)
-    report_to: str = "none"  # also write the history's scalars for: none | tensorboard
+    mlm_probability: float = DATA(
+        0.15, "share of tokens masked in training (80/10/10 corruption)", flag=True, check=within(0.0, 1.0)
+    )
+    # --- optimizer
+    lr: float = OPTIMIZER(
+        DEFAULT_LR,
+        "peak learning rate; when no layer sets one, the model preset's ({default}; bert-base 2e-4)",
+        flag=True,
+        check=positive(),
+    )
+    weight_decay: float = OPTIMIZER(
+        0.01, "AdamW weight decay (none on biases and LayerNorm weights)", check=within(0.0, 1.0)
+    )
+    adam_beta1: float = OPTIMIZER(0.9, "AdamW β1", check=within(0.0, 1.0))
+    adam_beta2: float = OPTIMIZER(0.98, "AdamW β2", check=within(0.0, 1.0))
+    adam_eps: float = OPTIMIZER(1e-6, "AdamW ε", check=positive())
+    grad_clip: float = OPTIMIZER(
+        1.0, "clip the gradient norm to this (0 = off)", check=at_least_zero("≥ 0 (0 = off)")
+    )
+    # --- schedule
+    schedule: str = SCHEDULE(
+        "cosine", "LR decay after warm-up: {choices}", flag=True, check=known("schedule", SCHEDULES)
+    )
+    min_lr_ratio: float = SCHEDULE(0.1, "the LR decays to this share of the peak", check=within(0.0, 1.0))
+    decay_fraction: float = SCHEDULE(
+        0.2, "wsd: the share of the run spent decaying", check=within(0, 1, open_low=True)
+    )
+    warmup_steps: int | None = SCHEDULE(
+        None, "linear warm-up steps (default 6% of the run)", flag=True, check=integer(0)
+    )
+    # --- batch
+    micro_batch_size: int | str = BATCH(
+        32,
+        "micro-batch per GPU (per process on CPU), or auto",
+        flag=Flag(names=("--batch-size",), parse=parse_batch),
+        check=integer(also=("auto",)),
+    )
+    grad_accum: int = BATCH(1, "gradient accumulation steps", flag=True, check=integer())
+    train_batch_size: int | None = BATCH(
+        None, "global batch; when given, it must equal micro-batch × accumulation × GPUs", check=integer()
+    )
+    # --- length
+    max_steps: int | None = LENGTH(
+        None, "optimizer steps to train (the LR schedule spans them)", flag=True, check=integer()
+    )
+    epochs: float | None = LENGTH(
+        None, "epochs to train when --max-steps is not given", flag=True, check=positive()
+    )
+    time_budget_s: float | None = LENGTH(
+        None,
+        "train for this long (600, 90s, 10m, 1.5h): the LR schedule follows the clock, so the run ends "
+        "decayed on any machine (steps then depend on its speed; --max-steps runs are exactly reproducible)",
+        flag=Flag(names=("--time-budget",), parse=parse_duration),
+        check=positive("a positive number of seconds"),
+    )
+    stop_at_step: int | None = LENGTH(
+        None, "checkpoint and exit at this step, keeping the schedule", flag=True, check=integer()
+    )
+    # --- hardware
+    num_gpus: int = HARDWARE(1, "GPUs per node (one process each)", check=integer())
+    num_nodes: int = HARDWARE(
+        1,
+        "nodes in the run",
+        flag=Flag(names=("--num-nodes", "--num_nodes"), group="several nodes"),
+        check=integer(),
+    )  # machines the run spans (launched with --hostfile or --node-rank)
+    precision: str = HARDWARE(
+        "auto",
+        "auto: bf16 on an accelerator that supports it, fp32 on CPU",
+        flag=True,
+        check=one_of(("auto", "bf16", "fp32")),
+    )
+    zero_stage: int = HARDWARE(
+        1, "DeepSpeed ZeRO stage", check=one_of((0, 1, 2), note=" (whole weights on every rank)")
+    )
+    # --- run folder
+    run_dir: str = RUN(
+        "runs/default",
+        "run folder (checkpoints, export, logs); default runs/<profile>",
+        flag=True,
+        check=_writable_run_dir,
+    )  # resolve() names it after the profile or DeepSpeed config when no layer sets it
+    seed: int = RUN(
+        42,
+        "seed of the initial weights, the data order and the masking",
+        flag=True,
+        check=integer(0, words="a non-negative integer"),
+    )
+    resume: str = RUN(
+        "auto", "auto: continue from the newest checkpoint", flag=True, check=one_of(("auto", "never"))
+    )
+    checkpoint_every: int = RUN(500, "steps between checkpoints (and exports)", flag=True, check=integer())
+    keep_checkpoints: int = RUN(3, "how many recent checkpoints to keep", flag=True, check=integer())
+    # --- evaluation and logging
+    eval_every: int = EVALUATION(500, "steps between evaluations", flag=True, check=integer())
+    eval_batches: int = EVALUATION(50, "held-out batches per evaluation", flag=True, check=integer())
+    probe_texts: list[str] = EVALUATION(  # noqa: RUF009 (a Section returns a dataclasses.field)
+        factory=list,
+        help="texts with [MASK] whose top-5 predictions the log shows at the end (none: a built-in set)",
+        check=STRING_LIST,
+    )
+    log_every: int = EVALUATION(10, "steps between log lines", flag=True, check=integer())
+    report_to: str = EVALUATION(
+        "none",
+        "also write the logged scalars for TensorBoard, into <run-dir>/tensorboard (default {default})",
+        flag=True,
+        check=(one_of(("none", "tensorboard")), _tensorboard_installed),
+    )
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -308,6 +481,9 @@ def resolve(
         name = Path(profile).stem if profile else Path(ds_name).stem if ds_name else "default"
         merged["run_dir"] = f"runs/{name}"
 
+    preset = PRESETS.get(str(merged.get("model", TrainConfig.model)))
+    if "lr" not in merged and preset is not None:  # no layer chose a peak LR: the shape's own
+        merged["lr"] = preset.lr
     train = TrainConfig(**{k: v for k, v in merged.items() if k in TrainConfig.field_names()})
     model_config = _validate(train, problems, world_size)
     if problems:
@@ -324,24 +500,28 @@ def resolve(
 
 
 def _validate(t: TrainConfig, problems: list[str], world_size: int | None) -> ModelConfig | None:
-    """Check every setting; append each problem; return the model config when it can be built."""
+    """Check every setting (its own checks, then those across settings); append each problem; return
+    the model config when it can be built."""
+    bad: set[str] = set()
+    for setting in declared(TrainConfig):
+        problem = setting.problem(getattr(t, setting.name))
+        if problem is not None:
+            problems.append(problem)
+            bad.add(setting.name)
+    return _cross_checks(t, bad, problems, world_size)
 
-    def positive_int(name: str, value: Any, *, allow_none: bool = False, minimum: int = 1) -> bool:
-        if value is None and allow_none:
-            return True
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            problems.append(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-            return False
-        return True
 
+def _cross_checks(
+    t: TrainConfig, bad: set[str], problems: list[str], world_size: int | None
+) -> ModelConfig | None:
+    """What no one setting can check alone: the model built from its preset and overrides, the sequence
+    length against its positions, and the global batch against its factors (when those are valid)."""
     model_config: ModelConfig | None = None
-    if t.model not in PRESETS:
-        problems.append(unknown_name("preset", t.model, PRESETS))
-    else:
-        overrides = dict(t.model_overrides or {})
+    if bad.isdisjoint({"model", "model_overrides"}):
+        overrides = dict(t.model_overrides or {})  # null in a run file: none, as before
         if t.vocab_size is not None:
             overrides["vocab_size"] = t.vocab_size
-        if isinstance(t.dropout, int | float) and not isinstance(t.dropout, bool) and 0 <= t.dropout < 1:
+        if t.dropout is not None and "dropout" not in bad:
             # model_overrides name one of the two exactly, so they win over the run's dropout
             overrides.setdefault("hidden_dropout_prob", float(t.dropout))
             overrides.setdefault("attention_probs_dropout_prob", float(t.dropout))
@@ -349,38 +529,17 @@ def _validate(t: TrainConfig, problems: list[str], world_size: int | None) -> Mo
             model_config = ModelConfig.from_dict({**PRESETS[t.model].config.to_dict(), **overrides})
         except ConfigError as exc:
             problems.extend(f"model {t.model}: {p}" for p in exc.problems)
-
-    seq_ok = positive_int("seq_len", t.seq_len, minimum=8)
-    if seq_ok and model_config is not None and t.seq_len > model_config.max_position_embeddings:
+    if "seq_len" not in bad and model_config is not None and t.seq_len > model_config.max_position_embeddings:
         problems.append(
             f"seq_len {t.seq_len} is above the {model_config.max_position_embeddings} positions of model "
             f"{t.model}: lower --seq-len or pick a preset with more positions"
         )
-    positive_int("max_samples", t.max_samples, allow_none=True)
-    positive_int("vocab_size", t.vocab_size, allow_none=True, minimum=16)
-    positive_int("grad_accum", t.grad_accum)
-    positive_int("train_batch_size", t.train_batch_size, allow_none=True)
-    positive_int("max_steps", t.max_steps, allow_none=True)
-    positive_int("warmup_steps", t.warmup_steps, allow_none=True, minimum=0)
-    positive_int("num_gpus", t.num_gpus)
-    positive_int("num_nodes", t.num_nodes)
-    positive_int("checkpoint_every", t.checkpoint_every)
-    positive_int("eval_every", t.eval_every)
-    positive_int("eval_batches", t.eval_batches)
-    positive_int("keep_checkpoints", t.keep_checkpoints)
-    positive_int("log_every", t.log_every)
-    positive_int("stop_at_step", t.stop_at_step, allow_none=True)
-    if not isinstance(t.seed, int) or isinstance(t.seed, bool) or t.seed < 0:
-        problems.append(f"seed must be a non-negative integer, got {t.seed!r}")
-    micro_ok = t.micro_batch_size == "auto" or positive_int("micro_batch_size", t.micro_batch_size)
-    nodes = t.num_nodes if isinstance(t.num_nodes, int) and isinstance(t.num_gpus, int) else 1
-    world = world_size or t.num_gpus * nodes
+    world = world_size or (t.num_gpus * t.num_nodes if bad.isdisjoint({"num_gpus", "num_nodes"}) else None)
     if (
-        micro_ok
+        bad.isdisjoint({"micro_batch_size", "grad_accum", "train_batch_size"})
         and isinstance(t.micro_batch_size, int)
-        and isinstance(t.grad_accum, int)
-        and isinstance(t.train_batch_size, int)
-        and isinstance(world, int)
+        and t.train_batch_size is not None
+        and world is not None
         and t.train_batch_size != t.micro_batch_size * t.grad_accum * world
     ):
         problems.append(
@@ -388,76 +547,4 @@ def _validate(t: TrainConfig, problems: list[str], world_size: int | None) -> Mo
             f"{t.micro_batch_size} × gradient accumulation {t.grad_accum} × {world} GPU(s) = "
             f"{t.micro_batch_size * t.grad_accum * world}; drop train_batch_size or make them agree"
         )
-    for name in ("lr", "adam_eps"):
-        value = getattr(t, name)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            problems.append(f"{name} must be a positive number, got {value!r}")
-    for name, low, high in (
-        ("min_lr_ratio", 0.0, 1.0),
-        ("weight_decay", 0.0, 1.0),
-        ("adam_beta1", 0.0, 1.0),
-        ("adam_beta2", 0.0, 1.0),
-        ("mlm_probability", 0.0, 1.0),
-    ):
-        value = getattr(t, name)
-        if not isinstance(value, int | float) or not low <= value <= high:
-            problems.append(f"{name} must be in [{low}, {high}], got {value!r}")
-    if not isinstance(t.grad_clip, int | float) or t.grad_clip < 0:
-        problems.append(f"grad_clip must be ≥ 0 (0 = off), got {t.grad_clip!r}")
-    if t.dropout is not None and (
-        not isinstance(t.dropout, int | float) or isinstance(t.dropout, bool) or not 0 <= t.dropout < 1
-    ):
-        problems.append(f"dropout must be in [0, 1), got {t.dropout!r}")
-    if t.schedule not in SCHEDULES:
-        problems.append(unknown_name("schedule", str(t.schedule), SCHEDULES))
-    if t.position_init not in POSITION_INITS:
-        problems.append(unknown_name("position_init", str(t.position_init), POSITION_INITS))
-    if t.position_init_std is not None and (
-        not isinstance(t.position_init_std, int | float)
-        or isinstance(t.position_init_std, bool)
-        or not 0 < t.position_init_std <= 1
-    ):
-        problems.append(f"position_init_std must be in (0, 1], got {t.position_init_std!r}")
-    if not isinstance(t.decay_fraction, int | float) or not 0 < t.decay_fraction <= 1:
-        problems.append(f"decay_fraction must be in (0, 1], got {t.decay_fraction!r}")
-    if t.time_budget_s is not None and (
-        not isinstance(t.time_budget_s, int | float)
-        or isinstance(t.time_budget_s, bool)
-        or t.time_budget_s <= 0
-    ):
-        problems.append(f"time_budget_s must be a positive number of seconds, got {t.time_budget_s!r}")
-    if t.epochs is not None and (not isinstance(t.epochs, int | float) or t.epochs <= 0):
-        problems.append(f"epochs must be a positive number, got {t.epochs!r}")
-    if t.precision not in ("auto", "bf16", "fp32"):
-        problems.append(f"precision must be auto, bf16 or fp32, got {t.precision!r}")
-    if t.zero_stage not in (0, 1, 2):
-        problems.append(f"zero_stage must be 0, 1 or 2 (whole weights on every rank), got {t.zero_stage!r}")
-    if t.resume not in ("auto", "never"):
-        problems.append(f"resume must be auto or never, got {t.resume!r}")
-    if t.report_to not in ("none", "tensorboard"):
-        problems.append(f"report_to must be none or tensorboard, got {t.report_to!r}")
-    elif t.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        problems.append(
-            "--report-to tensorboard needs the tensorboard package: pip install 'microbert[tensorboard]'"
-        )
-    if not isinstance(t.streaming, bool):
-        problems.append(f"streaming must be true or false, got {t.streaming!r}")
-    if not isinstance(t.probe_texts, list) or not all(isinstance(x, str) for x in t.probe_texts):
-        problems.append("probe_texts must be a list of strings")
-    _check_run_dir(t.run_dir, problems)
     return model_config
-
-
-def _check_run_dir(run_dir: str, problems: list[str]) -> None:
-    """The run folder must be creatable and writable: found now, not after an hour of data prep."""
-    path = Path(run_dir)
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        problems.append(f"run folder {run_dir}: {probe} is a file, not a folder")
-        return
-    if not os.access(probe, os.W_OK | os.X_OK):
-        problems.append(f"run folder {run_dir} is not writable ({probe}): pick another --run-dir")

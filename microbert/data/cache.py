@@ -144,7 +144,7 @@ def list_entries(root: Path) -> list[dict[str, Any]]:
             "bytes": folder_bytes(entry),
             "modified": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(entry.stat().st_mtime)),
         }
-        info = meta or (progress or {}).get("meta") or {}
+        info = meta or _unfinished_info(progress)
         for key in ("source", "seq_len", "vocab_size", "documents", "tokens", "sequences", "max_samples"):
             if key in info:
                 row[key] = info[key]
@@ -153,6 +153,20 @@ def list_entries(root: Path) -> list[dict[str, Any]]:
         rows.append(row)
     rows.sort(key=lambda r: r["modified"], reverse=True)
     return rows
+
+
+def _unfinished_info(progress: dict[str, Any] | None) -> dict[str, Any]:
+    """What an unfinished entry is, from its cache key, and what its committed shards hold so far."""
+    if not progress:
+        return {}
+    key = progress.get("key") or {}
+    info = {name: key[name] for name in ("seq_len", "max_samples") if name in key}
+    vocab = (key.get("tokenizer") or {}).get("vocab_size") if isinstance(key.get("tokenizer"), dict) else None
+    if vocab is not None:
+        info["vocab_size"] = vocab
+    if "documents" in progress:
+        info["documents"] = progress["documents"]
+    return info
 
 
 def usage(root: Path) -> dict[str, Any]:

@@ -66,6 +66,19 @@ def test_precedence_profile_dsconfig_runfile_flags(tmp_path):
     assert (with_flags.lr, with_flags.seq_len, with_flags.model) == (0.004, 48, base.model)
 
 
+def test_peak_lr_defaults_to_the_shapes_own_when_no_layer_sets_one(tmp_path):
+    def lr(**flags):
+        return resolve(profile=None, ds_config=None, run_file=None, flags=flags).train.lr
+
+    assert lr(model="bert-base") == 2e-4  # 5e-4 keeps bert-base on the unigram plateau (BENCHMARKS.md)
+    assert lr(model="bert-mini") == lr() == 5e-4
+    assert lr(model="bert-base", lr=1e-3) == 1e-3  # any layer's choice wins
+    run_file = tmp_path / "run.json"
+    run_file.write_text(json.dumps({"model": "bert-base", "lr": 3e-4}))
+    assert resolve(profile=None, ds_config=None, run_file=str(run_file), flags={}).train.lr == 3e-4
+    assert resolve(profile="h200_1gpu", ds_config=None, run_file=None, flags={}).train.lr == 4e-4
+
+
 def test_all_problems_reported_together(tmp_path):
     bad_json = tmp_path / "broken.json"
     bad_json.write_text("{not json")

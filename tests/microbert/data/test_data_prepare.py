@@ -114,6 +114,9 @@ def test_interrupted_prepare_keeps_shards_and_resumes(
     assert len(entries) == 1 and not (entries[0] / "meta.json").exists()
     progress = json.loads((entries[0] / "progress.json").read_text())
     assert len(progress["shards"]) == 3
+    [listed] = data_cache.list_entries(data_cache.cache_root())  # `microbert data list` names it
+    assert listed["complete"] is False and listed["finished_shards"] == 3
+    assert listed["seq_len"] == 16 and listed["documents"] == progress["documents"]
     monkeypatch.setattr(prepare_mod._Job, "_commit", real_commit)
 
     encoded = []
