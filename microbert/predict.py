@@ -646,4 +646,5 @@ __all__ = [
     "bucket_length",
     "clean_up_tokenization",
     "mask_count",
+    "top_k",
 ]
