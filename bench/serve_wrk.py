@@ -12,8 +12,13 @@ corpus, no training) is served by each implementation in turn, on loopback:
 
 For each, `wrk --latency` runs `--duration` seconds (after a 2 s warm-up) at each connection count,
 with single-sentence requests (`single`: one ~24-word sentence, one [MASK]) and 32-input requests
-(`batch32`). Without HTTP: `--predictor` times `FillMaskPredictor.predict` on a list (batches of
-`--batch-size`), `--hf-list` `pipeline(list, batch_size=64)`. `--overload S` runs microbert-serve with
+(`batch32`). After a 429 a connection waits what the answer's Retry-After-Ms (else Retry-After) says
+before its next request, as a well-behaved client does (`--backoff auto`, the default: whenever the
+connections' inputs could overflow the server's queue, by its /info limits; otherwise no 429 can come
+and wrk runs without those Lua callbacks, which cost it CPU; `never`: re-send at once, a retry
+storm); the record counts only 2xx answers as served and gives the 429 share apart (`share_429`).
+Without HTTP: `--predictor` times `FillMaskPredictor.predict` on a list (batches of `--batch-size`),
+`--hf-list` `pipeline(list, batch_size=64)`. `--overload S` runs microbert-serve with
 a small queue under 1,024 closed-loop clients (bench/serve_load.py: they re-send at once after a
 fast 429) for S seconds and records the statuses, the p99 of the 200s and the server's RSS before
 and after.
@@ -53,12 +58,41 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH = [TEXT.replace("across the [MASK]", f"across the [MASK] {i}") for i in range(32)]
 
 
-def lua(body: bytes) -> str:
+# After a 429 the next request waits what the server said (Retry-After-Ms, else Retry-After), through
+# wrk's delay(); statuses are counted per thread and summed in done(). wrk keeps one Lua state per
+# thread, not per connection, so a backoff goes to the next request the thread sends (a FIFO), which
+# may be another of its connections: the total backoff is what the server asked for.
+_BACKOFF = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+statuses = {}
+pending = {}
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+  if status == 429 then
+    local ms = tonumber(headers["retry-after-ms"])
+    if not ms then ms = (tonumber(headers["retry-after"]) or 1) * 1000 end
+    table.insert(pending, ms)
+  end
+end
+function delay() return table.remove(pending, 1) or 0 end
+function done(summary, latency, requests)
+  local total = {}
+  for _, t in ipairs(threads) do
+    for code, n in pairs(t:get("statuses")) do total[code] = (total[code] or 0) + n end
+  end
+  for code, n in pairs(total) do io.write(string.format("status %d: %d\\n", code, n)) end
+end
+"""
+
+
+def lua(body: bytes, backoff: bool = True) -> str:
+    """wrk's script: POST `body`; with `backoff`, honour 429s' Retry-After and count statuses."""
     return (
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(body.decode())}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    ) + (_BACKOFF if backoff else "")
 
 
 def ok_share(result: dict[str, Any]) -> float:
@@ -86,6 +120,10 @@ def parse_wrk(out: str) -> dict[str, Any]:
     result["socket_errors"] = errors[1].strip() if errors else None
     total = re.search(r"(\d+) requests in", out)
     result["requests"] = int(total[1]) if total else None
+    statuses = {code: int(n) for code, n in re.findall(r"^status (\d+): (\d+)$", out, re.M)}
+    if statuses:  # the backoff script's count: every response, warm-up excluded
+        result["statuses"] = statuses
+        result["share_429"] = round(statuses.get("429", 0) / sum(statuses.values()), 4)
     return result
 
 
@@ -186,15 +224,68 @@ def server_command(
     raise SystemExit(f"unknown impl {impl!r}: microbert or hf_pipeline_fastapi")
 
 
+def start_py_spy(args: argparse.Namespace, server: Server, out: Path) -> subprocess.Popen[bytes] | None:
+    """With `--py-spy`: sample the server and its workers during the measured run (collapsed stacks,
+    read with `python -m bench.serve_profile --collapsed FILE`); nonblocking, so it barely slows them."""
+    if not args.py_spy:
+        return None
+    binary = shutil.which("py-spy")
+    if binary is None:
+        print("--py-spy: no py-spy on PATH (pip install py-spy); not sampling", flush=True)
+        return None
+    command = [binary, "record", "--nonblocking", "--subprocesses", "--threads", "--rate", "50",
+               "--format", "raw", "--duration", str(max(1, round(args.duration) - 1)),
+               "--output", str(out), "--pid", str(server.process.pid)]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def finish_py_spy(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+
+
+def could_be_refused(url: str, inputs: int, tokens: int, connections: int) -> bool:
+    """Whether `connections` requests of `inputs` inputs and `tokens` queue tokens each, in flight at
+    once, could overflow the server's queue (its /info limits).
+
+    When they cannot, no 429 can come back and wrk runs without the backoff script, whose Lua
+    callbacks cost wrk a third of its requests/s on 2 shared cores (measured), which is the
+    server's CPU.
+    """
+    try:
+        with urllib.request.urlopen(url + "/info", timeout=10) as response:
+            limits = json.loads(response.read()).get("limits", {})
+    except (OSError, ValueError):
+        return True  # not ours (FastAPI + pipeline has no /info): assume it could
+    if "max_queue_tokens" not in limits:
+        return True
+    over_inputs = limits.get("max_queue") is not None and connections * inputs > limits["max_queue"]
+    return over_inputs or connections * tokens > limits["max_queue_tokens"]
+
+
+def request_tokens(artifact: Path, texts: list[str]) -> int:
+    """The padded tokens a request's inputs count in microbert-serve's queue."""
+    from microbert.predict import bucket_length
+    from microbert.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(artifact)
+    return sum(bucket_length(len(e.ids)) for e in tokenizer.encode_batch(texts))
+
+
 def bench_http(
     args: argparse.Namespace, run: Path, artifact: Path, folder: Path, device: str
 ) -> list[dict[str, Any]]:
-    scripts = {
-        "single": (folder / "single.lua", json.dumps({"inputs": TEXT}).encode(), 1),
-        "batch32": (folder / "batch32.lua", json.dumps({"inputs": BATCH}).encode(), 32),
-    }
-    for path, body, _ in scripts.values():
-        path.write_text(lua(body))
+    requests = {"single": [TEXT], "batch32": BATCH}
+    scripts = {}
+    for mode, texts in requests.items():
+        body = json.dumps({"inputs": texts[0] if mode == "single" else texts}).encode()
+        for backoff in (True, False):
+            path = folder / f"{mode}{'-backoff' if backoff else ''}.lua"
+            path.write_text(lua(body, backoff=backoff))
+            scripts[mode, backoff] = path
     records = []
     for n, impl in enumerate(args.impls.split(",")):
         port = 8420 + n
@@ -202,11 +293,17 @@ def bench_http(
         server = Server(command, env, port, folder / f"{impl}.log")
         try:
             for mode in args.modes.split(","):
-                script, _, sentences = scripts[mode]
+                sentences, tokens = len(requests[mode]), request_tokens(artifact, requests[mode])
                 for connections in args.connections:
+                    backoff = {"always": True, "never": False}.get(
+                        args.backoff, could_be_refused(server.url, sentences, tokens, connections)
+                    )
+                    script = scripts[mode, backoff]
                     run_wrk(args.wrk, server.url, script, connections, min(2.0, args.duration), args.threads)
                     before = load_average()
+                    spy = start_py_spy(args, server, folder / f"py-spy-{impl}-{mode}-{connections}.txt")
                     result = run_wrk(args.wrk, server.url, script, connections, args.duration, args.threads)
+                    finish_py_spy(spy)
                     record = {
                         **base_record(args, device),
                         "impl": impl if impl != "microbert" else f"microbert-serve --workers {args.workers}",
@@ -215,7 +312,8 @@ def bench_http(
                         else {},
                         "mode": mode,
                         "concurrency": connections,
-                        "load_generator": f"wrk -t{min(args.threads, connections)}",
+                        "load_generator": f"wrk -t{min(args.threads, connections)}"
+                        + (", waits Retry-After after a 429" if backoff else ""),
                         "duration_s": args.duration,
                         # answered sentences only: a 429 or 503 is not a served sentence
                         "sentences_per_second": round(
@@ -367,6 +465,16 @@ def main() -> int:
     parser.add_argument("--overload-clients", type=int, default=1024)
     parser.add_argument("--overload-queue", type=int, default=256)
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
+    parser.add_argument(
+        "--py-spy", action="store_true", help="sample the server with py-spy during each measured run ($OUT)"
+    )
+    parser.add_argument(
+        "--backoff",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="wrk waits Retry-After after a 429: auto (when the connections could overflow the queue, "
+        "from /info), always, never (re-send at once: the old client's retry storm)",
+    )
     parser.add_argument("--model-dir", type=Path, help="serve this run folder instead of a random-weight one")
     parser.add_argument(
         "--smoke", action="store_true", help="2 s runs at 16 connections (a check, not a figure)"

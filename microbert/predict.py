@@ -4,13 +4,15 @@
 input, one input at a time through its data loader. `FillMaskPredictor` does the work of a whole
 batch at once and keeps Python out of the per-sentence path:
 
-- `encode`: the texts of a request in one `encode_batch` call (Rust, on all cores);
+- `encode` (`FillMaskEncoder`, which needs no model): the texts of a request in one `encode_batch`
+  call (Rust, on all cores);
 - `run`: the batch's input tensors built once with numpy, one forward pass with the head on the
   [MASK] positions only, top-k (and targets) for every mask of the batch in one device operation and
   one device→host copy; lengths are rounded up to buckets so shapes repeat, and on CUDA each bucket's
   forward pass is replayed from a CUDA graph (`cuda_graphs`; on a CPU the same code runs eagerly);
 - `FillMaskFormatter.format`: the pipeline's output, with token strings from a table made at load
-  time and every candidate `sequence` of the batch decoded in one `decode_batch` call.
+  time and each candidate's `sequence` spliced from the tokens' decoded pieces (the text before the
+  mask + the candidate + the text after), not decoded once per candidate.
 
 Results match the pipeline's: one mask gives a list of candidates, several masks give a list per
 mask (whose `sequence` keeps the special tokens, as the pipeline's does), highest score first. The
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,8 @@ from typing import Any, TypedDict
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders
 
 from microbert.checkpoint import Artifact, load_artifact
 from microbert.errors import InputError, InputTooLongError
@@ -93,20 +97,28 @@ class ModelOutput:
 _BATCH_CALL = 32
 
 
+# The replacements `transformers` applies after decoding when `clean_up_tokenization_spaces` is set.
+_CLEAN_UP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
+# One scan finds whether any of them applies; most sequences need none (the decoder cleaned them).
+_CLEAN_UP_NEEDED = re.compile("|".join(re.escape(before) for before, _ in _CLEAN_UP))
+
+
 def clean_up_tokenization(text: str) -> str:
     """The clean-up `transformers` applies after decoding when `clean_up_tokenization_spaces` is set."""
-    for before, after in (
-        (" .", "."),
-        (" ?", "?"),
-        (" !", "!"),
-        (" ,", ","),
-        (" ' ", "'"),
-        (" n't", "n't"),
-        (" 'm", "'m"),
-        (" 's", "'s"),
-        (" 've", "'ve"),
-        (" 're", "'re"),
-    ):
+    if _CLEAN_UP_NEEDED.search(text) is None:  # no replacement would change anything
+        return text
+    for before, after in _CLEAN_UP:
         text = text.replace(before, after)
     return text
 
@@ -122,9 +134,89 @@ def bucket_count(count: int) -> int:
     return 1 << max(0, count - 1).bit_length()
 
 
+_TOP_K_BLOCK = 128
+
+
+def top_k(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`probs.topk(k, dim=-1)` (values ≥ 0), faster on a CPU for the small k fill-mask asks for.
+
+    A CPU top-k over a 30,522-token row costs ~70 µs; the row's maximum per block of 128 is a fast
+    reduction, and the k best values all lie in the k blocks with the best maxima (a value in
+    another block has k larger values above it), so a top-k of those k × 128 candidates is the same
+    answer: ~28 µs per row at serving batch sizes (measured, one thread). Beyond 128 rows the
+    probabilities no longer stay in cache and the plain top-k is as fast; a GPU's is fast as it is.
+    """
+    rows, size = probs.shape
+    blocks = -(-size // _TOP_K_BLOCK)
+    if probs.device.type != "cpu" or k > 8 or blocks < 4 * k or rows > 128:
+        return probs.topk(k, dim=-1)
+    padded = F.pad(probs, (0, blocks * _TOP_K_BLOCK - size), value=-1.0)  # below any probability
+    grouped = padded.view(rows, blocks, _TOP_K_BLOCK)
+    best_blocks = grouped.amax(dim=-1).topk(k, dim=-1).indices  # (rows, k)
+    candidates = grouped.gather(1, best_blocks[:, :, None].expand(rows, k, _TOP_K_BLOCK))
+    values, where = candidates.reshape(rows, k * _TOP_K_BLOCK).topk(k, dim=-1)  # (rows, k)
+    block = best_blocks.gather(1, where // _TOP_K_BLOCK)
+    return values, block * _TOP_K_BLOCK + where % _TOP_K_BLOCK
+
+
 def mask_count(text: str, mask_token: str) -> int:
     """[MASK]s in a text, before tokenizing it: the mask is a special token, matched literally."""
     return text.count(mask_token)
+
+
+class _Pieces:
+    """Each token's text as the decoder writes it at the start of a sequence and after another token.
+
+    WordPiece's decoder (and no decoder: tokens joined by spaces) writes every token on its own,
+    so a decoded sequence is its tokens' pieces end to end, and a candidate's `sequence` is the text
+    before the mask, the candidate's piece and the text after: a string concatenation per candidate
+    instead of a decode. The pieces come from the tokenizer's own `decode`, so its prefix and
+    clean-up settings are the ones used. Other decoders (byte-level BPE, Metaspace) are not
+    piecewise: `_Pieces.of` gives None for them and the formatter decodes each candidate.
+    """
+
+    def __init__(self, first: list[str], after: list[str], special: list[bool], pad_token_id: int):
+        self.first = first  # id → its text at the start of a sequence
+        self.after = after  # id → its text after another token
+        self.special = special  # id → dropped by skip_special_tokens
+        self.pad_token_id = pad_token_id
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, first: list[str], pad_token_id: int) -> _Pieces | None:
+        decoder = tokenizer.decoder
+        if decoder is not None and not isinstance(decoder, decoders.WordPiece):
+            return None
+        size = len(first)
+        special = [False] * size
+        for token_id, token in tokenizer.get_added_tokens_decoder().items():
+            if token_id < size:
+                special[token_id] = token.special
+        anchor = next((i for i in range(size) if not special[i] and first[i]), None)
+        if anchor is None:
+            return None
+        pairs = tokenizer.decode_batch([[anchor, i] for i in range(size)], skip_special_tokens=False)
+        start = first[anchor]
+        if not all(pair.startswith(start) for pair in pairs):  # not piecewise after all: decode instead
+            return None
+        return cls(first, [pair[len(start) :] for pair in pairs], special, pad_token_id)
+
+    def sequences(
+        self, ids: list[int], position: int, candidates: list[int], skip_special: bool
+    ) -> list[str]:
+        """The decoded `ids` with each candidate at `position`, [PAD]s dropped (as the pipeline does)."""
+        pad, special, first, after = self.pad_token_id, self.special, self.first, self.after
+        left = [t for t in ids[:position] if t != pad and not (skip_special and special[t])]
+        right = [t for t in ids[position + 1 :] if t != pad and not (skip_special and special[t])]
+        before = first[left[0]] + "".join([after[t] for t in left[1:]]) if left else ""
+        rest = "".join([after[t] for t in right])
+        alone = first[right[0]] + "".join([after[t] for t in right[1:]]) if right else ""
+        out = []
+        for token in candidates:
+            if token == pad or (skip_special and special[token]):
+                out.append(before + rest if left else alone)
+            else:
+                out.append(before + (after[token] if left else first[token]) + rest)
+        return out
 
 
 class FillMaskFormatter:
@@ -140,6 +232,7 @@ class FillMaskFormatter:
         size = tokenizer.get_vocab_size(with_added_tokens=True)
         strings = tokenizer.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
         self.token_strs: list[str] = [self._clean(s) for s in strings]  # id → token_str, as decode([id])
+        self.pieces = _Pieces.of(tokenizer, strings, pad_token_id)
 
     @classmethod
     def from_folder(cls, folder: Path) -> FillMaskFormatter:
@@ -154,46 +247,124 @@ class FillMaskFormatter:
             return self.tokenizer.decode_batch(rows, skip_special_tokens=skip_special_tokens)
         return [self.tokenizer.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
 
+    def _decoded(self, prepared: PreparedInput, output: ModelOutput) -> list[list[str]]:
+        """Every candidate's sequence, per mask, by decoding (for decoders that are not piecewise)."""
+        single = prepared.num_masks == 1
+        m, k = output.token_ids.shape
+        sequences = np.tile(prepared.ids, (m * k, 1))  # (m*k, T): the input once per candidate
+        sequences[np.arange(m * k), np.repeat(prepared.mask_positions, k)] = output.token_ids.reshape(-1)
+        rows = [row[row != self.pad_token_id].tolist() for row in sequences]
+        decoded = self._decode(rows, single)
+        return [decoded[i * k : (i + 1) * k] for i in range(m)]
+
     def format(self, items: Sequence[tuple[PreparedInput, ModelOutput]]) -> list[FillMaskResult]:
-        """One result per input; the sequences of all candidates decoded in (at most) two calls."""
-        jobs: dict[bool, list[list[int]]] = {True: [], False: []}
-        starts = []
+        """One result per input, highest score first; sequences spliced from token pieces."""
+        results: list[FillMaskResult] = []
+        table, clean, pieces = self.token_strs, self._clean, self.pieces
         for prepared, output in items:
             single = prepared.num_masks == 1
-            m, k = output.token_ids.shape
-            sequences = np.tile(prepared.ids, (m * k, 1))  # (m*k, T): the input once per candidate
-            sequences[np.arange(m * k), np.repeat(prepared.mask_positions, k)] = output.token_ids.reshape(-1)
-            if (prepared.ids == self.pad_token_id).any():  # the pipeline drops [PAD]s typed in the text
-                rows = [row[row != self.pad_token_id].tolist() for row in sequences]
+            token_ids = output.token_ids.tolist()
+            if pieces is None:
+                sequences = self._decoded(prepared, output)
             else:
-                rows = sequences.tolist()
-            starts.append(len(jobs[single]))
-            jobs[single] += rows
-        decoded = {single: self._decode(rows, single) for single, rows in jobs.items()}
-        results: list[FillMaskResult] = []
-        table, clean = self.token_strs, self._clean
-        for (prepared, output), start in zip(items, starts, strict=True):
-            single = prepared.num_masks == 1
-            sequences_text = decoded[single]
-            k = output.token_ids.shape[1]
-            per_mask: list[list[Candidate]] = []
-            for m, (scores, token_ids) in enumerate(
-                zip(output.scores.tolist(), output.token_ids.tolist(), strict=True)
-            ):
-                offset = start + m * k
-                per_mask.append(
-                    [
-                        Candidate(
-                            score=score,
-                            token=token,
-                            token_str=table[token],
-                            sequence=clean(sequences_text[offset + j]),
-                        )
-                        for j, (score, token) in enumerate(zip(scores, token_ids, strict=True))
-                    ]
-                )
+                ids = prepared.ids.tolist()
+                sequences = [
+                    pieces.sequences(ids, position, tokens, single)
+                    for position, tokens in zip(prepared.mask_positions.tolist(), token_ids, strict=True)
+                ]
+            per_mask: list[list[Candidate]] = [
+                [
+                    {"score": score, "token": token, "token_str": table[token], "sequence": clean(text)}
+                    for score, token, text in zip(scores, tokens, texts, strict=True)
+                ]
+                for scores, tokens, texts in zip(output.scores.tolist(), token_ids, sequences, strict=True)
+            ]
             results.append(per_mask[0] if single else per_mask)
         return results
+
+
+class FillMaskEncoder:
+    """Validates and tokenizes texts for one model: needs only its tokenizer, mask token and longest
+    input (no model), so the service's HTTP workers tokenize with one while a model process runs
+    the forward passes."""
+
+    def __init__(self, tokenizer: Tokenizer, *, mask_token: str = "[MASK]", max_length: int):
+        self.tokenizer = tokenizer
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.mask_token = mask_token
+        mask_id = tokenizer.token_to_id(mask_token)
+        if mask_id is None:
+            raise InputError(f"the tokenizer has no mask token {mask_token!r}")
+        self.mask_token_id: int = mask_id
+        self.max_length = max_length
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.vocab = tokenizer.get_vocab(with_added_tokens=True)
+        # Ids without character offsets (tokenizers >= 0.21), which fill-mask never reads: 15% less
+        # per text (measured: 45 against 53 µs for a 24-word sentence).
+        self._encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+
+    def target_ids(self, targets: Sequence[str] | str) -> tuple[int, ...]:
+        """Vocabulary ids for targets, as the pipeline resolves them (a word or its first piece)."""
+        if isinstance(targets, str):
+            targets = [targets]
+        ids: list[int] = []
+        for target in targets:
+            if not isinstance(target, str) or not target.strip():
+                raise InputError(f"targets must be non-empty words, got {target!r}")
+            token_id = self.vocab.get(target)
+            if token_id is None:
+                pieces = self.tokenizer.encode(_checked_text(target, "target"), add_special_tokens=False).ids
+                if not pieces:
+                    raise InputError(f"target {target!r} has no token in the vocabulary")
+                token_id = pieces[0]
+            if token_id not in ids:
+                ids.append(token_id)
+        if not ids:
+            raise InputError("targets is empty: give at least one word, or leave it out")
+        return tuple(ids)
+
+    def encode(
+        self, texts: Sequence[str], *, top_k: int = 5, target_ids: tuple[int, ...] | None = None
+    ) -> list[PreparedInput]:
+        """Tokenize and check every text in one `encode_batch` call; the first problem raises, naming it."""
+        if top_k < 1:
+            raise InputError(f"top_k must be at least 1, got {top_k}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise _at(EmptyInputError("input text is empty"), i)
+            _at_index(_checked_text, text, "input", i)
+        encode_batch = self._encode_batch
+        encodings = (
+            encode_batch(list(texts))
+            if len(texts) >= _BATCH_CALL
+            else [encode_batch([text])[0] for text in texts]
+        )
+        k = min(top_k, len(target_ids) if target_ids else self.vocab_size)
+        prepared = []
+        for i, encoding in enumerate(encodings):
+            ids = np.asarray(encoding.ids, dtype=np.int64)
+            positions = np.flatnonzero(ids == self.mask_token_id)
+            if not len(positions):
+                raise _at(
+                    NoMaskError(
+                        f"no {self.mask_token} in input: "
+                        f"put {self.mask_token} where a word should be predicted"
+                    ),
+                    i,
+                )
+            if len(ids) > self.max_length:
+                raise _at(
+                    InputTooLongError(
+                        f"input has {len(ids)} tokens; the model accepts at most {self.max_length} "
+                        "(including [CLS] and [SEP])",
+                        num_tokens=len(ids),
+                        max_tokens=self.max_length,
+                    ),
+                    i,
+                )
+            prepared.append(PreparedInput(ids=ids, mask_positions=positions, top_k=k, target_ids=target_ids))
+        return prepared
 
 
 class _CudaGraphs:
@@ -269,19 +440,13 @@ class FillMaskPredictor:
         (default: when graphs are used); a CPU runs the same padded shapes eagerly when asked."""
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.tokenizer.no_truncation()
-        self.tokenizer.no_padding()
         self.mask_token = mask_token
-        mask_id = tokenizer.token_to_id(mask_token)
-        if mask_id is None:
-            raise InputError(f"the tokenizer has no mask token {mask_token!r}")
-        self.mask_token_id: int = mask_id
-        self.pad_token_id = model.config.pad_token_id
-        self.max_length = min(
-            max_length or model.config.max_position_embeddings, model.config.max_position_embeddings
+        positions = model.config.max_position_embeddings
+        self.encoder = FillMaskEncoder(
+            tokenizer, mask_token=mask_token, max_length=min(max_length or positions, positions)
         )
-        self.vocab_size = tokenizer.get_vocab_size()
-        self.vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self.mask_token_id = self.encoder.mask_token_id
+        self.pad_token_id = model.config.pad_token_id
         self.formatter = FillMaskFormatter(
             tokenizer,
             pad_token_id=self.pad_token_id,
@@ -313,72 +478,27 @@ class FillMaskPredictor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    # --- step 1: validate and tokenize -----------------------------------------------------------
+    # --- step 1: validate and tokenize (the encoder's) ---------------------------------------------
+    @property
+    def max_length(self) -> int:
+        return self.encoder.max_length
+
+    @max_length.setter
+    def max_length(self, value: int) -> None:
+        self.encoder.max_length = value
+
     def target_ids(self, targets: Sequence[str] | str) -> tuple[int, ...]:
-        """Vocabulary ids for targets, as the pipeline resolves them (a word or its first piece)."""
-        if isinstance(targets, str):
-            targets = [targets]
-        ids: list[int] = []
-        for target in targets:
-            if not isinstance(target, str) or not target.strip():
-                raise InputError(f"targets must be non-empty words, got {target!r}")
-            token_id = self.vocab.get(target)
-            if token_id is None:
-                pieces = self.tokenizer.encode(_checked_text(target, "target"), add_special_tokens=False).ids
-                if not pieces:
-                    raise InputError(f"target {target!r} has no token in the vocabulary")
-                token_id = pieces[0]
-            if token_id not in ids:
-                ids.append(token_id)
-        if not ids:
-            raise InputError("targets is empty: give at least one word, or leave it out")
-        return tuple(ids)
+        return self.encoder.target_ids(targets)
 
     def encode(
         self, texts: Sequence[str], *, top_k: int = 5, target_ids: tuple[int, ...] | None = None
     ) -> list[PreparedInput]:
-        """Tokenize and check every text in one `encode_batch` call; the first problem raises, naming it."""
-        if top_k < 1:
-            raise InputError(f"top_k must be at least 1, got {top_k}")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise _at(EmptyInputError("input text is empty"), i)
-            _at_index(_checked_text, text, "input", i)
-        encodings = (
-            self.tokenizer.encode_batch(list(texts))
-            if len(texts) >= _BATCH_CALL
-            else [self.tokenizer.encode(text) for text in texts]
-        )
-        k = min(top_k, len(target_ids) if target_ids else self.vocab_size)
-        prepared = []
-        for i, encoding in enumerate(encodings):
-            ids = np.asarray(encoding.ids, dtype=np.int64)
-            positions = np.flatnonzero(ids == self.mask_token_id)
-            if not len(positions):
-                raise _at(
-                    NoMaskError(
-                        f"no {self.mask_token} in input: "
-                        f"put {self.mask_token} where a word should be predicted"
-                    ),
-                    i,
-                )
-            if len(ids) > self.max_length:
-                raise _at(
-                    InputTooLongError(
-                        f"input has {len(ids)} tokens; the model accepts at most {self.max_length} "
-                        "(including [CLS] and [SEP])",
-                        num_tokens=len(ids),
-                        max_tokens=self.max_length,
-                    ),
-                    i,
-                )
-            prepared.append(PreparedInput(ids=ids, mask_positions=positions, top_k=k, target_ids=target_ids))
-        return prepared
+        return self.encoder.encode(texts, top_k=top_k, target_ids=target_ids)
 
     def prepare(
         self, text: str, *, top_k: int = 5, target_ids: tuple[int, ...] | None = None
     ) -> PreparedInput:
-        return self.encode([text], top_k=top_k, target_ids=target_ids)[0]
+        return self.encoder.encode([text], top_k=top_k, target_ids=target_ids)[0]
 
     # --- step 2: the model, batched ----------------------------------------------------------------
     @torch.inference_mode()
@@ -409,14 +529,16 @@ class FillMaskPredictor:
             torch.from_numpy(a).to(device, non_blocking=True)
             for a in (input_ids, attention_mask, mask_rows, mask_cols)
         ]
-        logits = (self._graphs or (lambda x: _forward(self.model, x)))(inputs)[:real].float()  # (M, V)
+        logits = (self._graphs or (lambda x: _forward(self.model, x)))(inputs)[:real]  # (M, V)
         k = max(p.top_k for p in batch)
-        log_norm = logits.logsumexp(dim=-1, keepdim=True)  # (M, 1): softmax over the whole vocabulary
+        # Softmax over the whole vocabulary, then top-k of the probabilities, as the pipeline does: one
+        # fused pass and one top-k (measured on a CPU: 20% less than logsumexp beside a top-k of logits).
+        probs = logits.softmax(dim=-1, dtype=torch.float32)  # (M, V)
         if any(p.target_ids is not None for p in batch):
-            logits = self._only_targets(logits, batch, masks, device)
-        top_logits, top_ids = logits.topk(k, dim=-1)  # (M, k): one top-k for every mask of the batch
+            probs = self._only_targets(probs, batch, masks, device)
+        top_probs, top_ids = top_k(probs, k)  # (M, k): one top-k for every mask of the batch
         # Ids travel as float32 beside the scores (exact below 2**24), so one copy brings both back.
-        both = torch.stack((torch.exp(top_logits - log_norm), top_ids.float())).cpu().numpy()  # (2, M, k)
+        both = torch.stack((top_probs, top_ids.float())).cpu().numpy()  # (2, M, k)
         scores, ids = both[0], both[1].astype(np.int64)
         outputs, start = [], 0
         for p in batch:
@@ -426,12 +548,13 @@ class FillMaskPredictor:
         return outputs
 
     def _only_targets(
-        self, logits: torch.Tensor, batch: Sequence[PreparedInput], masks: np.ndarray, device: torch.device
+        self, probs: torch.Tensor, batch: Sequence[PreparedInput], masks: np.ndarray, device: torch.device
     ) -> torch.Tensor:
-        """Rows of inputs with targets keep only their targets' logits (the rest -inf); others untouched."""
+        """Rows of inputs with targets keep only their targets' probabilities (the rest -1, below any);
+        other rows untouched."""
         rows: list[int] = []
         cols: list[int] = []
-        keep = np.ones(len(logits), dtype=bool)
+        keep = np.ones(len(probs), dtype=bool)
         start = 0
         for p, count in zip(batch, masks.tolist(), strict=True):
             if p.target_ids is not None:
@@ -440,9 +563,9 @@ class FillMaskPredictor:
                     rows += [row] * len(p.target_ids)
                     cols += p.target_ids
             start += count
-        allowed = torch.from_numpy(keep).to(device)[:, None].expand_as(logits).clone()
+        allowed = torch.from_numpy(keep).to(device)[:, None].expand_as(probs).clone()
         allowed[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
-        return logits.masked_fill(~allowed, float("-inf"))
+        return probs.masked_fill(~allowed, -1.0)
 
     # --- step 3: the pipeline's output shape -----------------------------------------------------
     def format(self, items: Sequence[tuple[PreparedInput, ModelOutput]]) -> list[FillMaskResult]:
@@ -512,6 +635,7 @@ def _clean_up_setting(folder: Path) -> bool:
 __all__ = [
     "Candidate",
     "EmptyInputError",
+    "FillMaskEncoder",
     "FillMaskFormatter",
     "FillMaskPredictor",
     "FillMaskResult",
@@ -522,4 +646,5 @@ __all__ = [
     "bucket_length",
     "clean_up_tokenization",
     "mask_count",
+    "top_k",
 ]

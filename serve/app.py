@@ -12,7 +12,7 @@ from serve.metrics import Metrics
 from serve.middleware import BodyLimitMiddleware, CatchAllMiddleware, MetricsMiddleware
 from serve.remote import RemoteModel
 from serve.routes import fill_mask, health, metrics, page
-from serve.service import Backend, ModelService
+from serve.service import Backend, ModelService, settle_heap
 from serve.settings import Settings
 
 
@@ -27,6 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             RemoteModel(settings) if settings.model_socket else ModelService(settings, app_metrics)
         )
         await service.start()
+        settle_heap()
         app.state.service = service
         try:
             yield

@@ -1,15 +1,17 @@
 """Dynamic batching: inputs from concurrent requests share one forward pass.
 
-Requests put their prepared inputs in a bounded queue and await futures. One asyncio task forms
-batches (up to `max_batch_size` inputs and a budget of `max_batch_tokens` padded tokens per forward
-pass, as text-embeddings-inference's `--max-batch-tokens`) and runs each in a single worker thread,
-so the event loop keeps answering `/health`, `/ready` and new requests while the model computes.
-Under load the queue fills while a pass runs, so batches form with no waiting at all; when the batcher
-wakes from idle it waits for company only as long as the recent arrival rate says another input is
-due within `max_wait_s` (an adaptive wait: a lone client pays no delay). A full queue is refused at
-once (429) rather than letting latency grow without bound. Each input remembers the predictor that
-tokenized it, so during a model reload a batch never mixes two tokenizers. The futures resolve to the
-model's raw output; formatting is the caller's (off the model thread, in parallel with the next pass).
+Requests put their prepared inputs in a queue bounded in padded tokens (the unit of the model's
+work) and await futures. One asyncio task forms batches (up to `max_batch_size` inputs and a budget
+of `max_batch_tokens` padded tokens per forward pass, as text-embeddings-inference's
+`--max-batch-tokens`) and runs each in a single worker thread, so the event loop keeps answering
+`/health`, `/ready` and new requests while the model computes. Under load the queue fills while a
+pass runs, so batches form with no waiting at all; when the batcher wakes from idle it waits for
+company only as long as the recent arrival rate says another input is due within `max_wait_s` (an
+adaptive wait: a lone client pays no delay). A full queue is refused at once (429, saying how long
+the model needs to drain the excess at the rate it has been draining the queue) rather than letting
+latency grow without bound. Each input remembers the predictor that tokenized it, so during a model
+reload a batch never mixes two tokenizers. The futures resolve to the model's raw output;
+formatting is the caller's (off the model thread, in parallel with the next pass).
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ log = logging.getLogger("microbert.serve")
 
 
 class QueueFullError(Exception):
-    """The queue cannot take the request's inputs; the client should retry later (429)."""
+    """The queue cannot take the request's inputs; the client should retry in `retry_after_s` (429)."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -39,6 +45,12 @@ class _Item:
     prepared: PreparedInput
     future: asyncio.Future[ModelOutput]
     enqueued: float
+    tokens: int  # what it counts against the queue's token limit: its padded length
+
+
+def queue_tokens(prepared: PreparedInput) -> int:
+    """An input's cost in the queue and in a pass's budget: its length rounded up to its bucket."""
+    return bucket_length(prepared.num_tokens)
 
 
 def _infer(predictor: FillMaskPredictor, batch: list[PreparedInput]) -> list[ModelOutput]:
@@ -62,6 +74,42 @@ class _ArrivalRate:
         self._last = now
 
 
+class _DrainRate:
+    """Queue tokens the model takes per second, averaged over the last passes, and when each refused
+    client should come back.
+
+    Telling every refused client "in the time it takes to make room for you" brings them all back
+    at once, to room for one: a retry storm with a delay. So each refusal also books the client's
+    tokens behind those already told to come back (a virtual queue that drains at the model's
+    rate), and the next refused client is told to come after them: retries arrive spread out, as
+    room appears.
+    """
+
+    def __init__(self, weight: float = 0.3):
+        self.weight = weight
+        self.tokens_per_second: float | None = None  # None until a pass has run
+        self.booked = 0.0  # tokens of refused clients told to come back, not yet drained
+        self._booked_at = time.perf_counter()
+
+    def add(self, tokens: int, seconds: float) -> None:
+        rate = tokens / max(seconds, 1e-6)
+        old = self.tokens_per_second
+        self.tokens_per_second = rate if old is None else (1 - self.weight) * old + self.weight * rate
+
+    def retry_after_s(self, excess: int, need: int) -> float:
+        """Seconds until `excess` queued tokens and the clients refused before are drained (1 s
+        before any pass has run); books `need` tokens for this client's retry."""
+        rate = self.tokens_per_second
+        if rate is None:
+            return 1.0
+        now = time.perf_counter()
+        self.booked = max(0.0, self.booked - (now - self._booked_at) * rate)
+        self._booked_at = now
+        wait = (excess + self.booked) / rate
+        self.booked += need
+        return wait
+
+
 class Batcher:
     def __init__(
         self,
@@ -69,15 +117,19 @@ class Batcher:
         max_batch_size: int,
         max_batch_tokens: int,
         max_wait_s: float,
-        max_queue: int,
+        max_queue_tokens: int,
         metrics: Metrics,
+        max_queue: int | None = None,
     ):
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
+        self.max_queue_tokens = max_queue_tokens
         self.max_queue = max_queue
         self.metrics = metrics
         self._queue: deque[_Item] = deque()
+        self._queued_tokens = 0
+        self.drain = _DrainRate()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -89,6 +141,14 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    def _set_depth(self) -> None:
+        self.metrics.queue_depth.set(len(self._queue))
+        self.metrics.queue_tokens.set(self._queued_tokens)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="microbert-batcher")
@@ -110,26 +170,44 @@ class Batcher:
         for item in self._queue:
             item.future.cancel()
         self._queue.clear()
+        self._queued_tokens = 0
         self._executor.shutdown(wait=finished, cancel_futures=True)
         return finished
 
     def submit(
         self, predictor: FillMaskPredictor, prepared: Sequence[PreparedInput]
     ) -> list[asyncio.Future[ModelOutput]]:
-        """Queue a request's inputs together, or none of them (QueueFullError)."""
-        if len(self._queue) + len(prepared) > self.max_queue:
+        """Queue a request's inputs together, or none of them (QueueFullError).
+
+        Admission counts padded tokens, the unit of the model's work: a request fits when its tokens
+        and those queued stay within `max_queue_tokens` (and, when set, its inputs within
+        `max_queue`). An empty queue takes any request, so none is too large to be served ever.
+        The refusal says when to retry: the time the model needs to drain the excess and the
+        clients refused before this one, at the rate it has drained the queue over its last passes.
+        """
+        costs = [queue_tokens(p) for p in prepared]
+        need, queued = sum(costs), self._queued_tokens
+        excess = queued + need - self.max_queue_tokens
+        excess_inputs = 0 if self.max_queue is None else len(self._queue) + len(prepared) - self.max_queue
+        if self._queue and (excess > 0 or excess_inputs > 0):
+            excess = max(excess, excess_inputs * need // len(prepared), 1)
             raise QueueFullError(
-                f"the server is busy ({len(self._queue)} inputs queued, limit {self.max_queue}); retry soon"
+                f"the server is busy ({queued} tokens in {len(self._queue)} inputs queued, limit "
+                f"{self.max_queue_tokens} tokens"
+                + (f" and {self.max_queue} inputs" if self.max_queue is not None else "")
+                + "); retry after the Retry-After header's seconds",
+                retry_after_s=self.drain.retry_after_s(excess, need),
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures = []
-        for p in prepared:
+        for p, cost in zip(prepared, costs, strict=True):
             future: asyncio.Future[ModelOutput] = loop.create_future()
-            self._queue.append(_Item(predictor, p, future, now))
+            self._queue.append(_Item(predictor, p, future, now, cost))
             futures.append(future)
             self.metrics.input_tokens.observe(p.num_tokens)
-        self.metrics.queue_depth.set(len(self._queue))
+        self._queued_tokens += need
+        self._set_depth()
         self.arrivals.add(len(prepared))
         self._wakeup.set()
         return futures
@@ -140,7 +218,8 @@ class Batcher:
         for future in futures:
             future.cancel()
         self._queue = deque(item for item in self._queue if id(item.future) not in dropped)
-        self.metrics.queue_depth.set(len(self._queue))
+        self._queued_tokens = sum(item.tokens for item in self._queue)
+        self._set_depth()
 
     def _take(self) -> list[_Item]:
         """The next batch: FIFO, one predictor, within the size and padded-token limits."""
@@ -149,16 +228,17 @@ class Batcher:
         while self._queue and len(batch) < self.max_batch_size:
             item = self._queue[0]
             if item.future.done():  # cancelled while queued
-                self._queue.popleft()
+                self._queued_tokens -= self._queue.popleft().tokens
                 continue
             if batch and item.predictor is not batch[0].predictor:
                 break
-            new_longest = max(longest, bucket_length(item.prepared.num_tokens))
+            new_longest = max(longest, item.tokens)
             if batch and new_longest * (len(batch) + 1) > self.max_batch_tokens:
                 break
             batch.append(self._queue.popleft())
+            self._queued_tokens -= item.tokens
             longest = new_longest
-        self.metrics.queue_depth.set(len(self._queue))
+        self._set_depth()
         return batch
 
     async def _wait_for_company(self) -> None:
@@ -198,7 +278,9 @@ class Batcher:
                         item.future.set_exception(exc)
                 continue
             finally:
-                self.metrics.inference_duration.observe(time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                self.metrics.inference_duration.observe(elapsed)
+            self.drain.add(sum(item.tokens for item in batch), elapsed)
             for item, result in zip(batch, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(result)

@@ -84,6 +84,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.queue_tokens = Gauge(
+            "microbert_queue_depth_tokens",
+            "Padded tokens waiting for the model now (what admission counts).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.model_info = Gauge(
             "microbert_model_info",
             "1 for the model being served (labels describe it), 0 for one replaced by a reload.",

@@ -3,16 +3,20 @@
 On a GPU, N uvicorn workers that each load the model would hold N copies of it and split the
 traffic into N small batches that contend for one card. Instead `microbert-serve --workers N`
 (with `model_process` on) starts one model process (`python -m serve.remote`) that owns the
-`ModelService`: tokenizing (in `tokenizers`' Rust threads), the batch queue across all workers,
-the forward passes, reloads. The HTTP workers parse and check requests, send the texts, and format
-the model's outputs into JSON themselves, with a formatter for the artifact named in each reply (so
-a reload never pairs one tokenizer's ids with another's strings), which spreads the per-candidate
-work over the workers' cores.
+`ModelService`: the batch queue across all workers, the forward passes, reloads. The HTTP workers
+parse and check requests, tokenize them (with the tokenizer of the artifact the model process
+serves), send the token ids, and format the model's outputs into JSON themselves: the per-text and
+per-candidate work is spread over the workers' cores, and the model process's one event loop only
+queues inputs and answers. (Tokenizing there took half of that loop's time under load.)
+
+A reload changes the artifact: inputs tokenized for another than the one served are refused with
+("stale", its folder, longest input, mask token), and the worker tokenizes again for it, so one
+tokenizer's ids never meet another's model or strings.
 
 Frames are a 4-byte length and a pickle, between processes of one server through a socket in a
-folder only its user can open. Client → model: ("infer", id, texts, top_k, targets, listed,
-timeout_s), ("cancel", id), ("status", id). Model → client: ("ok", id, payload) or
-("error", id, (status, error_type, message, extra, headers)).
+folder only its user can open. Client → model: ("run", id, folder, inputs, timeout_s), ("cancel",
+id), ("status", id), ("encoding", id). Model → client: ("ok", id, payload) or ("error", id,
+(status, error_type, message, extra, headers)).
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from microbert.predict import FillMaskFormatter, ModelOutput, PreparedInput
+from microbert.predict import FillMaskEncoder, FillMaskFormatter, ModelOutput, PreparedInput
 from serve.errors import ServiceError, not_ready
+from serve.service import encode_request
 from serve.settings import Settings
 
 log = logging.getLogger("microbert.serve")
@@ -51,15 +56,29 @@ async def _read(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(await reader.readexactly(size))
 
 
-def _pack_items(items: Sequence[tuple[PreparedInput, ModelOutput]]) -> list[tuple[Any, ...]]:
-    return [(p.ids, p.mask_positions, p.top_k, p.target_ids, o.scores, o.token_ids) for p, o in items]
+def _pack_inputs(prepared: Sequence[PreparedInput]) -> list[tuple[Any, ...]]:
+    return [(p.ids, p.mask_positions, p.top_k, p.target_ids) for p in prepared]
 
 
-def _unpack_items(packed: list[tuple[Any, ...]]) -> list[tuple[PreparedInput, ModelOutput]]:
-    return [
-        (PreparedInput(ids, positions, top_k, targets), ModelOutput(scores, token_ids))
-        for ids, positions, top_k, targets, scores, token_ids in packed
-    ]
+def _unpack_inputs(packed: list[tuple[Any, ...]]) -> list[PreparedInput]:
+    return [PreparedInput(*fields) for fields in packed]
+
+
+def _pack_outputs(outputs: Sequence[ModelOutput]) -> list[tuple[Any, Any]]:
+    return [(o.scores, o.token_ids) for o in outputs]
+
+
+def _unpack_outputs(packed: list[tuple[Any, Any]]) -> list[ModelOutput]:
+    return [ModelOutput(scores, token_ids) for scores, token_ids in packed]
+
+
+class _Artifact:
+    """What a worker keeps of the artifact being served: its folder, an encoder and a formatter."""
+
+    def __init__(self, path: str, max_length: int, mask_token: str):
+        self.path = path
+        self.formatter = FillMaskFormatter.from_folder(Path(path))
+        self.encoder = FillMaskEncoder(self.formatter.tokenizer, mask_token=mask_token, max_length=max_length)
 
 
 class RemoteModel:
@@ -74,7 +93,7 @@ class RemoteModel:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
-        self._formatters: dict[str, FillMaskFormatter] = {}
+        self._artifact: _Artifact | None = None
         self._mask_token: str | None = None
 
     async def start(self) -> None:
@@ -153,12 +172,20 @@ class RemoteModel:
         assert self._mask_token is not None
         return self._mask_token
 
-    def _formatter(self, path: str) -> FillMaskFormatter:
-        formatter = self._formatters.get(path)
-        if formatter is None:  # a new artifact: its tokenizer, once (a few ms), then cached
-            formatter = FillMaskFormatter.from_folder(Path(path))
-            self._formatters = {**dict(list(self._formatters.items())[-1:]), path: formatter}
-        return formatter
+    async def _served(self, encoding: tuple[str, int, str] | None = None) -> _Artifact:
+        """The artifact the model process serves (asked for when not known or `encoding` differs)."""
+        if encoding is None and self._artifact is not None:
+            return self._artifact
+        if encoding is None:
+            encoding = await self._call("encoding")
+        path, max_length, mask_token = encoding
+        artifact = self._artifact
+        if artifact is None or (artifact.path, artifact.encoder.max_length) != (path, max_length):
+            # A new artifact: its tokenizer, once (tens of ms, off the event loop), then kept.
+            artifact = await asyncio.to_thread(_Artifact, path, max_length, mask_token)
+            self._artifact = artifact
+        self._mask_token = mask_token
+        return artifact
 
     async def infer(
         self,
@@ -168,8 +195,15 @@ class RemoteModel:
         listed: bool,
         timeout_s: float,
     ) -> tuple[FillMaskFormatter, Path, list[tuple[PreparedInput, ModelOutput]]]:
-        path, packed = await self._call("infer", list(texts), top_k, targets, listed, timeout_s)
-        return self._formatter(path), Path(path), _unpack_items(packed)
+        artifact = await self._served()
+        for _ in range(3):  # a reload between tokenizing and queueing: tokenize again for the new model
+            prepared = await encode_request(artifact.encoder, texts, top_k, targets, listed)
+            kind, payload = await self._call("run", artifact.path, _pack_inputs(prepared), timeout_s)
+            if kind == "outputs":
+                items = list(zip(prepared, _unpack_outputs(payload), strict=True))
+                return artifact.formatter, Path(artifact.path), items
+            artifact = await self._served(payload)
+        raise not_ready("the model was replaced while this request was being tokenized; retry", 1.0)
 
 
 def _forget(tasks: dict[int, asyncio.Task[None]], request_id: int, _: object) -> None:
@@ -227,11 +261,19 @@ class ModelServer:
         self, writer: asyncio.StreamWriter, kind: str, request_id: int, args: list[Any]
     ) -> None:
         try:
-            if kind == "status":
-                reply: tuple[Any, ...] = ("ok", request_id, await self.service.status())
-            elif kind == "infer":
-                _, path, items = await self.service.infer(*args)
-                reply = ("ok", request_id, (str(path), _pack_items(items)))
+            if kind == "run":
+                path, packed, timeout_s = args
+                outputs = await self.service.infer_prepared(path, _unpack_inputs(packed), timeout_s)
+                payload = (
+                    ("stale", self.service.encoding())
+                    if outputs is None
+                    else ("outputs", _pack_outputs(outputs))
+                )
+                reply: tuple[Any, ...] = ("ok", request_id, payload)
+            elif kind == "status":
+                reply = ("ok", request_id, await self.service.status())
+            elif kind == "encoding":
+                reply = ("ok", request_id, self.service.encoding())
             else:
                 raise ServiceError(500, "internal_error", f"unknown message {kind!r}")
         except ServiceError as exc:
@@ -249,11 +291,12 @@ class ModelServer:
 
 async def _main_async(settings: Settings) -> None:
     from serve.metrics import Metrics
-    from serve.service import ModelService
+    from serve.service import ModelService, settle_heap
 
     assert settings.model_socket is not None
     service = ModelService(settings, Metrics())
     await service.start()
+    settle_heap()
     server = ModelServer(service, settings.model_socket)
     await server.start()
     log.info("model process %d listening on %s", os.getpid(), settings.model_socket)
@@ -277,8 +320,20 @@ def main() -> int:
     if settings.model_socket is None:
         print("serve.remote: MICROBERT_MODEL_SOCKET is not set (microbert-serve sets it)", file=sys.stderr)
         return 2
-    asyncio.run(_main_async(settings))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_main_async(settings))
     return 0
+
+
+def _loop_factory() -> Any:
+    """uvloop's event loop when it is installed (uvicorn's HTTP workers use it too): the model
+    process answers every worker's frames on one loop, where the stdlib loop's socket writes cost
+    a tenth of its time (py-spy, 2 workers under wrk)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ class Limits(BaseModel):
     max_response_bytes: int
     max_batch_size: int
     max_batch_tokens: int
-    max_queue: int
+    max_queue_tokens: int
+    max_queue: int | None
     max_body_bytes: int
     request_timeout_s: float
 

@@ -1,7 +1,8 @@
 """Service settings, from `MICROBERT_*` environment variables (or a `.env` file) through pydantic-settings.
 
 Every field is also a row of the settings table in README.md ("## Serving"). Limits default to values
-that keep one CPU process responsive; `max_input_tokens` defaults to the model's own positions.
+that keep one CPU process responsive; `max_input_tokens` defaults to the model's own positions, and
+the queue's token limit to `QUEUE_PASSES` forward passes' budget.
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The default queue holds this many forward passes' token budget (`max_batch_tokens`, as TEI's
+# --max-batch-tokens): under overload an admitted input waits at most about that many passes, and
+# 64 connections of 32-input requests (2,048 inputs of up to 32 tokens) still fit.
+QUEUE_PASSES = 4
 
 
 class Settings(BaseSettings):
@@ -52,7 +58,15 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         default=2.0, ge=0, le=1000, description="how long an idle batcher waits to fill a batch"
     )
-    max_queue: int = Field(default=1024, ge=1, description="inputs waiting for the model; beyond it: 429")
+    max_queue_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="padded tokens waiting for the model; beyond it: 429 (default: "
+        f"{QUEUE_PASSES} × max_batch_tokens)",
+    )
+    max_queue: int | None = Field(
+        default=None, ge=1, description="also cap the inputs waiting for the model (default: tokens decide)"
+    )
     max_inputs: int = Field(default=64, ge=1, description="inputs in one request")
     max_input_tokens: int | None = Field(
         default=None, ge=3, description="default: the model's max_position_embeddings"
@@ -86,8 +100,13 @@ class Settings(BaseSettings):
         problems = []
         if isinstance(self.workers, int) and not 1 <= self.workers <= 64:
             problems.append(f"workers must be 1 to 64 or auto, got {self.workers}")
-        if self.max_queue < self.max_inputs:
+        if self.max_queue is not None and self.max_queue < self.max_inputs:
             problems.append(f"max_queue ({self.max_queue}) must be at least max_inputs ({self.max_inputs})")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def queue_tokens(self) -> int:
+        """The queue's token limit: `max_queue_tokens`, or `QUEUE_PASSES` forward passes' budget."""
+        return self.max_queue_tokens or QUEUE_PASSES * self.max_batch_tokens

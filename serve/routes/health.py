@@ -52,6 +52,7 @@ async def info(service: ServiceDep) -> Info:
             max_response_bytes=s.max_response_bytes,
             max_batch_size=s.max_batch_size,
             max_batch_tokens=s.max_batch_tokens,
+            max_queue_tokens=s.queue_tokens,
             max_queue=s.max_queue,
             max_body_bytes=s.max_body_bytes,
             request_timeout_s=s.request_timeout_s,

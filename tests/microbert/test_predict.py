@@ -1,9 +1,15 @@
 """FillMaskPredictor against transformers' pipeline("fill-mask") on the same artifact."""
 
+import random
+
+import numpy as np
 import pytest
+import torch
+from tokenizers import Tokenizer, decoders
 
 from microbert.errors import InputError
-from microbert.predict import FillMaskPredictor
+from microbert.predict import FillMaskFormatter, FillMaskPredictor, ModelOutput, PreparedInput, top_k
+from microbert.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,3 +119,73 @@ def test_bucketed_rows_as_cuda_graphs_use_them_give_the_same_answers(tiny_artifa
 def test_a_lone_surrogate_is_an_input_error(predictor):
     with pytest.raises(InputError, match="not valid Unicode"):
         predictor.predict("The \ud800 [MASK].")
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "wordlevel"])
+def test_spliced_sequences_equal_decoding_each_candidate(tiny_tokenizer, sample_texts, kind):
+    """The formatter builds each candidate's `sequence` from token pieces; it must equal `decode`
+    of the input with the candidate in place ([PAD]s dropped), with and without special tokens."""
+    if kind == "wordlevel":
+        tiny_tokenizer = train_tokenizer(sample_texts[:500], vocab_size=300, kind="wordlevel")
+    formatter = FillMaskFormatter(tiny_tokenizer, clean_up_tokenization_spaces=True)
+    assert formatter.pieces is not None
+    size = tiny_tokenizer.get_vocab_size()
+    continuing = [i for i in range(size) if tiny_tokenizer.id_to_token(i).startswith("##")]
+    punctuation = [tiny_tokenizer.token_to_id(t) for t in (".", ",", "'", "!", "?", "s", "t")]
+    pool = (
+        list(range(5))
+        + continuing[:50]
+        + [t for t in punctuation if t is not None]
+        + list(range(5, min(size, 200)))
+    )
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.choice(pool) for _ in range(rng.randint(1, 12))]
+        position = rng.randrange(len(ids))
+        candidates = [rng.choice(pool) for _ in range(6)]
+        for skip in (True, False):
+            spliced = formatter.pieces.sequences(ids, position, candidates, skip)
+            decoded = []
+            for token in candidates:
+                row = [*ids[:position], token, *ids[position + 1 :]]
+                decoded.append(tiny_tokenizer.decode([t for t in row if t != 0], skip_special_tokens=skip))
+            assert spliced == decoded, (ids, position, candidates, skip)
+
+
+def test_a_pad_candidate_is_dropped_from_the_sequence_as_the_pipeline_does(predictor, pipe):
+    """The pipeline drops every [PAD] from a candidate's sequence, the candidate included."""
+    targets = ["[PAD]", "king"]
+    _assert_same(predictor.predict(TEXTS[2], targets=targets)[0], pipe(TEXTS[2], targets=targets))
+
+
+def test_a_decoder_that_is_not_piecewise_decodes_each_candidate(tiny_tokenizer):
+    """Metaspace writes a token differently by what precedes it: no splicing, one decode per candidate."""
+    tokenizer = Tokenizer.from_str(tiny_tokenizer.to_str())
+    tokenizer.decoder = decoders.Metaspace()
+    formatter = FillMaskFormatter(tokenizer, clean_up_tokenization_spaces=False)
+    assert formatter.pieces is None
+    ids = np.array([2, 40, 4, 41, 4, 3])
+    candidates = np.array([[50, 51], [52, 0]])
+    prepared = PreparedInput(ids=ids, mask_positions=np.array([2, 4]), top_k=2)
+    (result,) = formatter.format([(prepared, ModelOutput(np.ones((2, 2), np.float32), candidates))])
+    expected = [
+        [tokenizer.decode([2, 40, 50, 41, 4, 3], skip_special_tokens=False),
+         tokenizer.decode([2, 40, 51, 41, 4, 3], skip_special_tokens=False)],
+        [tokenizer.decode([2, 40, 4, 41, 52, 3], skip_special_tokens=False),
+         tokenizer.decode([2, 40, 4, 41, 3], skip_special_tokens=False)],
+    ]  # fmt: skip
+    assert [[c["sequence"] for c in per_mask] for per_mask in result] == expected
+
+
+@pytest.mark.parametrize("k", [1, 5, 8])
+def test_blockwise_top_k_equals_torch_topk(k):
+    """On a CPU the top-k of a wide row is taken among its best blocks: the same values and ids."""
+    torch.manual_seed(k)
+    probs = (torch.randn(37, 30522) * 3).softmax(dim=-1)
+    probs[3] = -1.0  # a row of targets: everything else is -1, below any probability
+    probs[3, [17, 30000, 4242]] = torch.tensor([0.2, 0.5, 0.1])
+    values, ids = top_k(probs, k)
+    expected_values, expected_ids = probs.topk(k, dim=-1)
+    assert torch.equal(values, expected_values)
+    real = expected_values >= 0  # the -1 fillers tie, so their ids may differ
+    assert torch.equal(ids[real], expected_ids[real])

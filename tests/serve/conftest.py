@@ -8,14 +8,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from microbert.checkpoint import save_artifact, update_latest
@@ -150,3 +154,21 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
     yield start
     for server in servers:
         server.stop()
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI) -> Iterator[str]:
+    """The app under a real uvicorn server on 127.0.0.1 (sockets, HTTP parsing), in a thread of this
+    process, so a test can also reach into `app.state` (hold the model thread, read the batcher)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, name="test-uvicorn")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

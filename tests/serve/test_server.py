@@ -13,11 +13,15 @@ from typing import Any
 import httpx
 import huggingface_hub.constants
 import pytest
+import torch
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
 
 from bench.serve_load import run_load
+from microbert.checkpoint import save_artifact, update_latest
+from microbert.model import BertForMaskedLM
 from microbert.predict import FillMaskPredictor
+from microbert.tokenizer import train_tokenizer
 from tests.serve.conftest import add_step
 from tests.serve.test_api import TEXT, TWO_MASKS, sample
 
@@ -206,10 +210,13 @@ def test_64_clients_get_only_200_or_429_and_the_server_stays_up(start_server: An
 
 
 def test_one_model_process_serves_several_http_workers(
-    start_server: Any, run_dir: Path, tiny_artifact: Path
+    start_server: Any, run_dir: Path, tiny_artifact: Path, sample_texts: list[str], tiny_config: Any
 ) -> None:
-    """The GPU layout (serve/remote.py), run on a CPU: same answers, errors, readiness and metrics."""
-    server = start_server(run_dir, workers=2, env={"MICROBERT_MODEL_PROCESS": "on"})
+    """The GPU layout (serve/remote.py), run on a CPU: same answers, errors, readiness and metrics;
+    after a reload to an export with another tokenizer, the workers tokenize for that one."""
+    server = start_server(
+        run_dir, workers=2, env={"MICROBERT_MODEL_PROCESS": "on", "MICROBERT_RELOAD_INTERVAL_S": "0.2"}
+    )
     log = server.log_path.read_text()
     assert "2 HTTP worker(s), one model process on cpu" in log
     expected = FillMaskPredictor.from_pretrained(tiny_artifact)
@@ -228,4 +235,17 @@ def test_one_model_process_serves_several_http_workers(
     text = httpx.get(server.url + "/metrics").text
     assert sample(text, "microbert_requests_total", route="/fill-mask", status="200") == 7
     assert sample(text, "microbert_batch_size_inputs_sum") == 13  # counted in the model process
+    other = train_tokenizer(sample_texts[:800], vocab_size=600)
+    torch.manual_seed(8)
+    model = BertForMaskedLM(tiny_config.replace(vocab_size=other.get_vocab_size())).eval()
+    step = save_artifact(model, other, run_dir / "export" / "step-8", metadata={"step": 8})
+    update_latest(run_dir / "export", step)
+    deadline = time.monotonic() + 20
+    while httpx.get(server.url + "/ready").json().get("step") != 8:
+        assert time.monotonic() < deadline, "the new export was not picked up"
+        time.sleep(0.1)
+    expected = FillMaskPredictor.from_pretrained(step)
+    for _ in range(6):
+        body = httpx.post(server.url + "/fill-mask", json={"inputs": [TEXT, TWO_MASKS]}).json()
+        assert same_result(body, expected.predict([TEXT, TWO_MASKS]))
     assert server.stop() == 0
