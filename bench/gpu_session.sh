@@ -65,6 +65,14 @@ case $part in
   steps)  # the GPU profiles' recipes per step (their LR, warm-up, horizon) against BertConfig's defaults, 1,000 steps
     timeout "${STEPS_TIMEOUT:-300}" python3 bench/tiny_sweep.py --variants bench/step_variants.json --procs 8 \
       --out "$OUT" 2>&1 | grep -v -i "warn" ;;
+  check)  # after a trainer change: the GPU golden test beside train_bench (smoke); then the serving figures
+    (timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train/test_golden_loss.py \
+      >"$OUT/logs/golden_gpu.log" 2>&1; echo "golden rc $?" >>"$OUT/logs/golden_gpu.log") &
+    timeout 150 python3 bench/train_bench.py --shapes bert-mini --impls microbert --warmup 5 --steps 20 \
+      >"$OUT/logs/train_bench.log" 2>&1; echo "train_bench rc $?" >>"$OUT/logs/train_bench.log"
+    wait; tail -3 "$OUT/logs/golden_gpu.log"; grep '^{' "$OUT/logs/train_bench.log" | cut -c1-400; tail -2 "$OUT/logs/train_bench.log"
+    OUT=$OUT/serve SERVE_SKIP="${SERVE_SKIP:-hf_pipeline_fastapi microbert_one_process}" timeout "${SERVE_TIMEOUT:-330}" \
+      bash bench/serve_gpu.sh 2>&1 | tail -45 ;;
   final)  # bert-base at a lower peak LR, long budget only; then the serving figures (bench/serve_gpu.sh)
     timeout 230 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
       --mb-variants lr2e-4-mlm15 --long-only --steps-per-second 20.7 --eval-points 6 \
