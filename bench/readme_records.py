@@ -112,7 +112,9 @@ def serve_cpu(records: list[Record]) -> str:
     caption = (
         "Recorded by `bash bench/serve_cpu.sh` (`python -m bench.serve_wrk`) on the 2-core development "
         f"machine (records of device `cpu`, 2 cores, torch {each('torch')}), {each('shape')} shape, "
-        f"`{each('load_generator')}` on the same two cores, {each('duration_s')} s a row, "
+        f"`{_joined([str(r['load_generator']).split(',')[0] for r in rows])}` on the same two cores "
+        "(† where it waits `Retry-After` after a 429, as a polite client does), "
+        f"{each('duration_s')} s a row, "
         f"{each('date')}, commit {each('commit')}; "
         f"load average {min(load):.2f}–{max(load):.2f} (1 minute, before and after each row, the benchmark's "
         "own processes included). Sentences/s counts the inputs of 2xx answers only; non-2xx counts the "
@@ -127,6 +129,7 @@ def serve_cpu(records: list[Record]) -> str:
     ]
     for r in rows:
         request = {"single": "single", "batch32": "32 inputs"}.get(r["mode"], str(r["mode"]))
+        request += " †" if "Retry-After" in str(r.get("load_generator", "")) else ""
         refused = f"{r['non_2xx']:,} of {r['requests']:,}" if r.get("non_2xx") else "0"
         cells = [
             _server(r),
