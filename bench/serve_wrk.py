@@ -42,6 +42,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -399,6 +400,29 @@ def bench_hf_list(args: argparse.Namespace, artifact: Path, device: str) -> list
     return [record]
 
 
+class _RssSampler:
+    """The server's RSS every few seconds of a run, from a thread: tells a leak from a warm-up."""
+
+    def __init__(self, pid: int, every_s: float) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        while not self._stop.wait(self.every_s):
+            self.samples.append((round(time.monotonic() - start, 1), rss_mib(self.pid)))
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: str) -> list[dict[str, Any]]:
     """Closed-loop clients far beyond the queue: only 200 and 429 (Retry-After), bounded p99, flat RSS."""
     queue = args.overload_queue
@@ -409,11 +433,12 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
         asyncio.run(run_load("127.0.0.1", 8430, concurrency=64, duration_s=2, text=TEXT))  # warm-up
         rss_before = rss_mib(server.process.pid)
         before = load_average()
-        result = asyncio.run(
-            run_load(
-                "127.0.0.1", 8430, concurrency=args.overload_clients, duration_s=args.overload, text=TEXT
+        with _RssSampler(server.process.pid, every_s=max(1.0, args.overload / 12)) as rss_curve:
+            result = asyncio.run(
+                run_load(
+                    "127.0.0.1", 8430, concurrency=args.overload_clients, duration_s=args.overload, text=TEXT
+                )
             )
-        )
         rss_after = rss_mib(server.process.pid)
         alive = server.process.poll() is None
     finally:
@@ -437,6 +462,7 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
         "max_ms": summary["latency_ok_ms"]["max"],
         "rss_mib_before": rss_before,
         "rss_mib_after": rss_after,
+        "rss_mib_curve": rss_curve.samples,  # [seconds into the run, MiB]: growth, or a plateau?
         "server_alive_after": alive,
         "load_average_before": before,
         "load_average_after": load_average(),
