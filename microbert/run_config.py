@@ -176,7 +176,9 @@ class TrainConfig:
     # --- optimizer
     lr: float = OPTIMIZER(
         DEFAULT_LR,
-        "peak learning rate; when no layer sets one, the model preset's ({default}; bert-base 2e-4)",
+        "peak learning rate; when no layer sets one, the model preset's ({default}; "
+        + ", ".join(f"{p.name} {p.lr:g}" for p in PRESETS.values() if p.lr != DEFAULT_LR)
+        + ")",
         flag=True,
         check=positive(),
     )

@@ -161,9 +161,9 @@ def _unfinished_info(progress: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     key = progress.get("key") or {}
     info = {name: key[name] for name in ("seq_len", "max_samples") if name in key}
-    vocab = (key.get("tokenizer") or {}).get("vocab_size") if isinstance(key.get("tokenizer"), dict) else None
-    if vocab is not None:
-        info["vocab_size"] = vocab
+    tokenizer = key.get("tokenizer")  # a trained tokenizer's recipe, or the given one's hash
+    if isinstance(tokenizer, dict) and "vocab_size" in tokenizer:
+        info["vocab_size"] = tokenizer["vocab_size"]
     if "documents" in progress:
         info["documents"] = progress["documents"]
     return info
