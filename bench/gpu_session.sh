@@ -24,6 +24,9 @@ case $part in
     timeout "${TINY_TIMEOUT:-480}" python3 bench/tiny_sweep.py --variants "${TINY_VARIANTS:-bench/tiny_variants.json}" \
       --procs "${TINY_PROCS:-10}" --cache-dir "$PWD/.mbcache-tiny" --out "$OUT" 2>&1 | grep -v -i "warn"
     wait; tail -5 "$OUT/logs/golden_gpu.log" ;;
+  base-init)  # bert-base per step at the 20 s run's horizon (410 steps): inits that might leave the plateau sooner
+    timeout "${TINY_TIMEOUT:-420}" python3 bench/tiny_sweep.py --variants "${TINY_VARIANTS:-bench/base_short_variants.json}" \
+      --procs "${TINY_PROCS:-8}" --cache-dir "$MICROBERT_CACHE_DIR" --out "$OUT" 2>&1 | grep -v -i "warn" | tee "$OUT/logs/sweep.log" | tail -40 ;;
   pos)  # the sinusoidal position init at bert-base (short rows, then a long run on a 5 s cadence) and bert-mini
     timeout 330 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
       --mb-variants lr2e-4,lr3e-4 --eval-points 16 --hf-target "${HF_BASE:-0.0749}" --out "$OUT/base" 2>&1 | grep -v -i "warn" | tail -8

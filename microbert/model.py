@@ -344,3 +344,32 @@ def init_position_embeddings(model: BertForMaskedLM, kind: str, std: float | Non
         weight.copy_(table * (SINUSOIDAL_POSITION_STD if std is None else std))
     else:
         raise ValueError(f"unknown position init {kind!r}; choose one of {', '.join(POSITION_INITS)}")
+
+
+@torch.no_grad()
+def scale_residual_branches(model: BertForMaskedLM, factor: float) -> None:
+    """Multiply the weights that end each residual branch (attention output, feed-forward output) by
+    `factor` in a freshly built model.
+
+    With factor 1/√(2·layers) (GPT-2's scaled init) each post-LN layer starts close to the identity,
+    which Liu et al. 2020 ("Understanding the difficulty of training transformers") show eases the
+    early training of deep post-LN stacks. Only the starting values change: the architecture, the
+    parameter names and the `transformers` export stay as they are.
+    """
+    for layer in model.bert.encoder.layer:
+        layer.attention.output.dense.weight.mul_(factor)
+        layer.output.dense.weight.mul_(factor)
+
+
+@torch.no_grad()
+def init_output_bias_unigram(model: BertForMaskedLM, counts: torch.Tensor, special_ids: list[int]) -> None:
+    """Start the MLM head's bias at the log-frequency of each token in the training data.
+
+    An untrained model spends its first steps learning the unigram distribution through this bias
+    (the "unigram plateau" is that distribution); starting there gives those steps to context.
+    `counts` is (V,) occurrences; special tokens are never targets and get the smallest log-frequency.
+    """
+    counts = counts.to(torch.float64).clone()
+    counts[special_ids] = 0
+    log_freq = torch.log((counts + 1.0) / (counts.sum() + counts.numel()))
+    model.cls.predictions.bias.copy_((log_freq - log_freq.mean()).to(model.cls.predictions.bias.dtype))
