@@ -27,6 +27,18 @@ case $part in
   base-init)  # bert-base per step at the 20 s run's horizon (410 steps): inits that might leave the plateau sooner
     timeout "${TINY_TIMEOUT:-420}" python3 bench/tiny_sweep.py --variants "${TINY_VARIANTS:-bench/base_short_variants.json}" \
       --procs "${TINY_PROCS:-8}" --cache-dir "$MICROBERT_CACHE_DIR" --out "$OUT" 2>&1 | grep -v -i "warn" | tee "$OUT/logs/sweep.log" | tail -40 ;;
+  init)  # the scaled residual init and unigram bias (the trainer's defaults since session 6): bert-base, bert-mini
+    timeout 200 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
+      --mb-variants default --eval-points 16 --hf-target "${HF_BASE:-0.0749}" --out "$OUT/base" 2>&1 \
+      | grep -v -i "warn" | grep '"heldout_accuracy"\|seconds_to_reach\|FAILED' | cut -c1-600
+    timeout 70 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
+      --mb-variants seed1 --short-only --out "$OUT/base" 2>&1 | grep -v -i "warn" | grep '"heldout_accuracy"\|FAILED' | cut -c1-600
+    timeout 110 python3 bench/quality_bench.py --shape bert-mini --budgets 8,30 --impls microbert \
+      --mb-variants default --eval-points 12 --hf-target "${HF_MINI:-0.0841}" --out "$OUT/mini" 2>&1 \
+      | grep -v -i "warn" | grep '"heldout_accuracy"\|seconds_to_reach\|FAILED' | cut -c1-600
+    timeout 50 python3 bench/quality_bench.py --shape bert-mini --budgets 8,30 --impls microbert \
+      --mb-variants bertinit --short-only --out "$OUT/mini" 2>&1 | grep -v -i "warn" | grep '"heldout_accuracy"\|FAILED' | cut -c1-600
+    echo "total $((SECONDS - start)) s" ;;
   pos)  # the sinusoidal position init at bert-base (short rows, then a long run on a 5 s cadence) and bert-mini
     timeout 330 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
       --mb-variants lr2e-4,lr3e-4 --eval-points 16 --hf-target "${HF_BASE:-0.0749}" --out "$OUT/base" 2>&1 | grep -v -i "warn" | tail -8

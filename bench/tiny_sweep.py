@@ -112,9 +112,7 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
         if scale != 1.0:
             scale_residual_branches(model, float(scale))
         if v["unigram_bias"]:
-            counts = torch.bincount(torch.from_numpy(data.train.astype(np.int64)).reshape(-1),
-                                    minlength=config.vocab_size)  # fmt: skip
-            init_output_bias_unigram(model, counts, sorted(data.special_token_ids))
+            init_output_bias_unigram(model, data.train, sorted(data.special_token_ids))
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
