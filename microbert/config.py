@@ -87,7 +87,7 @@ def resolve_position_init(kind: str, hidden_size: int) -> str:
 # bert-base at the 20 s run's horizon (410 steps x 256, lr 2e-4) 3.99% held-out with BERT's init
 # (the plateau), 8.37% scaled, 5.83% unigram, 9.76% both; the trainer's 20 s run 9.65% against
 # 4.36%, its 80 s run 31.6% against 28.1%; bert-mini 8 s 28.9% against 27.5%; the cpu profile's
-# recipe per token (3 seeds) 2x the constant guess after 6 M tokens instead of 6-8 M, the same
+# recipe per token (3 seeds) 2x the constant guess after 6 M tokens instead of 8 M, the same
 # 3.7x at 20 M. Both are the default at every size. Only starting values change: the model, its
 # parameter names and its `transformers` export stay a standard BERT.
 RESIDUAL_INITS = ("scaled", "normal")
