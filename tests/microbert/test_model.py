@@ -1,11 +1,20 @@
 """The model against transformers' BertForMaskedLM on the same weights (fp32, 1e-4)."""
 
+import numpy as np
 import pytest
 import torch
 
 from microbert.checkpoint import load_state_dict
 from microbert.config import SINUSOIDAL_POSITION_STD, ModelConfig, resolve_position_init
-from microbert.model import IGNORE_INDEX, BertForMaskedLM, count_parameters, init_position_embeddings
+from microbert.model import (
+    IGNORE_INDEX,
+    BertForMaskedLM,
+    count_parameters,
+    init_output_bias_unigram,
+    init_position_embeddings,
+    init_weights,
+    scale_residual_branches,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -240,3 +249,59 @@ def test_normal_position_init_is_berts_and_auto_picks_by_width():
     assert resolve_position_init("normal", 128) == "normal"
     with pytest.raises(ValueError, match="choose one of auto, sinusoidal, normal"):
         init_position_embeddings(model, "rotary")
+
+
+def test_scaled_residual_init_changes_only_the_weights_that_end_each_branch():
+    plain, model = _twins()
+    scale_residual_branches(model, 0.25)
+    ends = {
+        f"bert.encoder.layer.{i}.{part}.dense.weight"
+        for i in range(2)
+        for part in ("attention.output", "output")
+    }
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        if name in ends:
+            assert torch.allclose(b, a * 0.25), name
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_unigram_bias_follows_token_frequency_and_specials_get_the_least():
+    _, model = _twins()
+    rows = np.array([[2, 7, 7, 7, 9, 0], [2, 7, 9, 11, 3, 0]], dtype=np.uint16)  # 0 pad, 2 CLS, 3 SEP
+    init_output_bias_unigram(model, rows, special_ids=[0, 1, 2, 3, 4])
+    bias = model.cls.predictions.bias.detach()
+    assert bias[7] > bias[9] > bias[11] > bias[50]  # 4 × 7, 2 × 9, 1 × 11, never 50
+    assert bias[50] == bias[0] == bias[2]  # unseen tokens and specials alike: the floor
+    assert abs(float(bias.mean())) < 1e-5  # softmax ignores a shift: centred, like BERT's zeros
+    # softmax of the bias alone is the (add-one smoothed) unigram distribution of non-special tokens
+    probs = bias.double().softmax(-1)
+    assert float(probs[7] / probs[9]) == pytest.approx((4 + 1) / (2 + 1), rel=1e-4)
+
+
+def test_init_weights_with_berts_choices_is_berts_init():
+    from types import SimpleNamespace
+
+    plain, model = _twins()
+    settings = SimpleNamespace(position_init="normal", position_init_std=None, residual_init="normal",
+                               output_bias_init="zeros")  # fmt: skip
+    init_weights(model, settings, np.ones((2, 4), dtype=np.uint16), special_ids=[0])
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_models_with_the_new_starting_values_still_match_transformers():
+    """Only starting values change: the same weights give the same logits in both models."""
+    torch.manual_seed(0)
+    ours = BertForMaskedLM(CONFIG).eval()
+    scale_residual_branches(ours, 0.5)
+    init_output_bias_unigram(
+        ours, np.arange(5, 99, dtype=np.uint16).reshape(2, 47), special_ids=[0, 1, 2, 3, 4]
+    )
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(**CONFIG.to_dict())).eval()
+    hf.load_state_dict(ours.state_dict(), strict=False)
+    input_ids, attention_mask, _ = _batch()
+    with torch.no_grad():
+        a = ours(input_ids, attention_mask).logits
+        b = hf(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert torch.allclose(a, b, atol=1e-4)

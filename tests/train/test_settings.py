@@ -185,3 +185,15 @@ def test_position_init_settings_are_checked(tmp_path, capsys):
         main(["--position-init", "rotary"])
     assert exited.value.code == 2
     assert "invalid choice: 'rotary'" in capsys.readouterr().err
+
+
+def test_starting_value_settings_default_to_the_measured_ones_and_are_checked(tmp_path):
+    resolved = resolve(profile="cpu", ds_config=None, run_file=None, flags={})
+    assert (resolved.train.residual_init, resolved.train.output_bias_init) == ("scaled", "unigram")
+    run_file = tmp_path / "run.json"
+    run_file.write_text(json.dumps({"residual_init": "fixup", "output_bias_init": "ones"}))
+    with pytest.raises(ConfigError) as info:
+        resolve(profile="cpu", ds_config=None, run_file=str(run_file), flags={})
+    text = str(info.value)
+    assert "unknown residual_init 'fixup'" in text and "scaled" in text
+    assert "unknown output_bias_init 'ones'" in text and "unigram" in text
