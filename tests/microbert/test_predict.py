@@ -189,3 +189,47 @@ def test_blockwise_top_k_equals_torch_topk(k):
     assert torch.equal(values, expected_values)
     real = expected_values >= 0  # the -1 fillers tie, so their ids may differ
     assert torch.equal(ids[real], expected_ids[real])
+
+
+def test_a_list_longer_than_a_sort_window_equals_each_alone(predictor):
+    """`predict` tokenizes windows of a few batches and overlaps them with the model: same answers,
+    in the texts' order."""
+    texts = TEXTS * 3  # batch_size 1: windows of 4 texts, so four windows
+    alone = [predictor.predict(t)[0] for t in texts]
+    for a, b in zip(alone, predictor.predict(texts, batch_size=1), strict=True):
+        _assert_same(b, a)
+
+
+def test_an_error_in_a_later_window_names_its_index_and_text_checks_come_first(predictor):
+    texts = [TEXTS[0]] * 6 + ["no mask here"]
+    with pytest.raises(InputError, match="no \\[MASK\\]") as caught:
+        predictor.predict(texts, batch_size=1)
+    assert caught.value.index == 6
+    # An empty text anywhere is reported before a missing mask in an earlier window, as before.
+    with pytest.raises(InputError, match="empty") as caught:
+        predictor.predict(["no mask here", *[TEXTS[0]] * 6, "  "], batch_size=1)
+    assert caught.value.index == 7
+
+
+def test_two_launches_in_flight_give_each_batch_its_own_results(predictor):
+    """A launched batch's results are its own even when the next batch is launched before they are
+    collected (a CUDA graph replays into the same output buffers)."""
+    first, second = predictor.encode(TEXTS[:2]), predictor.encode(TEXTS[2:4])
+    expected = predictor.run(first), predictor.run(second)
+    pending = predictor.launch(first), predictor.launch(second)
+    for want, got in zip(expected, map(predictor.collect, pending), strict=True):
+        for w, g in zip(want, got, strict=True):
+            assert np.array_equal(w.token_ids, g.token_ids) and np.allclose(w.scores, g.scores)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_with_cuda_graphs_launches_in_flight_keep_their_results(tiny_artifact):
+    gpu = FillMaskPredictor.from_pretrained(tiny_artifact, device="cuda")
+    first, second = gpu.encode(TEXTS[:2]), gpu.encode(TEXTS[2:4])  # the same bucket: one graph
+    expected = gpu.run(first), gpu.run(second)
+    assert gpu._graphs is not None and gpu._graphs.graphs
+    pending = gpu.launch(first), gpu.launch(second)
+    for want, got in zip(expected, map(gpu.collect, pending), strict=True):
+        for w, g in zip(want, got, strict=True):
+            assert np.array_equal(w.token_ids, g.token_ids) and np.allclose(w.scores, g.scores)
