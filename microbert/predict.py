@@ -468,6 +468,7 @@ class FillMaskPredictor:
         `bucket_rows`: round the batch's rows and mask slots up to powers of two as graphs need
         (default: when graphs are used); a CPU runs the same padded shapes eagerly when asked."""
         self.model = model.eval()
+        self.model.keep_padded_decoder()  # on a GPU, the output layer padded once, not per pass
         self.tokenizer = tokenizer
         self.mask_token = mask_token
         positions = model.config.max_position_embeddings
