@@ -9,8 +9,8 @@
 # optional: without it the server is not sampled). Makes one random-weight artifact with its
 # tokenizer (no training), then runs, each with a deadline capped so the whole stays within
 # SERVE_BUDGET_S (default 470 s; SERVE_SKIP="NAME ..." skips some, default the two last below):
-#   gpu_tests    the predictor's GPU tests (launches in flight under CUDA graphs, the padded output
-#                layer), when pytest is installed
+#   gpu_tests    the predictor's and the batcher's tests, GPU ones included (launches in flight
+#                under CUDA graphs, pipelined passes, the padded output layer), when pytest is installed
 #   predictor    FillMaskPredictor.predict alone at batch 256: one call per 256 texts, and one call
 #                for all 4,096 texts ("... on a list", as pipeline(list, batch_size=...) is measured)
 #   profile      bench/serve_profile.py at batches 64 and 256: microseconds per sentence by stage
@@ -121,7 +121,8 @@ job() {  # NAME DEADLINE ARGS...: one bench.serve_wrk call with a deadline
 if ! skipped gpu_tests && python3 -c "import pytest" 2>/dev/null; then
   say "gpu_tests"
   DS_ACCELERATOR=${DS_ACCELERATOR:-$([ $smoke = 1 ] && echo cpu || echo cuda)} timeout "$(cap 60)" python3 -m pytest -q -p no:cacheprovider \
-    tests/microbert/test_predict.py tests/microbert/test_predict_padded_decoder.py >"$results/gpu_tests.log" 2>&1
+    tests/microbert/test_predict.py tests/microbert/test_predict_padded_decoder.py tests/serve/test_batcher.py \
+    >"$results/gpu_tests.log" 2>&1
   echo "rc=$?" | tee -a "$log"
   tail -4 "$results/gpu_tests.log" | tee -a "$log"
 fi
