@@ -25,6 +25,7 @@ service (`serve/`) uses `encode` → `run` → `format` to batch requests that a
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -363,6 +364,8 @@ class FillMaskEncoder:
         `checked`: `check` has already passed these texts."""
         if not checked:
             self.check(texts, top_k=top_k)
+        if not texts:
+            return []
         encode_batch = self._encode_batch
         encodings = (
             encode_batch(list(texts))
@@ -370,30 +373,51 @@ class FillMaskEncoder:
             else [encode_batch([text])[0] for text in texts]
         )
         k = min(top_k, len(target_ids) if target_ids else self.vocab_size)
-        prepared = []
-        for i, encoding in enumerate(encodings):
-            ids = np.asarray(encoding.ids, dtype=np.int64)
-            positions = np.flatnonzero(ids == self.mask_token_id)
-            if not len(positions):
-                raise _at(
-                    NoMaskError(
-                        f"no {self.mask_token} in input: "
-                        f"put {self.mask_token} where a word should be predicted"
-                    ),
-                    i,
-                )
-            if len(ids) > self.max_length:
-                raise _at(
-                    InputTooLongError(
-                        f"input has {len(ids)} tokens; the model accepts at most {self.max_length} "
-                        "(including [CLS] and [SEP])",
-                        num_tokens=len(ids),
-                        max_tokens=self.max_length,
-                    ),
-                    i,
-                )
-            prepared.append(PreparedInput(ids=ids, mask_positions=positions, top_k=k, target_ids=target_ids))
-        return prepared
+        # The whole request's ids in one array, and its masks found in one pass: each input's ids
+        # and mask positions are views of those (no numpy call per text).
+        id_lists = [encoding.ids for encoding in encodings]
+        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        ends = np.cumsum(lengths)
+        flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(ends[-1]))
+        masked = np.flatnonzero(flat == self.mask_token_id)  # (all masks,) positions in `flat`
+        owner = np.searchsorted(ends, masked, side="right")  # the input each mask is in
+        counts = np.bincount(owner, minlength=len(id_lists))
+        bad = np.flatnonzero((counts == 0) | (lengths > self.max_length))
+        if len(bad):
+            self._refuse(int(bad[0]), int(counts[bad[0]]), int(lengths[bad[0]]))
+        starts = ends - lengths
+        positions = masked - starts[owner]  # within each input
+        mask_ends = np.cumsum(counts)
+        return [
+            PreparedInput(
+                ids=flat[start:end],
+                mask_positions=positions[mask_end - count : mask_end],
+                top_k=k,
+                target_ids=target_ids,
+            )
+            for start, end, mask_end, count in zip(
+                starts.tolist(), ends.tolist(), mask_ends.tolist(), counts.tolist(), strict=True
+            )
+        ]
+
+    def _refuse(self, index: int, masks: int, num_tokens: int) -> None:
+        """The error for input `index`: no mask first, then too long (the order the checks had)."""
+        if not masks:
+            raise _at(
+                NoMaskError(
+                    f"no {self.mask_token} in input: put {self.mask_token} where a word should be predicted"
+                ),
+                index,
+            )
+        raise _at(
+            InputTooLongError(
+                f"input has {num_tokens} tokens; the model accepts at most {self.max_length} "
+                "(including [CLS] and [SEP])",
+                num_tokens=num_tokens,
+                max_tokens=self.max_length,
+            ),
+            index,
+        )
 
 
 class _CudaGraphs:
