@@ -131,6 +131,8 @@ _CLEAN_UP = (
 )
 # One scan finds whether any of them applies; most sequences need none (the decoder cleaned them).
 _CLEAN_UP_NEEDED = re.compile("|".join(re.escape(before) for before, _ in _CLEAN_UP))
+# A match of one of them reaches at most this many characters beyond any character it covers.
+_CLEAN_UP_REACH = max(len(before) for before, _ in _CLEAN_UP) - 1
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -199,6 +201,9 @@ class _Pieces:
         self.after = after  # id → its text after another token
         self.special = special  # id → dropped by skip_special_tokens
         self.pad_token_id = pad_token_id
+        # id → written at all: [PAD] never is (as the pipeline drops it); specials only when kept.
+        self.kept = [i != pad_token_id for i in range(len(first))]
+        self.kept_skipping = [k and not sp for k, sp in zip(self.kept, special, strict=True)]
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, first: list[str], pad_token_id: int) -> _Pieces | None:
@@ -220,22 +225,45 @@ class _Pieces:
         return cls(first, [pair[len(start) :] for pair in pairs], special, pad_token_id)
 
     def sequences(
-        self, ids: list[int], position: int, candidates: list[int], skip_special: bool
+        self,
+        ids: list[int],
+        position: int,
+        candidates: list[int],
+        skip_special: bool,
+        clean_up: bool = False,
     ) -> list[str]:
-        """The decoded `ids` with each candidate at `position`, [PAD]s dropped (as the pipeline does)."""
-        pad, special, first, after = self.pad_token_id, self.special, self.first, self.after
-        left = [t for t in ids[:position] if t != pad and not (skip_special and special[t])]
-        right = [t for t in ids[position + 1 :] if t != pad and not (skip_special and special[t])]
-        before = first[left[0]] + "".join([after[t] for t in left[1:]]) if left else ""
-        rest = "".join([after[t] for t in right])
-        alone = first[right[0]] + "".join([after[t] for t in right[1:]]) if right else ""
-        out = []
-        for token in candidates:
-            if token == pad or (skip_special and special[token]):
-                out.append(before + rest if left else alone)
-            else:
-                out.append(before + (after[token] if left else first[token]) + rest)
-        return out
+        """The decoded `ids` with each candidate at `position`, [PAD]s dropped (as the pipeline does);
+        `clean_up`: each passed through `clean_up_tokenization`.
+
+        The candidates share the text before and after the mask, so the clean-up's scan for a
+        pattern (at most `_CLEAN_UP_REACH` + 1 characters) runs on those once, and per candidate
+        only on its piece with the few characters either side: a pattern in a sequence lies in
+        one of those. Most sequences need no clean-up (the decoder cleaned each piece).
+        """
+        keep = self.kept_skipping if skip_special else self.kept
+        first, after = self.first, self.after
+        left = [t for t in ids[:position] if keep[t]]
+        right = [t for t in ids[position + 1 :] if keep[t]]
+        rest = "".join(map(after.__getitem__, right))
+        if left:
+            before = first[left[0]] + "".join(map(after.__getitem__, left[1:]))
+            piece, dropped = after, before + rest
+        else:
+            before, piece = "", first
+            dropped = first[right[0]] + "".join(map(after.__getitem__, right[1:])) if right else ""
+        out = [before + piece[t] + rest if keep[t] else dropped for t in candidates]
+        if not clean_up:
+            return out
+        # One scan of the shared text and one of every candidate's piece with its edges ("\0"
+        # between them: no pattern matches across it). Where either finds a pattern, every
+        # sequence is cleaned (a no-op for those without one), as `clean_up_tokenization` would.
+        edge_before, edge_rest = before[-_CLEAN_UP_REACH:], rest[:_CLEAN_UP_REACH]
+        scanned = [before, rest, *(edge_before + piece[t] + edge_rest for t in candidates if keep[t])]
+        if len(scanned) < len(candidates) + 2:  # a dropped candidate: its sequence is scanned whole
+            scanned.append(dropped)
+        if _CLEAN_UP_NEEDED.search("\0".join(scanned)) is None:
+            return out
+        return [clean_up_tokenization(text) for text in out]
 
 
 class FillMaskFormatter:
@@ -279,21 +307,23 @@ class FillMaskFormatter:
     def format(self, items: Sequence[tuple[PreparedInput, ModelOutput]]) -> list[FillMaskResult]:
         """One result per input, highest score first; sequences spliced from token pieces."""
         results: list[FillMaskResult] = []
-        table, clean, pieces = self.token_strs, self._clean, self.pieces
+        table, pieces, clean_up = self.token_strs, self.pieces, self.clean_up
         for prepared, output in items:
             single = prepared.num_masks == 1
             token_ids = output.token_ids.tolist()
             if pieces is None:
-                sequences = self._decoded(prepared, output)
+                sequences = [
+                    [self._clean(text) for text in texts] for texts in self._decoded(prepared, output)
+                ]
             else:
                 ids = prepared.ids.tolist()
                 sequences = [
-                    pieces.sequences(ids, position, tokens, single)
+                    pieces.sequences(ids, position, tokens, single, clean_up)
                     for position, tokens in zip(prepared.mask_positions.tolist(), token_ids, strict=True)
                 ]
             per_mask: list[list[Candidate]] = [
                 [
-                    {"score": score, "token": token, "token_str": table[token], "sequence": clean(text)}
+                    {"score": score, "token": token, "token_str": table[token], "sequence": text}
                     for score, token, text in zip(scores, tokens, texts, strict=True)
                 ]
                 for scores, tokens, texts in zip(output.scores.tolist(), token_ids, sequences, strict=True)

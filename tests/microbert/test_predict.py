@@ -233,3 +233,31 @@ def test_on_a_gpu_with_cuda_graphs_launches_in_flight_keep_their_results(tiny_ar
     for want, got in zip(expected, map(gpu.collect, pending), strict=True):
         for w, g in zip(want, got, strict=True):
             assert np.array_equal(w.token_ids, g.token_ids) and np.allclose(w.scores, g.scores)
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "wordlevel"])
+def test_the_clean_up_scan_of_shared_text_and_edges_equals_cleaning_each_sequence(
+    tiny_tokenizer, sample_texts, kind
+):
+    """`sequences(..., clean_up=True)` scans the text around the mask once and each candidate's piece
+    with its edges: it must equal `clean_up_tokenization` of every spliced sequence."""
+    from microbert.predict import clean_up_tokenization
+
+    if kind == "wordlevel":  # no decoder: tokens joined by spaces, so " ." and " 's" appear often
+        tiny_tokenizer = train_tokenizer(sample_texts[:500], vocab_size=300, kind="wordlevel")
+    formatter = FillMaskFormatter(tiny_tokenizer, clean_up_tokenization_spaces=True)
+    vocab = tiny_tokenizer.get_vocab()
+    marks = [vocab[t] for t in (".", ",", "'", "!", "?", "s", "t", "n", "m", "ve", "re", "##s") if t in vocab]
+    pool = list(range(5)) + marks * 4 + list(range(5, min(tiny_tokenizer.get_vocab_size(), 120)))
+    rng = random.Random(1)
+    cleaned = 0
+    for _ in range(600):
+        ids = [rng.choice(pool) for _ in range(rng.randint(1, 10))]
+        position = rng.randrange(len(ids))
+        candidates = [rng.choice(pool) for _ in range(5)]
+        for skip in (True, False):
+            plain = formatter.pieces.sequences(ids, position, candidates, skip)
+            expected = [clean_up_tokenization(text) for text in plain]
+            assert formatter.pieces.sequences(ids, position, candidates, skip, True) == expected
+            cleaned += expected != plain
+    assert cleaned > 50  # the clean-up did change many of them: the test sees both paths
