@@ -30,6 +30,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -539,6 +540,7 @@ class FillMaskPredictor:
         # Graphs pay on CUDA, where launches cost more than small kernels; a CPU has no launches.
         self._graphs = _CudaGraphs(self.model) if cuda_graphs and self.device.type == "cuda" else None
         self.bucket_rows = self._graphs is not None if bucket_rows is None else bucket_rows
+        self._tokenizer_thread: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, **kwargs: Any) -> FillMaskPredictor:
@@ -733,19 +735,38 @@ class FillMaskPredictor:
         target_ids: tuple[int, ...] | None,
         batch_size: int,
     ) -> Iterator[tuple[list[int], list[PreparedInput]]]:
-        """(indices into `texts`, their inputs) per batch, each window tokenized when it is needed."""
+        """(indices into `texts`, their inputs) per batch. While one window's batches are launched and
+        formatted, the next window is tokenized in a thread (`encode_batch` works in Rust without
+        the GIL), so the host's two largest shares run side by side."""
         window = batch_size * _SORT_WINDOW
-        for offset in range(0, len(texts), window):
+        offsets = range(0, len(texts), window)
+
+        def encode(offset: int) -> list[PreparedInput]:
             try:
-                prepared = self.encoder.encode(
+                return self.encoder.encode(
                     texts[offset : offset + window], top_k=top_k, target_ids=target_ids, checked=True
                 )
             except InputError as exc:
                 raise _at(exc, getattr(exc, "index", 0) + offset) from None
+
+        upcoming: Future[list[PreparedInput]] | None = None
+        for n, offset in enumerate(offsets):
+            prepared = encode(offset) if upcoming is None else upcoming.result()
+            upcoming = None
+            if n + 1 < len(offsets):
+                upcoming = self._tokenizing().submit(encode, offsets[n + 1])
             order = sorted(range(len(prepared)), key=lambda i: prepared[i].num_tokens)
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 yield [offset + i for i in chunk], [prepared[i] for i in chunk]
+
+    def _tokenizing(self) -> ThreadPoolExecutor:
+        """The thread that tokenizes `predict`'s next window (made on first use)."""
+        if self._tokenizer_thread is None:
+            self._tokenizer_thread = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="microbert-tokenize"
+            )
+        return self._tokenizer_thread
 
     def _place(self, results: list[FillMaskResult | None], chunk: list[int], pending: PendingOutputs) -> None:
         formatted = self.format(list(zip(pending.batch, self.collect(pending), strict=True)))
