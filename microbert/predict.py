@@ -709,9 +709,8 @@ class FillMaskPredictor:
 
         Texts are tokenized in windows of `_SORT_WINDOW` batches and sorted by length within each,
         to keep padding low. The host and the device overlap: batch n+1 is launched before batch n
-        is formatted, and the next window is tokenized while the device runs the batch before it,
-        so on a GPU the card's time hides under the host's (on a CPU `launch` does the work itself:
-        the same results, in the same time).
+        is formatted, so on a GPU the card's time hides under the host's (on a CPU `launch` does
+        the work itself: the same results); and the next window is tokenized in a thread meanwhile.
         """
         if isinstance(texts, str):
             texts = [texts]
