@@ -404,6 +404,15 @@ class FillMaskEncoder:
             else [encode_batch([text])[0] for text in texts]
         )
         k = min(top_k, len(target_ids) if target_ids else self.vocab_size)
+        if len(encodings) < _BATCH_CALL:  # a few texts: a loop costs fewer numpy calls than the batch's
+            prepared = []
+            for i, encoding in enumerate(encodings):
+                ids = np.asarray(encoding.ids, dtype=np.int64)
+                positions = np.flatnonzero(ids == self.mask_token_id)
+                if not len(positions) or len(ids) > self.max_length:
+                    self._refuse(i, len(positions), len(ids))
+                prepared.append(PreparedInput(ids, positions, k, target_ids))
+            return prepared
         # The whole request's ids in one array, and its masks found in one pass: each input's ids
         # and mask positions are views of those (no numpy call per text).
         id_lists = [encoding.ids for encoding in encodings]

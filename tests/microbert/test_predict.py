@@ -261,3 +261,17 @@ def test_the_clean_up_scan_of_shared_text_and_edges_equals_cleaning_each_sequenc
             assert formatter.pieces.sequences(ids, position, candidates, skip, True) == expected
             cleaned += expected != plain
     assert cleaned > 50  # the clean-up did change many of them: the test sees both paths
+
+
+def test_a_large_request_is_encoded_as_each_text_alone(predictor):
+    """From 32 texts on, the encoder finds every mask of the request in one pass over one array."""
+    texts = [TEXTS[i % len(TEXTS)] for i in range(40)]
+    together = predictor.encode(texts, top_k=3)
+    for text, p in zip(texts, together, strict=True):
+        (alone,) = predictor.encode([text], top_k=3)
+        assert np.array_equal(p.ids, alone.ids) and np.array_equal(p.mask_positions, alone.mask_positions)
+        assert (p.top_k, p.target_ids) == (alone.top_k, alone.target_ids)
+    for bad, match in (("no mask here", "no \\[MASK\\]"), ("word " * 200 + "[MASK]", "at most 128")):
+        with pytest.raises(InputError, match=match) as caught:
+            predictor.encode([*texts[:35], bad, *texts[35:]])
+        assert caught.value.index == 35
