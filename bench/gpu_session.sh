@@ -24,6 +24,41 @@ case $part in
     timeout "${TINY_TIMEOUT:-480}" python3 bench/tiny_sweep.py --variants "${TINY_VARIANTS:-bench/tiny_variants.json}" \
       --procs "${TINY_PROCS:-10}" --cache-dir "$PWD/.mbcache-tiny" --out "$OUT" 2>&1 | grep -v -i "warn"
     wait; tail -5 "$OUT/logs/golden_gpu.log" ;;
+  base-init)  # bert-base per step at the 20 s run's horizon (410 steps): inits that might leave the plateau sooner
+    timeout "${TINY_TIMEOUT:-420}" python3 bench/tiny_sweep.py --variants "${TINY_VARIANTS:-bench/base_short_variants.json}" \
+      --procs "${TINY_PROCS:-8}" --cache-dir "$MICROBERT_CACHE_DIR" --out "$OUT" 2>&1 | grep -v -i "warn" | tee "$OUT/logs/sweep.log" | tail -40 ;;
+  init)  # the scaled residual init and unigram bias (the trainer's defaults since session 6): bert-base, bert-mini
+    timeout 200 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
+      --mb-variants default --eval-points 16 --hf-target "${HF_BASE:-0.0749}" --out "$OUT/base" 2>&1 \
+      | grep -v -i "warn" | grep '"heldout_accuracy"\|seconds_to_reach\|FAILED' | cut -c1-600
+    timeout 70 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
+      --mb-variants seed1 --short-only --out "$OUT/base" 2>&1 | grep -v -i "warn" | grep '"heldout_accuracy"\|FAILED' | cut -c1-600
+    timeout 110 python3 bench/quality_bench.py --shape bert-mini --budgets 8,30 --impls microbert \
+      --mb-variants default --eval-points 12 --hf-target "${HF_MINI:-0.0841}" --out "$OUT/mini" 2>&1 \
+      | grep -v -i "warn" | grep '"heldout_accuracy"\|seconds_to_reach\|FAILED' | cut -c1-600
+    timeout 50 python3 bench/quality_bench.py --shape bert-mini --budgets 8,30 --impls microbert \
+      --mb-variants bertinit --short-only --out "$OUT/mini" 2>&1 | grep -v -i "warn" | grep '"heldout_accuracy"\|FAILED' | cut -c1-600
+    echo "total $((SECONDS - start)) s" ;;
+  init-long)  # bert-base's long run with the new starting values (a curve), then the h200_1gpu profile per step, GPU golden test beside it
+    timeout 270 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert --mb-variants default \
+      --long-only --steps-per-second 20.1 --eval-points 16 --hf-target "${HF_BASE:-0.0749}" --out "$OUT/base" 2>&1 \
+      | grep -v -i "warn" | grep '"heldout_accuracy"\|seconds_to_reach\|FAILED' | cut -c1-600
+    python3 - "$OUT/base/mb-bert-base-default-80s/training_history.json" <<'PY' 2>&1 | tee "$OUT/logs/base-curve.txt"
+import json, sys
+for e in json.load(open(sys.argv[1]))["eval"]:
+    print(f"  {e['training_seconds']:6.1f} s  step {e['step']:5d}  {e['accuracy']:.2%}")
+PY
+    (timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train/test_golden_loss.py \
+      >"$OUT/logs/golden_gpu.log" 2>&1; echo "golden rc $?" >>"$OUT/logs/golden_gpu.log") &
+    (timeout 230 python3 bench/tiny_sweep.py --variants bench/cpu_init_variants.json --procs 6 \
+      --cache-dir "$PWD/.mbcache-tiny" --out "$OUT" 2>&1 | grep -v -i "warn" >"$OUT/logs/cpu_init.log") &
+    MICROBERT_NO_BAR=1 timeout "${H200_TIMEOUT:-230}" python3 -m train --profile h200_1gpu --dataset imdb \
+      --stop-at-step "${H200_STEPS:-1500}" --eval-every 250 --eval-batches 4 --checkpoint-every 1000000 \
+      --run-dir "$OUT/h200" --resume never >"$OUT/logs/h200_1gpu.log" 2>&1
+    echo "h200 rc $?"; grep "eval step\|micro-batch" "$OUT/logs/h200_1gpu.log" | cut -c1-260
+    cp "$OUT/h200/training_history.json" "$OUT/logs/h200_history.json" 2>/dev/null; rm -rf "$OUT/h200"
+    wait; tail -3 "$OUT/logs/golden_gpu.log"; grep "tok/s" "$OUT/logs/cpu_init.log"
+    echo "total $((SECONDS - start)) s" ;;
   pos)  # the sinusoidal position init at bert-base (short rows, then a long run on a 5 s cadence) and bert-mini
     timeout 330 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
       --mb-variants lr2e-4,lr3e-4 --eval-points 16 --hf-target "${HF_BASE:-0.0749}" --out "$OUT/base" 2>&1 | grep -v -i "warn" | tail -8

@@ -75,6 +75,9 @@ MB_VARIANTS = {
     "lr2e-4-mlm30": ["--lr", "2e-4", "--mlm-probability", "0.3"],
     "lr1e-4-b64": ["--lr", "1e-4", "--batch-size", "64"],
     "lr1e-4-b32": ["--lr", "1e-4", "--batch-size", "32"],
+    # BERT's own starting values for the residual branches and the head's bias (before session 6)
+    "bertinit": ["--residual-init", "normal", "--output-bias-init", "zeros"],
+    "seed1": ["--seed", "1"],
 }
 
 

@@ -63,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "steps": None,  # a step count instead of `tokens`
     "horizon": None,  # the schedule's length in steps (a profile's max_steps), when longer than the run
     "eval_every_steps": None,
+    "resid_scale": 1.0,  # or "depth": 1/sqrt(2 x layers), GPT-2's scaled init of the residual outputs
+    "unigram_bias": False,  # start the MLM head's bias at the training data's log unigram frequency
 }
 
 
@@ -73,7 +75,12 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
     from microbert.config import ModelConfig
     from microbert.data.masking import mask_tokens
     from microbert.evaluate import evaluate
-    from microbert.model import BertForMaskedLM, init_position_embeddings
+    from microbert.model import (
+        BertForMaskedLM,
+        init_output_bias_unigram,
+        init_position_embeddings,
+        scale_residual_branches,
+    )
 
     v = _resolved(variant)
     torch.manual_seed(v["seed"])
@@ -99,6 +106,13 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
     else:
         model = BertForMaskedLM(config)
         init_position_embeddings(model, v["pos_init"], v["init_std"] * v["pos_scale"])
+        scale = v["resid_scale"]
+        if scale == "depth":
+            scale = 1.0 / math.sqrt(2 * config.num_hidden_layers)
+        if scale != 1.0:
+            scale_residual_branches(model, float(scale))
+        if v["unigram_bias"]:
+            init_output_bias_unigram(model, data.train, sorted(data.special_token_ids))
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]

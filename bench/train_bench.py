@@ -170,7 +170,7 @@ def bench_microbert(shape: Shape, args: argparse.Namespace) -> dict:
     place = init_distributed(local_rank, resolved.train.precision)
     data = prepare_dataset("embedded", seq_len=shape.seq_len, vocab_size=resolved.model_config.vocab_size)
     plan = plan_run(resolved, place, DataPlan.of(data, "embedded"))
-    parts = build_engine(build_model(plan), plan)
+    parts = build_engine(build_model(plan, data), plan)
     train_step = TrainStep(parts.engine, plan, data, exact_head=args.exact_head)
     batches = iter(build_loader(plan, data))
     step_numbers = itertools.count()

@@ -76,6 +76,22 @@ def resolve_position_init(kind: str, hidden_size: int) -> str:
     return kind
 
 
+# How the encoder's residual branches and the MLM head's bias start. A post-LN BERT adds each
+# layer's branch to its input and normalises the sum; with BERT's N(0, 0.02) everywhere the branches
+# are as large as the stream they join, the deep stack starts far from the identity, and bert-base
+# needs about 450 steps at lr 2e-4 to leave the unigram plateau. "scaled" multiplies the weights
+# that end each branch (attention output, feed-forward output) by 1/sqrt(2 x layers), GPT-2's
+# init, so each layer starts near the identity (Liu et al. 2020 on post-LN training); "unigram"
+# starts the head's bias at the training data's log token frequency, the plateau the model would
+# otherwise spend its first steps reaching. bert-base per step at the 20 s run's horizon (410 steps
+# x 256, lr 2e-4, one H200, session 6, BENCHMARKS.md): BERT's init 3.99% held-out (the plateau),
+# scaled 8.37%, unigram 5.83%, both 9.76%. Only starting values change: the model, its parameter
+# names and its `transformers` export stay a standard BERT.
+RESIDUAL_INITS = ("scaled", "normal")
+OUTPUT_BIAS_INITS = ("unigram", "zeros")
+UNIGRAM_SAMPLE_ROWS = 65_536  # rows counted for the unigram bias: evenly spread, ~8 M tokens at 128
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A BERT encoder with an MLM head. Field names are Hugging Face's."""

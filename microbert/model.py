@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from microbert.config import POSITION_INITS, SINUSOIDAL_POSITION_STD, ModelConfig, resolve_position_init
+from microbert.config import (
+    POSITION_INITS,
+    SINUSOIDAL_POSITION_STD,
+    UNIGRAM_SAMPLE_ROWS,
+    ModelConfig,
+    resolve_position_init,
+)
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (the `transformers` convention)
 
@@ -385,3 +393,54 @@ def init_position_embeddings(model: BertForMaskedLM, kind: str, std: float | Non
         weight.copy_(table * (SINUSOIDAL_POSITION_STD if std is None else std))
     else:
         raise ValueError(f"unknown position init {kind!r}; choose one of {', '.join(POSITION_INITS)}")
+
+
+@torch.no_grad()
+def scale_residual_branches(model: BertForMaskedLM, factor: float) -> None:
+    """Multiply the weights that end each residual branch (attention output, feed-forward output) by
+    `factor` in a freshly built model.
+
+    With factor 1/√(2·layers) (GPT-2's scaled init) each post-LN layer starts close to the identity,
+    which Liu et al. 2020 ("Understanding the difficulty of training transformers") show eases the
+    early training of deep post-LN stacks. Only the starting values change: the architecture, the
+    parameter names and the `transformers` export stay as they are.
+    """
+    for layer in model.bert.encoder.layer:
+        assert isinstance(layer, BertLayer)
+        layer.attention.output.dense.weight.mul_(factor)
+        layer.output.dense.weight.mul_(factor)
+
+
+@torch.no_grad()
+def init_output_bias_unigram(model: BertForMaskedLM, rows: np.ndarray, special_ids: list[int]) -> None:
+    """Start the MLM head's bias at the log-frequency of each token in the training rows.
+
+    An untrained model spends its first steps learning the unigram distribution through this bias
+    (the "unigram plateau" is that distribution); starting there gives those steps to context.
+    `rows` is (N, T) token ids; up to UNIGRAM_SAMPLE_ROWS of them, evenly spread, are counted.
+    Special tokens (and padding) are never targets and get the smallest log-frequency.
+    """
+    stride = max(1, -(-len(rows) // UNIGRAM_SAMPLE_ROWS))
+    sample = np.asarray(rows[::stride]).reshape(-1)
+    vocab = model.config.vocab_size
+    counts = torch.from_numpy(np.bincount(sample, minlength=vocab)[:vocab].astype(np.float64))
+    counts[special_ids] = 0
+    log_freq = torch.log((counts + 1.0) / (counts.sum() + vocab))
+    bias = model.cls.predictions.bias
+    bias.copy_((log_freq - log_freq.mean()).to(bias.dtype))
+
+
+def init_weights(
+    model: BertForMaskedLM, settings: Any, rows: np.ndarray | None, special_ids: list[int]
+) -> None:
+    """The run's starting values beyond BERT's (positions, residual branches, head bias), in place.
+
+    `settings` has `position_init`, `position_init_std`, `residual_init` and `output_bias_init`
+    (the trainer's settings; microbert.config says why each exists). `rows`: the training rows that
+    the unigram bias is counted from (None: the bias stays zero).
+    """
+    init_position_embeddings(model, settings.position_init, settings.position_init_std)
+    if settings.residual_init == "scaled":
+        scale_residual_branches(model, 1.0 / math.sqrt(2 * model.config.num_hidden_layers))
+    if settings.output_bias_init == "unigram" and rows is not None:
+        init_output_bias_unigram(model, rows, special_ids)

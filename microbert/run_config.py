@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from microbert.config import DEFAULT_LR, POSITION_INITS, PRESETS, ModelConfig
+from microbert.config import (
+    DEFAULT_LR,
+    OUTPUT_BIAS_INITS,
+    POSITION_INITS,
+    PRESETS,
+    RESIDUAL_INITS,
+    ModelConfig,
+)
 from microbert.errors import ConfigError, unknown_name
 from microbert.setting import (
     BOOLEAN,
@@ -147,6 +154,21 @@ class TrainConfig:
         flag=True,
         check=within(0, 1, open_low=True),
     )  # None: the init's own default (microbert.config)
+    # Measured at bert-base (microbert.config.RESIDUAL_INITS): off the plateau within 410 steps.
+    residual_init: str = MODEL(
+        "scaled",
+        "how the weights that end each residual branch start: scaled (by 1/sqrt(2 x layers), each "
+        "layer near the identity) or normal (BERT's N(0, 0.02)); default {default}",
+        flag=True,
+        check=known("residual_init", RESIDUAL_INITS),
+    )
+    output_bias_init: str = MODEL(
+        "unigram",
+        "how the MLM head's bias starts: unigram (the training data's log token frequency) or zeros "
+        "(BERT's); default {default}",
+        flag=True,
+        check=known("output_bias_init", OUTPUT_BIAS_INITS),
+    )
     # --- data
     dataset: str = DATA(
         "embedded", "{default} (default), a local path, imdb, a Hub name, hf:<repo>[:<config>]", flag=True

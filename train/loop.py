@@ -226,7 +226,7 @@ def build_trainer(launch: Launch, resolved: Resolved, launch_command: str) -> Tr
     )
     settings, batch = plan.settings, plan.batch
     assert plan.complete and batch.micro_batch_size is not None, plan.unresolved
-    model = build_model(plan)
+    model = build_model(plan, data)
     loader = build_loader(plan, data)
     clock = TrainingClock()
     try:
@@ -244,7 +244,8 @@ def build_trainer(launch: Launch, resolved: Resolved, launch_command: str) -> Tr
         f"({batch.batches_per_epoch} batches per epoch per rank); dropout "
         f"{plan.model.hidden_dropout_prob:g}, masking {settings.mlm_probability:.0%}, peak LR "
         f"{settings.lr:g} ({settings.schedule}), "
-        f"{resolve_position_init(settings.position_init, plan.model.hidden_size)} position init"
+        f"{resolve_position_init(settings.position_init, plan.model.hidden_size)} position init, "
+        f"{settings.residual_init} residual init, {settings.output_bias_init} output bias"
     )
     if warning := plan.schedule.warmup_warning():
         log(warning)

@@ -20,7 +20,7 @@ import torch
 
 from microbert.data import PreparedDataset, ShardLoader, mask_tokens
 from microbert.errors import MicroBertError
-from microbert.model import BertForMaskedLM, init_position_embeddings, masked_slots_for
+from microbert.model import BertForMaskedLM, init_weights, masked_slots_for
 from microbert.plan import RunPlan
 from train.engine import compile_mode, oom_message
 
@@ -32,11 +32,12 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def build_model(plan: RunPlan) -> BertForMaskedLM:
-    """The plan's model, with the same initial weights on every rank and every restart."""
+def build_model(plan: RunPlan, data: PreparedDataset) -> BertForMaskedLM:
+    """The plan's model, with the same initial weights on every rank and every restart (the
+    unigram bias is counted from the same rows on every rank)."""
     torch.manual_seed(plan.settings.seed)
     model = BertForMaskedLM(plan.model)
-    init_position_embeddings(model, plan.settings.position_init, plan.settings.position_init_std)
+    init_weights(model, plan.settings, data.train, data.special_token_ids)
     return model
 
 
