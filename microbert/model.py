@@ -272,8 +272,10 @@ class BertForMaskedLM(nn.Module):
         any pass with autograd on) keeps padding per call, so gradients reach the weights as before.
         The copy follows the weights' tensor and version; a write through `.data` (which no version
         counter sees) must be followed by this call again, which drops the copy."""
-        self.cls.predictions.keep_padded = True
-        self.cls.predictions._padded = None
+        head = self.cls.predictions
+        head.keep_padded, head._padded = True, None
+        if head.decoder.weight.device.type != "cpu":  # made now, on the current stream, not mid-capture
+            head.padded_decoder()
 
     def tie_weights(self) -> None:
         """Tie the decoder to the word embeddings and the output bias (after loading a state dict)."""
