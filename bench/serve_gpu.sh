@@ -4,7 +4,7 @@
 #   bash bench/serve_gpu.sh            # on the GPU machine: bert-base, bf16, 10 s per run
 #   bash bench/serve_gpu.sh --smoke    # on a CPU first: bert-tiny, 2 s runs, the same steps
 #
-# Needs .whl/ (../shared/device/wheels.sh .whl orjson uvloop py-spy) and .deb/ (wrk, libluajit-5.1-2)
+# Needs .whl/ (../shared/device/wheels.sh .whl orjson uvloop py-spy [pytest httpx]) and .deb/ (wrk, libluajit-5.1-2)
 # carried along on the GPU machine; on a CPU with wrk and the project installed, neither (py-spy is
 # optional: without it the server is not sampled). Makes one random-weight artifact with its
 # tokenizer (no training), then runs, each with a deadline capped so the whole stays within
@@ -118,7 +118,11 @@ job() {  # NAME DEADLINE ARGS...: one bench.serve_wrk call with a deadline
   summary "$results/$name.log"
 }
 
-if ! skipped gpu_tests && python3 -c "import pytest" 2>/dev/null; then
+if skipped gpu_tests; then
+  :
+elif ! python3 -c "import pytest, httpx" 2>/dev/null; then
+  say "gpu_tests skipped: no pytest (or httpx) on this machine (add them to .whl/)"
+else
   say "gpu_tests"
   DS_ACCELERATOR=${DS_ACCELERATOR:-$([ $smoke = 1 ] && echo cpu || echo cuda)} timeout "$(cap 60)" python3 -m pytest -q -p no:cacheprovider \
     tests/microbert/test_predict.py tests/microbert/test_predict_padded_decoder.py tests/serve/test_batcher.py \
