@@ -83,10 +83,13 @@ def resolve_position_init(kind: str, hidden_size: int) -> str:
 # that end each branch (attention output, feed-forward output) by 1/sqrt(2 x layers), GPT-2's
 # init, so each layer starts near the identity (Liu et al. 2020 on post-LN training); "unigram"
 # starts the head's bias at the training data's log token frequency, the plateau the model would
-# otherwise spend its first steps reaching. bert-base per step at the 20 s run's horizon (410 steps
-# x 256, lr 2e-4, one H200, session 6, BENCHMARKS.md): BERT's init 3.99% held-out (the plateau),
-# scaled 8.37%, unigram 5.83%, both 9.76%. Only starting values change: the model, its parameter
-# names and its `transformers` export stay a standard BERT.
+# otherwise spend its first steps reaching. Measured (one H200, BENCHMARKS.md "Starting values"):
+# bert-base at the 20 s run's horizon (410 steps x 256, lr 2e-4) 3.99% held-out with BERT's init
+# (the plateau), 8.37% scaled, 5.83% unigram, 9.76% both; the trainer's 20 s run 9.65% against
+# 4.36%, its 80 s run 31.6% against 28.1%; bert-mini 8 s 28.9% against 27.5%; the cpu profile's
+# recipe per token (3 seeds) 2x the constant guess after 6 M tokens instead of 8 M, the same
+# 3.7x at 20 M. Both are the default at every size. Only starting values change: the model, its
+# parameter names and its `transformers` export stay a standard BERT.
 RESIDUAL_INITS = ("scaled", "normal")
 OUTPUT_BIAS_INITS = ("unigram", "zeros")
 UNIGRAM_SAMPLE_ROWS = 65_536  # rows counted for the unigram bias: evenly spread, ~8 M tokens at 128
