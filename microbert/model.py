@@ -192,12 +192,37 @@ class BertLMPredictionHead(nn.Module):
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder.bias = self.bias
+        # Inference only, when asked (`BertForMaskedLM.keep_padded_decoder`): the decoder's weight
+        # and bias padded once for `aligned_linear`, and what they were copied from.
+        self.keep_padded = False
+        self._padded: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform(x)
         if x.device.type == "cpu":
             return self.decoder(x)  # (..., V)
+        if self.keep_padded and not torch.is_grad_enabled():
+            weight, bias = self.padded_decoder()
+            return F.linear(x, weight, bias)[..., : self.bias.shape[0]]  # (..., V)
         return aligned_linear(x, self.decoder.weight, self.bias)  # (..., V)
+
+    def padded_decoder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's weight and bias padded as `aligned_linear` pads them, copied once and again
+        only when the weights change (another tensor, device or dtype, or an in-place write): for
+        bert-base on a GPU, 47 MB that every forward pass would otherwise copy."""
+        weight, bias = self.decoder.weight, self.bias
+        key = (
+            weight.data_ptr(),
+            weight._version,
+            bias.data_ptr(),
+            bias._version,
+            weight.dtype,
+            weight.device,
+        )
+        if self._padded is None or self._padded[0] != key:
+            with torch.no_grad():
+                self._padded = (key, *pad_rows(weight.detach(), bias.detach()))
+        return self._padded[1], self._padded[2]
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -240,6 +265,17 @@ class BertForMaskedLM(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    def keep_padded_decoder(self) -> None:
+        """For inference: forward passes without autograd use a padded copy of the output layer made
+        once (`BertLMPredictionHead.padded_decoder`) instead of padding it in each. Training (and
+        any pass with autograd on) keeps padding per call, so gradients reach the weights as before.
+        The copy follows the weights' tensor and version; a write through `.data` (which no version
+        counter sees) must be followed by this call again, which drops the copy."""
+        head = self.cls.predictions
+        head.keep_padded, head._padded = True, None
+        if head.decoder.weight.device.type != "cpu":  # made now, on the current stream, not mid-capture
+            head.padded_decoder()
 
     def tie_weights(self) -> None:
         """Tie the decoder to the word embeddings and the output bias (after loading a state dict)."""
@@ -312,11 +348,18 @@ def aligned_linear(
     the weights and their names as they are; the padded columns are sliced away.
     """
     out_features = weight.shape[0]
-    pad = -out_features % multiple
-    if pad == 0:
+    if out_features % multiple == 0:
         return F.linear(x, weight, bias)
-    logits = F.linear(x, F.pad(weight, (0, 0, 0, pad)), F.pad(bias, (0, pad)))
+    logits = F.linear(x, *pad_rows(weight, bias, multiple))
     return logits[..., :out_features]
+
+
+def pad_rows(
+    weight: torch.Tensor, bias: torch.Tensor, multiple: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight and (out,) bias with zero rows appended up to a multiple of `multiple`."""
+    pad = -weight.shape[0] % multiple
+    return F.pad(weight, (0, 0, 0, pad)), F.pad(bias, (0, pad))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -10,6 +10,9 @@ batch at once and keeps Python out of the per-sentence path:
   [MASK] positions only, top-k (and targets) for every mask of the batch in one device operation and
   one device→host copy; lengths are rounded up to buckets so shapes repeat, and on CUDA each bucket's
   forward pass is replayed from a CUDA graph (`cuda_graphs`; on a CPU the same code runs eagerly);
+  `run` is `launch` (queue all of it on the device, results copied into pinned host memory behind
+  a CUDA event) then `collect` (wait for the event, slice per input), so a caller can prepare or
+  format another batch while the device computes;
 - `FillMaskFormatter.format`: the pipeline's output, with token strings from a table made at load
   time and each candidate's `sequence` spliced from the tokens' decoded pieces (the text before the
   mask + the candidate + the text after), not decoded once per candidate.
@@ -22,11 +25,13 @@ service (`serve/`) uses `encode` → `run` → `format` to batch requests that a
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -92,6 +97,21 @@ class ModelOutput:
     token_ids: np.ndarray  # (m, k) int64
 
 
+@dataclass
+class PendingOutputs:
+    """A launched batch (`FillMaskPredictor.launch`): its results arrive in `results` (host memory,
+    (2, M, k): scores, then ids as floats) once `done` has fired; `collect` waits and slices them."""
+
+    batch: Sequence[PreparedInput]
+    results: torch.Tensor | None  # None for an empty batch
+    done: torch.cuda.Event | None  # None when the results are already there (a CPU)
+    keep: torch.Tensor | None = field(default=None, repr=False)  # the pinned inputs, until copied
+
+
+# `predict` sorts texts by length within windows of this many batches: padding stays low, and
+# the next window is tokenized while the device runs.
+_SORT_WINDOW = 4
+
 # `encode_batch`/`decode_batch` hand work to a thread pool: worth it for many texts, but for a few a
 # plain loop is faster (measured: 0.3-0.7 ms of pool overhead per call on a busy 2-core machine).
 _BATCH_CALL = 32
@@ -112,6 +132,8 @@ _CLEAN_UP = (
 )
 # One scan finds whether any of them applies; most sequences need none (the decoder cleaned them).
 _CLEAN_UP_NEEDED = re.compile("|".join(re.escape(before) for before, _ in _CLEAN_UP))
+# A match of one of them reaches at most this many characters beyond any character it covers.
+_CLEAN_UP_REACH = max(len(before) for before, _ in _CLEAN_UP) - 1
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -180,6 +202,9 @@ class _Pieces:
         self.after = after  # id → its text after another token
         self.special = special  # id → dropped by skip_special_tokens
         self.pad_token_id = pad_token_id
+        # id → written at all: [PAD] never is (as the pipeline drops it); specials only when kept.
+        self.kept = [i != pad_token_id for i in range(len(first))]
+        self.kept_skipping = [k and not sp for k, sp in zip(self.kept, special, strict=True)]
 
     @classmethod
     def of(cls, tokenizer: Tokenizer, first: list[str], pad_token_id: int) -> _Pieces | None:
@@ -201,22 +226,45 @@ class _Pieces:
         return cls(first, [pair[len(start) :] for pair in pairs], special, pad_token_id)
 
     def sequences(
-        self, ids: list[int], position: int, candidates: list[int], skip_special: bool
+        self,
+        ids: list[int],
+        position: int,
+        candidates: list[int],
+        skip_special: bool,
+        clean_up: bool = False,
     ) -> list[str]:
-        """The decoded `ids` with each candidate at `position`, [PAD]s dropped (as the pipeline does)."""
-        pad, special, first, after = self.pad_token_id, self.special, self.first, self.after
-        left = [t for t in ids[:position] if t != pad and not (skip_special and special[t])]
-        right = [t for t in ids[position + 1 :] if t != pad and not (skip_special and special[t])]
-        before = first[left[0]] + "".join([after[t] for t in left[1:]]) if left else ""
-        rest = "".join([after[t] for t in right])
-        alone = first[right[0]] + "".join([after[t] for t in right[1:]]) if right else ""
-        out = []
-        for token in candidates:
-            if token == pad or (skip_special and special[token]):
-                out.append(before + rest if left else alone)
-            else:
-                out.append(before + (after[token] if left else first[token]) + rest)
-        return out
+        """The decoded `ids` with each candidate at `position`, [PAD]s dropped (as the pipeline does);
+        `clean_up`: each passed through `clean_up_tokenization`.
+
+        The candidates share the text before and after the mask, so the clean-up's scan for a
+        pattern (at most `_CLEAN_UP_REACH` + 1 characters) runs on those once, and per candidate
+        only on its piece with the few characters either side: a pattern in a sequence lies in
+        one of those. Most sequences need no clean-up (the decoder cleaned each piece).
+        """
+        keep = self.kept_skipping if skip_special else self.kept
+        first, after = self.first, self.after
+        left = [t for t in ids[:position] if keep[t]]
+        right = [t for t in ids[position + 1 :] if keep[t]]
+        rest = "".join(map(after.__getitem__, right))
+        if left:
+            before = first[left[0]] + "".join(map(after.__getitem__, left[1:]))
+            piece, dropped = after, before + rest
+        else:
+            before, piece = "", first
+            dropped = first[right[0]] + "".join(map(after.__getitem__, right[1:])) if right else ""
+        out = [before + piece[t] + rest if keep[t] else dropped for t in candidates]
+        if not clean_up:
+            return out
+        # One scan of the shared text and one of every candidate's piece with its edges ("\0"
+        # between them: no pattern matches across it). Where either finds a pattern, every
+        # sequence is cleaned (a no-op for those without one), as `clean_up_tokenization` would.
+        edge_before, edge_rest = before[-_CLEAN_UP_REACH:], rest[:_CLEAN_UP_REACH]
+        scanned = [before, rest, *(edge_before + piece[t] + edge_rest for t in candidates if keep[t])]
+        if len(scanned) < len(candidates) + 2:  # a dropped candidate: its sequence is scanned whole
+            scanned.append(dropped)
+        if _CLEAN_UP_NEEDED.search("\0".join(scanned)) is None:
+            return out
+        return [clean_up_tokenization(text) for text in out]
 
 
 class FillMaskFormatter:
@@ -260,21 +308,23 @@ class FillMaskFormatter:
     def format(self, items: Sequence[tuple[PreparedInput, ModelOutput]]) -> list[FillMaskResult]:
         """One result per input, highest score first; sequences spliced from token pieces."""
         results: list[FillMaskResult] = []
-        table, clean, pieces = self.token_strs, self._clean, self.pieces
+        table, pieces, clean_up = self.token_strs, self.pieces, self.clean_up
         for prepared, output in items:
             single = prepared.num_masks == 1
             token_ids = output.token_ids.tolist()
             if pieces is None:
-                sequences = self._decoded(prepared, output)
+                sequences = [
+                    [self._clean(text) for text in texts] for texts in self._decoded(prepared, output)
+                ]
             else:
                 ids = prepared.ids.tolist()
                 sequences = [
-                    pieces.sequences(ids, position, tokens, single)
+                    pieces.sequences(ids, position, tokens, single, clean_up)
                     for position, tokens in zip(prepared.mask_positions.tolist(), token_ids, strict=True)
                 ]
             per_mask: list[list[Candidate]] = [
                 [
-                    {"score": score, "token": token, "token_str": table[token], "sequence": clean(text)}
+                    {"score": score, "token": token, "token_str": table[token], "sequence": text}
                     for score, token, text in zip(scores, tokens, texts, strict=True)
                 ]
                 for scores, tokens, texts in zip(output.scores.tolist(), token_ids, sequences, strict=True)
@@ -324,16 +374,29 @@ class FillMaskEncoder:
             raise InputError("targets is empty: give at least one word, or leave it out")
         return tuple(ids)
 
-    def encode(
-        self, texts: Sequence[str], *, top_k: int = 5, target_ids: tuple[int, ...] | None = None
-    ) -> list[PreparedInput]:
-        """Tokenize and check every text in one `encode_batch` call; the first problem raises, naming it."""
+    def check(self, texts: Sequence[str], *, top_k: int = 5) -> None:
+        """The checks that need no tokenizing (top_k, empty or invalid texts); the first problem raises."""
         if top_k < 1:
             raise InputError(f"top_k must be at least 1, got {top_k}")
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise _at(EmptyInputError("input text is empty"), i)
             _at_index(_checked_text, text, "input", i)
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        top_k: int = 5,
+        target_ids: tuple[int, ...] | None = None,
+        checked: bool = False,
+    ) -> list[PreparedInput]:
+        """Tokenize and check every text in one `encode_batch` call; the first problem raises, naming it.
+        `checked`: `check` has already passed these texts."""
+        if not checked:
+            self.check(texts, top_k=top_k)
+        if not texts:
+            return []
         encode_batch = self._encode_batch
         encodings = (
             encode_batch(list(texts))
@@ -341,30 +404,60 @@ class FillMaskEncoder:
             else [encode_batch([text])[0] for text in texts]
         )
         k = min(top_k, len(target_ids) if target_ids else self.vocab_size)
-        prepared = []
-        for i, encoding in enumerate(encodings):
-            ids = np.asarray(encoding.ids, dtype=np.int64)
-            positions = np.flatnonzero(ids == self.mask_token_id)
-            if not len(positions):
-                raise _at(
-                    NoMaskError(
-                        f"no {self.mask_token} in input: "
-                        f"put {self.mask_token} where a word should be predicted"
-                    ),
-                    i,
-                )
-            if len(ids) > self.max_length:
-                raise _at(
-                    InputTooLongError(
-                        f"input has {len(ids)} tokens; the model accepts at most {self.max_length} "
-                        "(including [CLS] and [SEP])",
-                        num_tokens=len(ids),
-                        max_tokens=self.max_length,
-                    ),
-                    i,
-                )
-            prepared.append(PreparedInput(ids=ids, mask_positions=positions, top_k=k, target_ids=target_ids))
-        return prepared
+        if len(encodings) < _BATCH_CALL:  # a few texts: a loop costs fewer numpy calls than the batch's
+            prepared = []
+            for i, encoding in enumerate(encodings):
+                ids = np.asarray(encoding.ids, dtype=np.int64)
+                positions = np.flatnonzero(ids == self.mask_token_id)
+                if not len(positions) or len(ids) > self.max_length:
+                    self._refuse(i, len(positions), len(ids))
+                prepared.append(PreparedInput(ids, positions, k, target_ids))
+            return prepared
+        # The whole request's ids in one array, and its masks found in one pass: each input's ids
+        # and mask positions are views of those (no numpy call per text).
+        id_lists = [encoding.ids for encoding in encodings]
+        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+        ends = np.cumsum(lengths)
+        flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(ends[-1]))
+        masked = np.flatnonzero(flat == self.mask_token_id)  # (all masks,) positions in `flat`
+        owner = np.searchsorted(ends, masked, side="right")  # the input each mask is in
+        counts = np.bincount(owner, minlength=len(id_lists))
+        bad = np.flatnonzero((counts == 0) | (lengths > self.max_length))
+        if len(bad):
+            self._refuse(int(bad[0]), int(counts[bad[0]]), int(lengths[bad[0]]))
+        starts = ends - lengths
+        positions = masked - starts[owner]  # within each input
+        mask_ends = np.cumsum(counts)
+        return [
+            PreparedInput(
+                ids=flat[start:end],
+                mask_positions=positions[mask_end - count : mask_end],
+                top_k=k,
+                target_ids=target_ids,
+            )
+            for start, end, mask_end, count in zip(
+                starts.tolist(), ends.tolist(), mask_ends.tolist(), counts.tolist(), strict=True
+            )
+        ]
+
+    def _refuse(self, index: int, masks: int, num_tokens: int) -> None:
+        """The error for input `index`: no mask first, then too long (the order the checks had)."""
+        if not masks:
+            raise _at(
+                NoMaskError(
+                    f"no {self.mask_token} in input: put {self.mask_token} where a word should be predicted"
+                ),
+                index,
+            )
+        raise _at(
+            InputTooLongError(
+                f"input has {num_tokens} tokens; the model accepts at most {self.max_length} "
+                "(including [CLS] and [SEP])",
+                num_tokens=num_tokens,
+                max_tokens=self.max_length,
+            ),
+            index,
+        )
 
 
 class _CudaGraphs:
@@ -439,6 +532,7 @@ class FillMaskPredictor:
         `bucket_rows`: round the batch's rows and mask slots up to powers of two as graphs need
         (default: when graphs are used); a CPU runs the same padded shapes eagerly when asked."""
         self.model = model.eval()
+        self.model.keep_padded_decoder()  # on a GPU, the output layer padded once, not per pass
         self.tokenizer = tokenizer
         self.mask_token = mask_token
         positions = model.config.max_position_embeddings
@@ -455,6 +549,7 @@ class FillMaskPredictor:
         # Graphs pay on CUDA, where launches cost more than small kernels; a CPU has no launches.
         self._graphs = _CudaGraphs(self.model) if cuda_graphs and self.device.type == "cuda" else None
         self.bucket_rows = self._graphs is not None if bucket_rows is None else bucket_rows
+        self._tokenizer_thread: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, **kwargs: Any) -> FillMaskPredictor:
@@ -501,33 +596,56 @@ class FillMaskPredictor:
         return self.encoder.encode([text], top_k=top_k, target_ids=target_ids)[0]
 
     # --- step 2: the model, batched ----------------------------------------------------------------
-    @torch.inference_mode()
     def run(self, batch: Sequence[PreparedInput]) -> list[ModelOutput]:
         """Each input's top-k scores and token ids, per mask, from one forward pass over the batch."""
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: Sequence[PreparedInput]) -> PendingOutputs:
+        """Queue the batch's whole model step on the device and return without waiting for it.
+
+        Inputs travel in one pinned host buffer and one copy; the forward pass (or its CUDA graph's
+        replay), softmax, top-k and the copy of the results into pinned host memory are queued on
+        the current stream, and a CUDA event marks their end. The results are copied out of the
+        graph's static buffers before this returns (in stream order), so the next launch, which
+        replays into the same buffers, cannot overwrite them. On a CPU every step runs here, in
+        full: the same code, no overlap.
+        """
         if not batch:
-            return []
+            return PendingOutputs([], None, None)
         device = self.device
+        cuda = device.type == "cuda"
         lengths = np.fromiter((p.num_tokens for p in batch), dtype=np.int64, count=len(batch))
         masks = np.fromiter((p.num_masks for p in batch), dtype=np.int64, count=len(batch))
-        rows_b, length, rows_m = len(batch), bucket_length(int(lengths.max())), int(masks.sum())
+        rows_b, length, real = len(batch), bucket_length(int(lengths.max())), int(masks.sum())
+        rows_m = real
         if self.bucket_rows:
             rows_b, rows_m = bucket_count(rows_b), bucket_count(rows_m)
+        # One host buffer for all four inputs: (B*T ids, B*T attention, M rows, M columns).
+        size = rows_b * length
+        host = torch.empty(2 * size + 2 * rows_m, dtype=torch.int64, pin_memory=cuda)
+        buffer = host.numpy()
+        input_ids = buffer[:size].reshape(rows_b, length)
+        attention_mask = buffer[size : 2 * size].reshape(rows_b, length)
+        mask_rows, mask_cols = buffer[2 * size : 2 * size + rows_m], buffer[2 * size + rows_m :]
         flat = np.concatenate([p.ids for p in batch])  # (N,)
         token_row = np.repeat(np.arange(len(batch)), lengths)
         token_col = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        input_ids = np.full((rows_b, length), self.pad_token_id, dtype=np.int64)
+        input_ids.fill(self.pad_token_id)
         input_ids[token_row, token_col] = flat
-        attention_mask = np.zeros((rows_b, length), dtype=np.int64)
+        attention_mask.fill(0)
         attention_mask[token_row, token_col] = 1
         attention_mask[len(batch) :, 0] = 1  # padding rows of a bucket: one token, so softmax is defined
-        mask_rows = np.zeros(rows_m, dtype=np.int64)  # padding slots read position (0, 0), then are dropped
-        mask_cols = np.zeros(rows_m, dtype=np.int64)
-        real = int(masks.sum())
+        mask_rows.fill(0)  # padding slots read position (0, 0), then are dropped
+        mask_cols.fill(0)
         mask_rows[:real] = np.repeat(np.arange(len(batch)), masks)
         mask_cols[:real] = np.concatenate([p.mask_positions for p in batch])
+        on_device = host.to(device, non_blocking=True)
         inputs = [
-            torch.from_numpy(a).to(device, non_blocking=True)
-            for a in (input_ids, attention_mask, mask_rows, mask_cols)
+            on_device[:size].view(rows_b, length),
+            on_device[size : 2 * size].view(rows_b, length),
+            on_device[2 * size : 2 * size + rows_m],
+            on_device[2 * size + rows_m :],
         ]
         logits = (self._graphs or (lambda x: _forward(self.model, x)))(inputs)[:real]  # (M, V)
         k = max(p.top_k for p in batch)
@@ -538,10 +656,26 @@ class FillMaskPredictor:
             probs = self._only_targets(probs, batch, masks, device)
         top_probs, top_ids = top_k(probs, k)  # (M, k): one top-k for every mask of the batch
         # Ids travel as float32 beside the scores (exact below 2**24), so one copy brings both back.
-        both = torch.stack((top_probs, top_ids.float())).cpu().numpy()  # (2, M, k)
+        both = torch.stack((top_probs, top_ids.float()))  # (2, M, k)
+        if not cuda:
+            return PendingOutputs(batch, both, None)
+        out = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        out.copy_(both, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        # `host` stays referenced until the copy that reads it has run (the event is after it).
+        return PendingOutputs(batch, out, done, keep=host)
+
+    def collect(self, pending: PendingOutputs) -> list[ModelOutput]:
+        """Wait for a launched batch's results and slice them per input."""
+        if pending.results is None:
+            return []
+        if pending.done is not None:
+            pending.done.synchronize()
+        both = pending.results.numpy()
         scores, ids = both[0], both[1].astype(np.int64)
         outputs, start = [], 0
-        for p in batch:
+        for p in pending.batch:
             end = start + p.num_masks
             outputs.append(ModelOutput(scores[start:end, : p.top_k], ids[start:end, : p.top_k]))
             start = end
@@ -580,20 +714,72 @@ class FillMaskPredictor:
         targets: Sequence[str] | None = None,
         batch_size: int = 64,
     ) -> list[FillMaskResult]:
-        """One result per text. Texts are sorted by length into batches to keep padding low."""
+        """One result per text.
+
+        Texts are tokenized in windows of `_SORT_WINDOW` batches and sorted by length within each,
+        to keep padding low. The host and the device overlap: batch n+1 is launched before batch n
+        is formatted, so on a GPU the card's time hides under the host's (on a CPU `launch` does
+        the work itself: the same results); and the next window is tokenized in a thread meanwhile.
+        """
         if isinstance(texts, str):
             texts = [texts]
         target_ids = self.target_ids(targets) if targets is not None else None
-        prepared = self.encode(texts, top_k=top_k, target_ids=target_ids)
-        order = sorted(range(len(prepared)), key=lambda i: prepared[i].num_tokens)
-        results: list[FillMaskResult | None] = [None] * len(prepared)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = [prepared[i] for i in chunk]
-            formatted = self.format(list(zip(batch, self.run(batch), strict=True)))
-            for i, result in zip(chunk, formatted, strict=True):
-                results[i] = result
+        self.encoder.check(texts, top_k=top_k)  # every text's own problem first, before any model work
+        results: list[FillMaskResult | None] = [None] * len(texts)
+        pending: tuple[list[int], PendingOutputs] | None = None
+        for chunk, batch in self._batches(texts, top_k, target_ids, batch_size):
+            launched = chunk, self.launch(batch)  # queued behind the previous batch on the device
+            if pending is not None:
+                self._place(results, *pending)  # formats batch n while the device runs batch n+1
+            pending = launched
+        if pending is not None:
+            self._place(results, *pending)
         return [r for r in results if r is not None]
+
+    def _batches(
+        self,
+        texts: Sequence[str],
+        top_k: int,
+        target_ids: tuple[int, ...] | None,
+        batch_size: int,
+    ) -> Iterator[tuple[list[int], list[PreparedInput]]]:
+        """(indices into `texts`, their inputs) per batch. While one window's batches are launched and
+        formatted, the next window is tokenized in a thread (`encode_batch` works in Rust without
+        the GIL), so the host's two largest shares run side by side."""
+        window = batch_size * _SORT_WINDOW
+        offsets = range(0, len(texts), window)
+
+        def encode(offset: int) -> list[PreparedInput]:
+            try:
+                return self.encoder.encode(
+                    texts[offset : offset + window], top_k=top_k, target_ids=target_ids, checked=True
+                )
+            except InputError as exc:
+                raise _at(exc, getattr(exc, "index", 0) + offset) from None
+
+        upcoming: Future[list[PreparedInput]] | None = None
+        for n, offset in enumerate(offsets):
+            prepared = encode(offset) if upcoming is None else upcoming.result()
+            upcoming = None
+            if n + 1 < len(offsets):
+                upcoming = self._tokenizing().submit(encode, offsets[n + 1])
+            order = sorted(range(len(prepared)), key=lambda i: prepared[i].num_tokens)
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                yield [offset + i for i in chunk], [prepared[i] for i in chunk]
+
+    def _tokenizing(self) -> ThreadPoolExecutor:
+        """The thread that tokenizes `predict`'s next window (made on first use)."""
+        if self._tokenizer_thread is None:
+            self._tokenizer_thread = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="microbert-tokenize"
+            )
+        return self._tokenizer_thread
+
+    def _place(self, results: list[FillMaskResult | None], chunk: list[int], pending: PendingOutputs) -> None:
+        formatted = self.format(list(zip(pending.batch, self.collect(pending), strict=True)))
+        for i, result in zip(chunk, formatted, strict=True):
+            results[i] = result
 
 
 def _checked_text(text: str, what: str) -> str:
@@ -642,6 +828,7 @@ __all__ = [
     "InvalidTextError",
     "ModelOutput",
     "NoMaskError",
+    "PendingOutputs",
     "PreparedInput",
     "bucket_length",
     "clean_up_tokenization",

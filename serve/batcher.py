@@ -12,6 +12,12 @@ the model needs to drain the excess at the rate it has been draining the queue) 
 latency grow without bound. Each input remembers the predictor that tokenized it, so during a model
 reload a batch never mixes two tokenizers. The futures resolve to the model's raw output;
 formatting is the caller's (off the model thread, in parallel with the next pass).
+
+On a GPU the passes are pipelined: each batch is launched (`FillMaskPredictor.launch` queues its
+whole step on the device and returns) before the previous one is collected, so the next batch is
+formed and its inputs built while the card still computes, and the card goes from one pass to
+the next without waiting for the host. On a CPU a launch computes the batch itself, and its
+answers are handed out at once, as before.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from microbert.predict import FillMaskPredictor, ModelOutput, PreparedInput, bucket_length
+from microbert.predict import FillMaskPredictor, ModelOutput, PendingOutputs, PreparedInput, bucket_length
 from serve.metrics import Metrics
 
 log = logging.getLogger("microbert.serve")
@@ -53,9 +59,23 @@ def queue_tokens(prepared: PreparedInput) -> int:
     return bucket_length(prepared.num_tokens)
 
 
-def _infer(predictor: FillMaskPredictor, batch: list[PreparedInput]) -> list[ModelOutput]:
-    """Runs in the worker thread: the batch's forward pass and top-k."""
-    return predictor.run(batch)
+def _launch(predictor: FillMaskPredictor, batch: list[PreparedInput]) -> PendingOutputs:
+    """Runs in the worker thread: queues the batch's forward pass and top-k (on a CPU, runs them)."""
+    return predictor.launch(batch)
+
+
+def _collect(predictor: FillMaskPredictor, pending: PendingOutputs) -> list[ModelOutput]:
+    """Runs in the worker thread: waits for a launched batch's results."""
+    return predictor.collect(pending)
+
+
+@dataclass
+class _Pass:
+    """A batch whose work is on the device: its items, what was launched, and when."""
+
+    items: list[_Item]
+    pending: PendingOutputs
+    started: float
 
 
 class _ArrivalRate:
@@ -137,6 +157,8 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="microbert-model")
         self._task: asyncio.Task[None] | None = None
         self.arrivals = _ArrivalRate()
+        self._in_flight: _Pass | None = None  # launched, not yet collected (a GPU's pipeline)
+        self._last_done = time.perf_counter()  # when the last pass's results came back
 
     @property
     def depth(self) -> int:
@@ -167,8 +189,10 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for item in self._queue:
+        in_flight = [] if self._in_flight is None else self._in_flight.items
+        for item in [*self._queue, *in_flight]:
             item.future.cancel()
+        self._in_flight = None
         self._queue.clear()
         self._queued_tokens = 0
         self._executor.shutdown(wait=finished, cancel_futures=True)
@@ -252,9 +276,11 @@ class Batcher:
         await asyncio.sleep(min(self.max_wait_s, missing / rate))
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
+                if self._in_flight is not None:  # nothing to launch behind it: hand its answers out
+                    await self._finish()
+                    continue
                 self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -263,24 +289,57 @@ class Batcher:
             batch = self._take()
             if not batch:
                 continue
-            started = time.perf_counter()
-            for item in batch:
-                self.metrics.queue_duration.observe(started - item.enqueued)
-            self.metrics.batch_size.observe(len(batch))
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, _infer, batch[0].predictor, [item.prepared for item in batch]
-                )
-            except Exception as exc:  # a bug or a device error: fail this batch, keep serving
-                log.exception("batch of %d inputs failed", len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            finally:
-                elapsed = time.perf_counter() - started
-                self.metrics.inference_duration.observe(elapsed)
-            self.drain.add(sum(item.tokens for item in batch), elapsed)
-            for item, result in zip(batch, results, strict=True):
-                if not item.future.done():
-                    item.future.set_result(result)
+            launched = await self._launch(batch)
+            if self._in_flight is not None:  # the previous pass, still on the device as this one was queued
+                await self._finish()
+            self._in_flight = launched
+            if launched is not None and launched.pending.done is None:  # a CPU: already computed
+                await self._finish()
+
+    async def _launch(self, batch: list[_Item]) -> _Pass | None:
+        """Queue a batch's pass in the model thread; None (its futures failed) if that raised."""
+        started = time.perf_counter()
+        for item in batch:
+            self.metrics.queue_duration.observe(started - item.enqueued)
+        self.metrics.batch_size.observe(len(batch))
+        predictor = batch[0].predictor
+        try:
+            pending = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _launch, predictor, [item.prepared for item in batch]
+            )
+        except Exception as exc:  # a bug or a device error: fail this batch, keep serving
+            self._fail(batch, exc)
+            return None
+        return _Pass(batch, pending, started)
+
+    async def _finish(self) -> None:
+        """Wait for the pass in flight and resolve its futures."""
+        done, self._in_flight = self._in_flight, None
+        if done is None:
+            return
+        batch = done.items
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _collect, batch[0].predictor, done.pending
+            )
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        finally:
+            now = time.perf_counter()
+            self.metrics.inference_duration.observe(now - done.started)
+            # The drain rate counts the time this pass added: from its launch, or from the end of
+            # the pass it was queued behind on the device, whichever came later.
+            added = now - max(done.started, self._last_done)
+            self._last_done = now
+        self.drain.add(sum(item.tokens for item in batch), added)
+        for item, result in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[_Item], exc: Exception) -> None:
+        log.error("batch of %d inputs failed", len(batch), exc_info=exc)
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(exc)

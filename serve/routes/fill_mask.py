@@ -8,11 +8,11 @@ import time
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import Response
 
 from microbert.predict import mask_count
-from serve.deps import ServiceDep, require_api_key
+from serve.deps import AuthorizedServiceDep
 from serve.errors import ServiceError
 from serve.schemas import ErrorBody, FillMaskRequest, FillMaskResponse
 from serve.service import Backend, timed_out
@@ -84,12 +84,11 @@ async def _until_disconnected(request: Request) -> None:
     "/fill-mask",
     response_model=FillMaskResponse,
     responses=_ERRORS,
-    dependencies=[Depends(require_api_key)],
     summary="Predict the tokens at [MASK]",
 )
 async def fill_mask(
     request: Request,
-    service: ServiceDep,
+    service: AuthorizedServiceDep,  # the API key is checked first (401), before the body (422)
     body: FillMaskRequest = Body(  # noqa: B008 - FastAPI's way of giving OpenAPI examples
         openapi_examples={
             "one mask": {"value": {"inputs": "The [MASK] of the ship."}},

@@ -189,3 +189,90 @@ def test_blockwise_top_k_equals_torch_topk(k):
     assert torch.equal(values, expected_values)
     real = expected_values >= 0  # the -1 fillers tie, so their ids may differ
     assert torch.equal(ids[real], expected_ids[real])
+
+
+def test_a_list_longer_than_a_sort_window_equals_each_alone(predictor):
+    """`predict` tokenizes windows of a few batches and overlaps them with the model: same answers,
+    in the texts' order."""
+    texts = TEXTS * 3  # batch_size 1: windows of 4 texts, so four windows
+    alone = [predictor.predict(t)[0] for t in texts]
+    for a, b in zip(alone, predictor.predict(texts, batch_size=1), strict=True):
+        _assert_same(b, a)
+
+
+def test_an_error_in_a_later_window_names_its_index_and_text_checks_come_first(predictor):
+    texts = [TEXTS[0]] * 6 + ["no mask here"]
+    with pytest.raises(InputError, match="no \\[MASK\\]") as caught:
+        predictor.predict(texts, batch_size=1)
+    assert caught.value.index == 6
+    # An empty text anywhere is reported before a missing mask in an earlier window, as before.
+    with pytest.raises(InputError, match="empty") as caught:
+        predictor.predict(["no mask here", *[TEXTS[0]] * 6, "  "], batch_size=1)
+    assert caught.value.index == 7
+
+
+def test_two_launches_in_flight_give_each_batch_its_own_results(predictor):
+    """A launched batch's results are its own even when the next batch is launched before they are
+    collected (a CUDA graph replays into the same output buffers)."""
+    first, second = predictor.encode(TEXTS[:2]), predictor.encode(TEXTS[2:4])
+    expected = predictor.run(first), predictor.run(second)
+    pending = predictor.launch(first), predictor.launch(second)
+    for want, got in zip(expected, map(predictor.collect, pending), strict=True):
+        for w, g in zip(want, got, strict=True):
+            assert np.array_equal(w.token_ids, g.token_ids) and np.allclose(w.scores, g.scores)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_with_cuda_graphs_launches_in_flight_keep_their_results(tiny_artifact):
+    gpu = FillMaskPredictor.from_pretrained(tiny_artifact, device="cuda")
+    # The same rows, lengths and masks in another order: one graph, replayed into the same buffers.
+    first, second = gpu.encode(TEXTS[:2]), gpu.encode([TEXTS[1], TEXTS[0]])
+    expected = gpu.run(first), gpu.run(second)
+    assert gpu._graphs is not None and len(gpu._graphs.graphs) == 1
+    pending = gpu.launch(first), gpu.launch(second)
+    for want, got in zip(expected, map(gpu.collect, pending), strict=True):
+        for w, g in zip(want, got, strict=True):
+            assert np.array_equal(w.token_ids, g.token_ids) and np.allclose(w.scores, g.scores)
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "wordlevel"])
+def test_the_clean_up_scan_of_shared_text_and_edges_equals_cleaning_each_sequence(
+    tiny_tokenizer, sample_texts, kind
+):
+    """`sequences(..., clean_up=True)` scans the text around the mask once and each candidate's piece
+    with its edges: it must equal `clean_up_tokenization` of every spliced sequence."""
+    from microbert.predict import clean_up_tokenization
+
+    if kind == "wordlevel":  # no decoder: tokens joined by spaces, so " ." and " 's" appear often
+        tiny_tokenizer = train_tokenizer(sample_texts[:500], vocab_size=300, kind="wordlevel")
+    formatter = FillMaskFormatter(tiny_tokenizer, clean_up_tokenization_spaces=True)
+    vocab = tiny_tokenizer.get_vocab()
+    marks = [vocab[t] for t in (".", ",", "'", "!", "?", "s", "t", "n", "m", "ve", "re", "##s") if t in vocab]
+    pool = list(range(5)) + marks * 4 + list(range(5, min(tiny_tokenizer.get_vocab_size(), 120)))
+    rng = random.Random(1)
+    cleaned = 0
+    for _ in range(600):
+        ids = [rng.choice(pool) for _ in range(rng.randint(1, 10))]
+        position = rng.randrange(len(ids))
+        candidates = [rng.choice(pool) for _ in range(5)]
+        for skip in (True, False):
+            plain = formatter.pieces.sequences(ids, position, candidates, skip)
+            expected = [clean_up_tokenization(text) for text in plain]
+            assert formatter.pieces.sequences(ids, position, candidates, skip, True) == expected
+            cleaned += expected != plain
+    assert cleaned > 50  # the clean-up did change many of them: the test sees both paths
+
+
+def test_a_large_request_is_encoded_as_each_text_alone(predictor):
+    """From 32 texts on, the encoder finds every mask of the request in one pass over one array."""
+    texts = [TEXTS[i % len(TEXTS)] for i in range(40)]
+    together = predictor.encode(texts, top_k=3)
+    for text, p in zip(texts, together, strict=True):
+        (alone,) = predictor.encode([text], top_k=3)
+        assert np.array_equal(p.ids, alone.ids) and np.array_equal(p.mask_positions, alone.mask_positions)
+        assert (p.top_k, p.target_ids) == (alone.top_k, alone.target_ids)
+    for bad, match in (("no mask here", "no \\[MASK\\]"), ("word " * 200 + "[MASK]", "at most 128")):
+        with pytest.raises(InputError, match=match) as caught:
+            predictor.encode([*texts[:35], bad, *texts[35:]])
+        assert caught.value.index == 35

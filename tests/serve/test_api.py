@@ -151,6 +151,13 @@ def test_body_limit_by_content_length_and_by_streamed_bytes(tiny_artifact: Path)
         assert c.post("/fill-mask", json={"inputs": TEXT}).status_code == 200
 
 
+def test_the_api_key_is_checked_before_the_body(tiny_artifact: Path) -> None:
+    """Without the key, a malformed body is a 401 too, not a 422: nothing is read for a stranger."""
+    with TestClient(create_app(make_settings(tiny_artifact, api_key="s3cret"))) as c:
+        assert_error(c.post("/fill-mask", json={"inputs": 3}), 401, "unauthorized")
+        assert_error(c.post("/fill-mask", content=b"{not json"), 401, "unauthorized")
+
+
 def test_api_key(tiny_artifact: Path) -> None:
     with TestClient(create_app(make_settings(tiny_artifact, api_key="s3cret"))) as c:
         assert_error(c.post("/fill-mask", json={"inputs": TEXT}), 401, "unauthorized")
