@@ -16,6 +16,7 @@ Which records a figure shows is decided by a rule written here, not picked by ha
 from __future__ import annotations
 
 import json
+import statistics
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,12 @@ def _server(record: Record) -> str:
     return f"`{record['impl']}`{settings}"
 
 
+def _row_key(r: Record) -> tuple:
+    """What makes two serving records the same row: shape, server, settings, request, connections."""
+    settings = json.dumps(r.get("settings") or {}, sort_keys=True)
+    return r.get("shape"), r.get("impl"), settings, r.get("mode"), r.get("concurrency")
+
+
 def serve_cpu_rows(records: list[Record]) -> list[Record]:
     """The rule: newest `wrk` record per (shape, server, settings, request, connections) on 2 cores."""
     wrk = [
@@ -82,11 +89,7 @@ def serve_cpu_rows(records: list[Record]) -> list[Record]:
         and str(r.get("load_generator", "")).startswith("wrk")
     ]
 
-    def key(r: Record) -> tuple:
-        settings = json.dumps(r.get("settings") or {}, sort_keys=True)
-        return r["shape"], r["impl"], settings, r["mode"], r["concurrency"]
-
-    rows = _newest(wrk, key)
+    rows = _newest(wrk, _row_key)
     order = {"single": 0, "batch32": 1}
     return sorted(
         rows,
@@ -102,6 +105,7 @@ def serve_cpu_rows(records: list[Record]) -> list[Record]:
 
 def serve_cpu(records: list[Record]) -> str:
     rows = serve_cpu_rows(records)
+    every_run = [r for r in records if r.get("bench") == "serve" and r.get("device") == "cpu"]
     if not rows:
         return "No 2-core `wrk` serving run is recorded in `bench/results/`; see BENCHMARKS.md."
     load = [x for r in rows for x in (r["load_average_before"], r["load_average_after"])]
@@ -157,11 +161,23 @@ def serve_cpu(records: list[Record]) -> str:
     if best is None:
         target += "is not met: no such row has that p99."
     else:
-        rate = best["sentences_per_second"]
+        # Repeats of that row at the same commit: the verdict reads their median, not one run.
+        same = [
+            r for r in every_run if _row_key(r) == _row_key(best) and r.get("commit") == best.get("commit")
+        ]
+        rates = sorted(r["sentences_per_second"] for r in same)
+        median = statistics.median(rates)
         target += (
-            f"is {'met' if rate >= SERVE_TARGET_PER_S else 'not met'}: the best such row within that p99 "
-            f"answers {rate:,.0f}/s ({_server(best)}, p99 {_ms(best['p99_ms'])})."
+            f"is {'met' if median >= SERVE_TARGET_PER_S else 'not met'}: the best such row within that "
+            f"p99 answers {best['sentences_per_second']:,.0f}/s ({_server(best)}, p99 "
+            f"{_ms(best['p99_ms'])})"
         )
+        if len(rates) > 1:
+            target += (
+                f"; its {len(rates)} runs at commit {best.get('commit')}: "
+                f"{rates[0]:,.0f}–{rates[-1]:,.0f}/s, median {median:,.0f}/s"
+            )
+        target += "."
     return "\n".join([*lines, "", _prose(target)])
 
 

@@ -65,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_every_steps": None,
     "resid_scale": 1.0,  # or "depth": 1/sqrt(2 x layers), GPT-2's scaled init of the residual outputs
     "unigram_bias": False,  # start the MLM head's bias at the training data's log unigram frequency
+    "compile": False,  # torch.compile the model (fewer, fused kernels: a large shape at a large batch)
 }
 
 
@@ -114,6 +115,7 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
         if v["unigram_bias"]:
             init_output_bias_unigram(model, data.train, sorted(data.special_token_ids))
     model.to(device)
+    forward = torch.compile(model) if v["compile"] else model
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -121,6 +123,7 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
         lr=v["lr"],
         betas=(0.9, v["beta2"]),
         eps=1e-6,
+        fused=device.startswith("cuda"),
     )
     steps = int(v["steps"] or max(1, int(v["tokens"] // (v["batch"] * v["seq"]))))
     horizon = int(v["horizon"] or steps)
@@ -165,7 +168,7 @@ def run_variant(variant: dict[str, Any], device: str, cache_dir: str | None) -> 
         for group in opt.param_groups:
             group["lr"] = v["lr"] * lr_at(step)
         with autocast:
-            loss = model(input_ids=inputs, attention_mask=(batch != 0).long(), labels=labels).loss
+            loss = forward(input_ids=inputs, attention_mask=(batch != 0).long(), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
