@@ -97,6 +97,10 @@ PY
     timeout 230 python3 bench/quality_bench.py --shape bert-base --budgets 20,80 --impls microbert \
       --mb-variants "${BASE_LONG:-lr1.4e-4-b64}" --long-only --steps-per-second 59 --eval-points 16 \
       --hf-target "${HF_BASE:-0.0749}" --out "$OUT/base" 2>&1 | grep -v -i "warn" | grep '"heldout_accuracy"\|FAILED' ;;
+  steps512)  # the GPU profiles per step at their auto micro-batch (512), new starting values, against HF (compiled loop;
+    # 3 processes: two MicroBERT seeds and HF, each through bert-small, bert-medium, bert-base; ~120 GB at bert-base)
+    timeout "${STEPS_TIMEOUT:-540}" python3 bench/tiny_sweep.py --variants bench/step_variants_b512.json --procs "${STEPS_PROCS:-3}" \
+      --out "$OUT" 2>&1 | grep -v -i "warn" | tee "$OUT/logs/steps512.log" | grep "step 1000\|tok/s\|Error" ;;
   steps)  # the GPU profiles' recipes per step (their LR, warm-up, horizon) against BertConfig's defaults, 1,000 steps
     timeout "${STEPS_TIMEOUT:-300}" python3 bench/tiny_sweep.py --variants bench/step_variants.json --procs 8 \
       --out "$OUT" 2>&1 | grep -v -i "warn" ;;
