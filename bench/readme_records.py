@@ -123,7 +123,8 @@ def serve_cpu(records: list[Record]) -> str:
         f"load average {min(load):.2f}–{max(load):.2f} (1 minute, before and after each row, the benchmark's "
         "own processes included). Sentences/s counts the inputs of 2xx answers only; non-2xx counts the "
         "requests answered with an error status; p50 and p99 are `wrk`'s, over all answers. "
-        "`bench/readme_outputs.py` writes this table from the newest record of each row in `bench/results/`."
+        "`bench/readme_outputs.py` writes this table from the newest record of each row in `bench/results/`; "
+        "the verdict on the target below reads the median of that row's runs at the same commit."
     )
     lines = [
         _prose(caption),

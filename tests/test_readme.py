@@ -145,8 +145,8 @@ def test_a_newer_record_replaces_its_row_only(tmp_path):
     new = {**old, "date": "2026-12-02", "commit": "abc1234", "sentences_per_second": 1711.4, "p99_ms": 149.0}
     (results / "2026-12-02-cpu.json").write_text(json.dumps([new]))
     before, after = _region(README, "serve-cpu"), _region(ro.render_recorded(README, results), "serve-cpu")
-    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
-    rows = [(a, b) for a, b in changed if a.startswith("|")]
+    table = [[line for line in text.splitlines() if line.startswith("|")] for text in (before, after)]
+    rows = [(a, b) for a, b in zip(*table, strict=True) if a != b]
     assert len(rows) == 1 and "| 1,711 | 0 |" in rows[0][1] and "| 149 ms |" in rows[0][1]
     assert "2026-12-01, 2026-12-02" in after and "abc1234" in after
     assert "is met: the best such row within that p99 answers 1,711/s" in " ".join(after.split())
