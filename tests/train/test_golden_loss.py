@@ -75,7 +75,9 @@ def test_cpu_profile_leaves_the_unigram_plateau(train_env, tmp_path):
     """The cpu profile's recipe on the embedded corpus, 800 steps (6.5 M tokens, about 3 minutes on
     2 cores): its model must predict better than always answering the most frequent token. With
     BERT's position init, this recipe stays at 1.0x the constant guess for 24 M tokens (bench/results/
-    2026-12-01-tiny-sweep-h200.jsonl); the sinusoidal init reaches about 1.6x here. The schedule is
+    2026-12-01-tiny-sweep-h200.jsonl); the sinusoidal init reaches 1.59x here, and with the scaled
+    residual init and unigram head bias (the defaults since session 6) 1.91x, so the bar of 1.75x
+    fails if either of those regresses (measured on the 2-core development box). The schedule is
     warm-up-stable-decay so a short run keeps the profile's peak LR for most of its steps, and the
     profile's 450 s clock is lifted so that a loaded machine still runs all 800 steps."""
     run_dir = tmp_path / "run"
@@ -88,4 +90,4 @@ def test_cpu_profile_leaves_the_unigram_plateau(train_env, tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     last = history(run_dir)["eval"][-1]
-    assert last["accuracy"] >= 1.4 * last["baseline_accuracy"], last
+    assert last["accuracy"] >= 1.75 * last["baseline_accuracy"], last
