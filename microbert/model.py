@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from microbert.config import (
     ModelConfig,
     resolve_position_init,
 )
+
+if TYPE_CHECKING:
+    from microbert.run_config import TrainConfig
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (the `transformers` convention)
 
@@ -433,12 +436,12 @@ def init_output_bias_unigram(model: BertForMaskedLM, rows: np.ndarray, special_i
 
 
 def init_weights(
-    model: BertForMaskedLM, settings: Any, rows: np.ndarray | None, special_ids: list[int]
+    model: BertForMaskedLM, settings: TrainConfig, rows: np.ndarray | None, special_ids: list[int]
 ) -> None:
     """The run's starting values beyond BERT's (positions, residual branches, head bias), in place.
 
-    `settings` has `position_init`, `position_init_std`, `residual_init` and `output_bias_init`
-    (the trainer's settings; microbert.config says why each exists). `rows`: the training rows that
+    `settings`: the run's `position_init`, `position_init_std`, `residual_init` and `output_bias_init`
+    (microbert.config says why each exists). `rows`: the training rows that
     the unigram bias is counted from (None: the bias stays zero).
     """
     init_position_embeddings(model, settings.position_init, settings.position_init_std)
