@@ -100,7 +100,7 @@ PY
   steps512)  # the GPU profiles per step at their auto micro-batch (512), new starting values, against HF (compiled loop;
     # 3 processes: two MicroBERT seeds and HF, each through bert-small, bert-medium, bert-base; ~120 GB at bert-base)
     timeout "${STEPS_TIMEOUT:-540}" python3 bench/tiny_sweep.py --variants bench/step_variants_b512.json --procs "${STEPS_PROCS:-3}" \
-      --out "$OUT" 2>&1 | grep -v -i "warn" | tee "$OUT/logs/steps512.log" | grep "step 1000\|tok/s\|Error" ;;
+      --only "${STEPS_ONLY:-}" --out "$OUT" 2>&1 | grep -v -i "warn" | tee "$OUT/logs/steps512.log" | grep "step 1000\|tok/s\|Error" ;;
   steps)  # the GPU profiles' recipes per step (their LR, warm-up, horizon) against BertConfig's defaults, 1,000 steps
     timeout "${STEPS_TIMEOUT:-300}" python3 bench/tiny_sweep.py --variants bench/step_variants.json --procs 8 \
       --out "$OUT" 2>&1 | grep -v -i "warn" ;;

@@ -269,11 +269,19 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", default="/tmp/tiny_sweep")
+    parser.add_argument(
+        "--only", default="", help="comma-separated substrings: run only the variants whose name has one"
+    )
     args = parser.parse_args()
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     variants = json.loads(Path(args.variants).read_text())
+    if args.only:  # a device call's share of a sweep that needs several calls
+        wanted = [w for w in args.only.split(",") if w]
+        variants = [v for v in variants if any(w in v["name"] for w in wanted)]
+        if not variants:
+            raise SystemExit(f"--only {args.only!r} matches no variant's name in {args.variants}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = str(Path(args.out) / "tiny_sweep.jsonl")
     prepared = set()  # prepare every cache entry once, up front, before the workers share it
