@@ -31,7 +31,8 @@
 set -uo pipefail
 smoke=0
 [ "${1:-}" = "--smoke" ] && smoke=1
-export OUT=${OUT:-/tmp/serve-out} PYTHONUNBUFFERED=1 MICROBERT_CACHE_DIR=/tmp/mbcache TOKENIZERS_PARALLELISM=true
+# TOKENIZERS_PARALLELISM is left unset: microbert-serve chooses it for its workers (serve/cli.py).
+export OUT=${OUT:-/tmp/serve-out} PYTHONUNBUFFERED=1 MICROBERT_CACHE_DIR=/tmp/mbcache
 results=$OUT
 work=$(mktemp -d /tmp/serve-gpu-work.XXXXXX)  # the jobs' $OUT: tarred into $results at the end
 mkdir -p "$results"

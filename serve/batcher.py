@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from microbert.predict import FillMaskPredictor, ModelOutput, PendingOutputs, PreparedInput, bucket_length
-from serve.metrics import Metrics
+from serve.metrics import Metrics, observe_many
 
 log = logging.getLogger("microbert.serve")
 
@@ -229,7 +229,7 @@ class Batcher:
             future: asyncio.Future[ModelOutput] = loop.create_future()
             self._queue.append(_Item(predictor, p, future, now, cost))
             futures.append(future)
-            self.metrics.input_tokens.observe(p.num_tokens)
+        observe_many(self.metrics.input_tokens, [p.num_tokens for p in prepared])
         self._queued_tokens += need
         self._set_depth()
         self.arrivals.add(len(prepared))
@@ -299,8 +299,7 @@ class Batcher:
     async def _launch(self, batch: list[_Item]) -> _Pass | None:
         """Queue a batch's pass in the model thread; None (its futures failed) if that raised."""
         started = time.perf_counter()
-        for item in batch:
-            self.metrics.queue_duration.observe(started - item.enqueued)
+        observe_many(self.metrics.queue_duration, [started - item.enqueued for item in batch])
         self.metrics.batch_size.observe(len(batch))
         predictor = batch[0].predictor
         try:

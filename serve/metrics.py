@@ -8,7 +8,9 @@ its values to files there and `/metrics` (answered by any one worker) sums them 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -26,6 +28,32 @@ disable_created_metrics()
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
+    """`histogram.observe(v)` for every value, in one write per bucket touched.
+
+    With `--workers N` every observation is a locked write into a shared file, twice (its bucket
+    and the sum); the model process observes each input's tokens and queue wait, so per input that
+    was an eighth of its time under batch requests (py-spy, one H200). Counting the values per bucket
+    first gives the same series with a few writes per batch. A client without the internals this
+    reads (they are not public API) gets the plain loop.
+    """
+    buckets = getattr(histogram, "_buckets", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    total = getattr(histogram, "_sum", None)
+    if buckets is None or bounds is None or total is None or len(buckets) != len(bounds):
+        for value in values:
+            histogram.observe(float(value))
+        return
+    array = np.asarray(values, dtype=np.float64)
+    if not array.size:
+        return
+    # A value goes to the first bucket whose upper bound is >= it, as `observe` places it.
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), array, side="left"), minlength=len(bounds))
+    total.inc(float(array.sum()))
+    for i in np.flatnonzero(counts[: len(bounds)]).tolist():
+        buckets[i].inc(int(counts[i]))
 
 
 def multiprocess_dir() -> str | None:

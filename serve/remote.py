@@ -13,10 +13,18 @@ A reload changes the artifact: inputs tokenized for another than the one served 
 ("stale", its folder, longest input, mask token), and the worker tokenizes again for it, so one
 tokenizer's ids never meet another's model or strings.
 
-Frames are a 4-byte length and a pickle, between processes of one server through a socket in a
-folder only its user can open. Client → model: ("run", id, folder, inputs, timeout_s), ("cancel",
-id), ("status", id), ("encoding", id). Model → client: ("ok", id, payload) or ("error", id,
-(status, error_type, message, extra, headers)).
+Frames are a 4-byte length and a pickled list of messages, between processes of one server through
+a socket in a folder only its user can open. Each side sends what became ready in one event-loop
+iteration as one frame (`_Outbox`): under load that is many requests, or every answer of a batch,
+for one pickle, one write and one read. A request's inputs travel as a few flat arrays, not an
+object per input, and so do its outputs. Client → model: ("run", id, folder, inputs, timeout_s),
+("cancel", id), ("status", id), ("encoding", id). Model → client: ("ok", id, payload) or ("error",
+id, (status, error_type, message, extra, headers)).
+
+The model process keeps no task per request: a "run" queues its inputs at once and its reply is
+written by the callback that fires when their outputs are all there (or by the timer of its
+deadline). Per-request Python there is what bounds a one-process server, since every worker's
+requests meet on its one event loop.
 """
 
 from __future__ import annotations
@@ -36,9 +44,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from microbert.predict import FillMaskEncoder, FillMaskFormatter, ModelOutput, PreparedInput
+from serve.batcher import Batcher
 from serve.errors import ServiceError, not_ready
-from serve.service import encode_request
+from serve.service import encode_request, timed_out
 from serve.settings import Settings
 
 log = logging.getLogger("microbert.serve")
@@ -46,30 +57,77 @@ log = logging.getLogger("microbert.serve")
 _HEADER = struct.Struct("!I")
 
 
-def _frame(message: Any) -> bytes:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+def _frame(messages: list[Any]) -> bytes:
+    payload = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(payload)) + payload
 
 
-async def _read(reader: asyncio.StreamReader) -> Any:
+async def _read(reader: asyncio.StreamReader) -> list[Any]:
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    return pickle.loads(await reader.readexactly(size))
+    messages: list[Any] = pickle.loads(await reader.readexactly(size))
+    return messages
 
 
-def _pack_inputs(prepared: Sequence[PreparedInput]) -> list[tuple[Any, ...]]:
-    return [(p.ids, p.mask_positions, p.top_k, p.target_ids) for p in prepared]
+class _Outbox:
+    """Messages for one socket, written as one frame per event-loop iteration (see the module's doc)."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self._messages: list[Any] = []
+
+    def send(self, message: Any) -> None:
+        if not self._messages:  # the first of this iteration: flush once the iteration's callbacks ran
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._messages.append(message)
+
+    def _flush(self) -> None:
+        messages, self._messages = self._messages, []
+        if messages and not self.writer.is_closing():
+            self.writer.write(_frame(messages))
 
 
-def _unpack_inputs(packed: list[tuple[Any, ...]]) -> list[PreparedInput]:
-    return [PreparedInput(*fields) for fields in packed]
+def _pack_inputs(prepared: Sequence[PreparedInput]) -> tuple[Any, ...]:
+    """A request's inputs as flat arrays: ids, lengths, mask positions, mask counts, and the top_k
+    and targets that all inputs of one request share (`encode_request` gives them the same)."""
+    if not prepared:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, empty, 1, None
+    first = prepared[0]
+    assert all(p.top_k == first.top_k and p.target_ids == first.target_ids for p in prepared)
+    return (
+        np.concatenate([p.ids for p in prepared]),
+        np.fromiter((len(p.ids) for p in prepared), dtype=np.int64, count=len(prepared)),
+        np.concatenate([p.mask_positions for p in prepared]),
+        np.fromiter((len(p.mask_positions) for p in prepared), dtype=np.int64, count=len(prepared)),
+        first.top_k,
+        first.target_ids,
+    )
 
 
-def _pack_outputs(outputs: Sequence[ModelOutput]) -> list[tuple[Any, Any]]:
-    return [(o.scores, o.token_ids) for o in outputs]
+def _unpack_inputs(packed: tuple[Any, ...]) -> list[PreparedInput]:
+    ids, lengths, positions, counts, top_k, target_ids = packed
+    if not len(lengths):
+        return []
+    id_parts = np.split(ids, np.cumsum(lengths[:-1]))
+    position_parts = np.split(positions, np.cumsum(counts[:-1]))
+    return [PreparedInput(i, m, top_k, target_ids) for i, m in zip(id_parts, position_parts, strict=True)]
 
 
-def _unpack_outputs(packed: list[tuple[Any, Any]]) -> list[ModelOutput]:
-    return [ModelOutput(scores, token_ids) for scores, token_ids in packed]
+def _pack_outputs(outputs: Sequence[ModelOutput]) -> tuple[Any, Any, Any]:
+    """A request's outputs as (all masks' scores, their token ids, masks per input): its inputs share
+    top_k, so their (masks, k) arrays stack."""
+    counts = np.fromiter((len(o.scores) for o in outputs), dtype=np.int64, count=len(outputs))
+    if not len(outputs):
+        return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.int64), counts
+    return np.concatenate([o.scores for o in outputs]), np.concatenate([o.token_ids for o in outputs]), counts
+
+
+def _unpack_outputs(packed: tuple[Any, Any, Any]) -> list[ModelOutput]:
+    scores, token_ids, counts = packed
+    if not len(counts):
+        return []
+    cuts = np.cumsum(counts[:-1])
+    return [ModelOutput(s, t) for s, t in zip(np.split(scores, cuts), np.split(token_ids, cuts), strict=True)]
 
 
 class _Artifact:
@@ -91,6 +149,7 @@ class RemoteModel:
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._writer: asyncio.StreamWriter | None = None
+        self._outbox: _Outbox | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._artifact: _Artifact | None = None
@@ -117,19 +176,20 @@ class RemoteModel:
             except OSError:
                 await asyncio.sleep(0.1)
                 continue
+            self._outbox = _Outbox(self._writer)
             self._connected.set()
             try:
                 while True:
-                    kind, request_id, payload = await _read(reader)
-                    future = self._pending.pop(request_id, None)
-                    if future is not None and not future.done():
-                        future.set_result((kind, payload))
+                    for kind, request_id, payload in await _read(reader):
+                        future = self._pending.pop(request_id, None)
+                        if future is not None and not future.done():
+                            future.set_result((kind, payload))
             except (OSError, asyncio.IncompleteReadError) as exc:
                 log.warning("lost the model process (%s); reconnecting", exc)
             finally:
                 self._connected.clear()
                 self._writer.close()
-                self._writer = None
+                self._writer = self._outbox = None
                 for future in self._pending.values():
                     if not future.done():
                         future.set_result(
@@ -138,18 +198,18 @@ class RemoteModel:
                 self._pending.clear()
 
     async def _call(self, kind: str, *args: Any) -> Any:
-        if self._writer is None:
+        if self._outbox is None:
             raise not_ready("the model process is not reachable yet", 1.0)
         request_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            self._writer.write(_frame((kind, request_id, *args)))
+            self._outbox.send((kind, request_id, *args))
             reply_kind, payload = await future
         except asyncio.CancelledError:  # the client went away: the model process drops the inputs
             self._pending.pop(request_id, None)
-            if self._writer is not None:
-                self._writer.write(_frame(("cancel", request_id)))
+            if self._outbox is not None:
+                self._outbox.send(("cancel", request_id))
             raise
         if reply_kind == "error":
             status, error_type, message, extra, headers = payload
@@ -237,56 +297,126 @@ class ModelServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections.add(writer)
+        outbox = _Outbox(writer)
         tasks: dict[int, asyncio.Task[None]] = {}
+        runs: dict[int, _Run] = {}
         try:
             while True:
-                kind, request_id, *args = await _read(reader)
-                if kind == "cancel":
-                    task = tasks.pop(request_id, None)
-                    if task is not None:
-                        task.cancel()
-                    continue
-                task = asyncio.create_task(self._answer(writer, kind, request_id, args))
-                tasks[request_id] = task
-                task.add_done_callback(functools.partial(_forget, tasks, request_id))
+                for kind, request_id, *args in await _read(reader):
+                    if kind == "run":
+                        self._run(outbox, runs, request_id, *args)
+                    elif kind == "cancel":
+                        run = runs.get(request_id)
+                        if run is not None:
+                            run.drop()
+                        task = tasks.pop(request_id, None)
+                        if task is not None:
+                            task.cancel()
+                    else:
+                        task = asyncio.create_task(self._answer(outbox, kind, request_id))
+                        tasks[request_id] = task
+                        task.add_done_callback(functools.partial(_forget, tasks, request_id))
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             for task in list(tasks.values()):
                 task.cancel()
+            for run in list(runs.values()):
+                run.drop()
             self.connections.discard(writer)
             writer.close()
 
-    async def _answer(
-        self, writer: asyncio.StreamWriter, kind: str, request_id: int, args: list[Any]
+    def _run(
+        self,
+        outbox: _Outbox,
+        runs: dict[int, _Run],
+        request_id: int,
+        path: str,
+        packed: Any,
+        timeout_s: float,
     ) -> None:
+        """Queue a request's inputs; `_Run` replies when they are done. Refusals reply at once."""
         try:
-            if kind == "run":
-                path, packed, timeout_s = args
-                outputs = await self.service.infer_prepared(path, _unpack_inputs(packed), timeout_s)
-                payload = (
-                    ("stale", self.service.encoding())
-                    if outputs is None
-                    else ("outputs", _pack_outputs(outputs))
-                )
-                reply: tuple[Any, ...] = ("ok", request_id, payload)
-            elif kind == "status":
-                reply = ("ok", request_id, await self.service.status())
+            submitted = self.service.submit_prepared(path, _unpack_inputs(packed))
+            if submitted is None:  # tokenized for an artifact no longer served
+                outbox.send(("ok", request_id, ("stale", self.service.encoding())))
+                return
+        except ServiceError as exc:
+            outbox.send(_error(request_id, exc))
+            return
+        except Exception:
+            log.exception("model process: run failed")
+            outbox.send(_error(request_id, _internal_error()))
+            return
+        batcher, futures = submitted
+        runs[request_id] = _Run(outbox, runs, request_id, batcher, futures, timeout_s)
+
+    async def _answer(self, outbox: _Outbox, kind: str, request_id: int) -> None:
+        try:
+            if kind == "status":
+                reply: tuple[Any, ...] = ("ok", request_id, await self.service.status())
             elif kind == "encoding":
                 reply = ("ok", request_id, self.service.encoding())
             else:
                 raise ServiceError(500, "internal_error", f"unknown message {kind!r}")
         except ServiceError as exc:
-            reply = (
-                "error",
-                request_id,
-                (exc.status_code, exc.error_type, exc.message, exc.extra, exc.headers),
-            )
+            reply = _error(request_id, exc)
         except Exception:
             log.exception("model process: %s failed", kind)
-            reply = ("error", request_id, (500, "internal_error", "internal server error", {}, {}))
-        if not writer.is_closing():
-            writer.write(_frame(reply))
+            reply = _error(request_id, _internal_error())
+        outbox.send(reply)
+
+
+def _internal_error() -> ServiceError:
+    return ServiceError(500, "internal_error", "internal server error")
+
+
+def _error(request_id: int, exc: ServiceError) -> tuple[Any, ...]:
+    return "error", request_id, (exc.status_code, exc.error_type, exc.message, exc.extra, exc.headers)
+
+
+class _Run:
+    """One request's inputs in the batcher: replied to when all their outputs are there, refused
+    (503, as `ModelService.infer` does) when `timeout_s` passes first, dropped unanswered when the
+    worker cancels it (its client went away)."""
+
+    def __init__(
+        self,
+        outbox: _Outbox,
+        runs: dict[int, _Run],
+        request_id: int,
+        batcher: Batcher,
+        futures: list[asyncio.Future[ModelOutput]],
+        timeout_s: float,
+    ):
+        self.outbox, self.runs, self.request_id = outbox, runs, request_id
+        self.batcher, self.futures, self.timeout_s = batcher, futures, timeout_s
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(timeout_s, self._expire)
+        self.gathered = asyncio.gather(*futures)
+        self.gathered.add_done_callback(self._done)
+
+    def _done(self, gathered: asyncio.Future[list[ModelOutput]]) -> None:
+        exc = None if gathered.cancelled() else gathered.exception()  # retrieved: no warning
+        if self.runs.pop(self.request_id, None) is None:  # expired or dropped: handled there
+            return
+        self.timer.cancel()
+        if isinstance(exc, asyncio.CancelledError):  # the batcher stopped: the process is stopping
+            self.outbox.send(_error(self.request_id, not_ready("the model process is stopping; retry", 1.0)))
+        elif exc is not None:  # the batch failed (logged by the batcher)
+            self.outbox.send(_error(self.request_id, _internal_error()))
+        else:
+            self.outbox.send(("ok", self.request_id, ("outputs", _pack_outputs(gathered.result()))))
+
+    def _expire(self) -> None:
+        if self.runs.pop(self.request_id, None) is not None:
+            self.batcher.discard(self.futures)
+            self.outbox.send(_error(self.request_id, timed_out(self.timeout_s)))
+
+    def drop(self) -> None:
+        if self.runs.pop(self.request_id, None) is not None:
+            self.timer.cancel()
+            self.batcher.discard(self.futures)
 
 
 async def _main_async(settings: Settings) -> None:

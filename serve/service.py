@@ -10,7 +10,7 @@ load is logged once (with the reason, no traceback) and retried only when its fi
 `infer` is the whole model side of a request (targets, tokenizing, the batch queue, a deadline), as
 the HTTP route calls it in a one-process server. With a model process (`serve/remote.py`) the HTTP
 workers tokenize (`encode_request`, the same checks and errors) and the model process only queues
-and runs their inputs (`infer_prepared`), refusing inputs tokenized for an artifact it no longer serves.
+and runs their inputs (`submit_prepared`), refusing inputs tokenized for an artifact it no longer serves.
 """
 
 from __future__ import annotations
@@ -361,15 +361,18 @@ class ModelService:
         loaded, _ = self._serving()
         return str(loaded.path), loaded.predictor.max_length, loaded.predictor.mask_token
 
-    async def infer_prepared(
-        self, path: str, prepared: list[PreparedInput], timeout_s: float
-    ) -> list[ModelOutput] | None:
-        """Inputs an HTTP worker tokenized for the artifact at `path`; None when another is served now
-        (a reload swapped it): the worker then tokenizes again, for `encoding()`."""
+    def submit_prepared(
+        self, path: str, prepared: list[PreparedInput]
+    ) -> tuple[Batcher, list[asyncio.Future[ModelOutput]]] | None:
+        """Queue inputs an HTTP worker tokenized for the artifact at `path`: the batcher and one future
+        per input, or None when another artifact is served now (a reload swapped it; the worker
+        then tokenizes again, for `encoding()`). A full queue or no model raises ServiceError. The
+        caller waits, and on giving up calls `batcher.discard(futures)` (the model process answers
+        without a task per request: `serve/remote.py`)."""
         loaded, batcher = self._serving()
         if str(loaded.path) != path:
             return None
-        return await self._run(loaded, batcher, prepared, time.monotonic() + timeout_s, timeout_s)
+        return batcher, _submit(loaded, batcher, prepared)
 
     async def _run(
         self,
@@ -380,15 +383,7 @@ class ModelService:
         timeout_s: float,
     ) -> list[ModelOutput]:
         """Queue the inputs and wait for their outputs until `deadline`; dropped if it passes."""
-        try:
-            futures = batcher.submit(loaded.predictor, prepared)
-        except QueueFullError as exc:
-            error = ServiceError(429, "queue_full", str(exc))
-            # Whole seconds, as HTTP has them (at least 1: a 0 invites an immediate retry storm), and
-            # the estimate itself in milliseconds for clients that can wait less than a second.
-            error.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
-            error.headers["retry-after-ms"] = str(max(1, math.ceil(exc.retry_after_s * 1000)))
-            raise error from None
+        futures = _submit(loaded, batcher, prepared)
         gathered = asyncio.gather(*futures)
         gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
         answered = False
@@ -401,6 +396,21 @@ class ModelService:
             if not answered:  # timed out, or the client went away: drop the queued inputs
                 batcher.discard(futures)
         return list(outputs)
+
+
+def _submit(
+    loaded: Loaded, batcher: Batcher, prepared: list[PreparedInput]
+) -> list[asyncio.Future[ModelOutput]]:
+    """Queue a request's inputs; a full queue is a 429 that says when to come back."""
+    try:
+        return batcher.submit(loaded.predictor, prepared)
+    except QueueFullError as exc:
+        error = ServiceError(429, "queue_full", str(exc))
+        # Whole seconds, as HTTP has them (at least 1: a 0 invites an immediate retry storm), and
+        # the estimate itself in milliseconds for clients that can wait less than a second.
+        error.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+        error.headers["retry-after-ms"] = str(max(1, math.ceil(exc.retry_after_s * 1000)))
+        raise error from None
 
 
 def timed_out(timeout_s: float) -> ServiceError:

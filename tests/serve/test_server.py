@@ -235,6 +235,8 @@ def test_one_model_process_serves_several_http_workers(
     text = httpx.get(server.url + "/metrics").text
     assert sample(text, "microbert_requests_total", route="/fill-mask", status="200") == 7
     assert sample(text, "microbert_batch_size_inputs_sum") == 13  # counted in the model process
+    assert sample(text, "microbert_input_tokens_count") == 13  # observe_many, in multiprocess mode
+    assert sample(text, "microbert_queue_duration_seconds_count") == 13
     other = train_tokenizer(sample_texts[:800], vocab_size=600)
     torch.manual_seed(8)
     model = BertForMaskedLM(tiny_config.replace(vocab_size=other.get_vocab_size())).eval()
