@@ -116,7 +116,9 @@ def test_stale_inputs_and_a_full_queue_are_answered_at_once(tmp_path: Path, tiny
         one = _pack_inputs(predictor.encode([TEXTS[0]]))
         many = _pack_inputs(predictor.encode(TEXTS * 30))
         # The first fills the small queue (an empty queue takes any request); the second is refused.
-        client.send(("run", 1, "/elsewhere", one, 30.0), ("run", 2, path, many, 30.0), ("run", 3, path, many, 30.0))
+        client.send(
+            ("run", 1, "/elsewhere", one, 30.0), ("run", 2, path, many, 30.0), ("run", 3, path, many, 30.0)
+        )
         replies, _ = await client.replies(3)
         assert replies[1] == ("ok", ("stale", service.encoding()))
         assert replies[2][1][0] == "outputs"
@@ -167,9 +169,7 @@ def test_a_frame_is_a_length_and_a_list_of_messages() -> None:
 @pytest.mark.parametrize("masks", [[1, 1], [2, 0, 3]])
 def test_outputs_of_inputs_with_several_or_no_masks_split_back(masks: list[int]) -> None:
     rng = np.random.default_rng(0)
-    outputs = [
-        ModelOutput(rng.random((m, 3), dtype=np.float32), rng.integers(0, 100, (m, 3))) for m in masks
-    ]
+    outputs = [ModelOutput(rng.random((m, 3), dtype=np.float32), rng.integers(0, 100, (m, 3))) for m in masks]
     back = _unpack_outputs(_pack_outputs(outputs))
     assert [len(o.scores) for o in back] == masks
     for x, y in zip(back, outputs, strict=True):
