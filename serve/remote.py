@@ -14,12 +14,15 @@ A reload changes the artifact: inputs tokenized for another than the one served 
 tokenizer's ids never meet another's model or strings.
 
 Frames are a 4-byte length and a pickled list of messages, between processes of one server through
-a socket in a folder only its user can open. Each side sends what became ready in one event-loop
-iteration as one frame (`_Outbox`): under load that is many requests, or every answer of a batch,
-for one pickle, one write and one read. A request's inputs travel as a few flat arrays, not an
-object per input, and so do its outputs. Client → model: ("run", id, folder, inputs, timeout_s),
-("cancel", id), ("status", id), ("encoding", id). Model → client: ("ok", id, payload) or ("error",
-id, (status, error_type, message, extra, headers)).
+a socket in a folder only its user can open. The model process sends the answers that became ready
+in one event-loop iteration (every answer of a batch) as one frame per worker (`_Outbox`): one
+pickle, one write and one read for all of them. A worker sends each request at once: holding its
+requests to the end of an iteration (tens of them, each parsed and tokenized first) kept the card
+idle meanwhile and turned the stream into waves, 30% fewer single-sentence requests/s on one H200.
+A request's inputs travel as a few flat arrays, not an object per input, and so do its outputs.
+Client → model: ("run", id, folder, inputs, timeout_s), ("cancel", id), ("status", id),
+("encoding", id). Model → client: ("ok", id, payload) or ("error", id, (status, error_type,
+message, extra, headers)).
 
 The model process keeps no task per request: a "run" queues its inputs at once and its reply is
 written by the callback that fires when their outputs are all there (or by the timer of its
@@ -149,7 +152,6 @@ class RemoteModel:
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._writer: asyncio.StreamWriter | None = None
-        self._outbox: _Outbox | None = None
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._artifact: _Artifact | None = None
@@ -176,7 +178,6 @@ class RemoteModel:
             except OSError:
                 await asyncio.sleep(0.1)
                 continue
-            self._outbox = _Outbox(self._writer)
             self._connected.set()
             try:
                 while True:
@@ -189,7 +190,7 @@ class RemoteModel:
             finally:
                 self._connected.clear()
                 self._writer.close()
-                self._writer = self._outbox = None
+                self._writer = None
                 for future in self._pending.values():
                     if not future.done():
                         future.set_result(
@@ -198,18 +199,18 @@ class RemoteModel:
                 self._pending.clear()
 
     async def _call(self, kind: str, *args: Any) -> Any:
-        if self._outbox is None:
+        if self._writer is None:
             raise not_ready("the model process is not reachable yet", 1.0)
         request_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            self._outbox.send((kind, request_id, *args))
+            self._writer.write(_frame([(kind, request_id, *args)]))
             reply_kind, payload = await future
         except asyncio.CancelledError:  # the client went away: the model process drops the inputs
             self._pending.pop(request_id, None)
-            if self._outbox is not None:
-                self._outbox.send(("cancel", request_id))
+            if self._writer is not None:
+                self._writer.write(_frame([("cancel", request_id)]))
             raise
         if reply_kind == "error":
             status, error_type, message, extra, headers = payload
