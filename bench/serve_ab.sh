@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The serving figures of the working tree beside those of an earlier commit, in ONE device call, so
+# the two are compared on the same machine (figures from different calls differ by up to 25% with the
+# same code: the lent hosts are not the same).
+#   bash bench/serve_ab.sh --prepare REF   # here: REF's microbert/, serve/ and bench/ into .ab/REF
+#   bash bench/serve_ab.sh REF [CONNECTIONS] [MODES]   # on the GPU machine; carry .whl .deb .ab
+# Each tree serves the same random-weight bert-base artifact with --workers auto, wrk on the same
+# host; records (with "tree") in $OUT/serve_ab.jsonl.
+set -uo pipefail
+if [ "${1:-}" = "--prepare" ]; then
+  ref=${2:?REF}; rm -rf ".ab/$ref"; mkdir -p ".ab/$ref"
+  git archive "$ref" microbert serve bench | tar -x -C ".ab/$ref" && echo ".ab/$ref ready (carry .ab)"
+  exit
+fi
+ref=${1:?REF}; conns=${2:-256}; modes=${3:-single,batch32}
+preset=${AB_PRESET:-bert-base}; threads=${AB_THREADS:-4}  # AB_PRESET=bert-tiny AB_THREADS=1: a CPU smoke run
+export OUT=${OUT:-/tmp/serve-ab} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+wrk=$(command -v wrk)
+if [ -d .deb ]; then  # the GPU machine
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  mkdir -p /tmp/wrk && for f in .deb/*.deb; do dpkg -x "$f" /tmp/wrk; done
+  export LD_LIBRARY_PATH=/tmp/wrk/usr/lib/x86_64-linux-gnu PATH=/tmp/site/bin:$PATH
+  wrk=/tmp/wrk/usr/bin/wrk
+fi
+run=/tmp/serve-ab-run-$preset
+PYTHONPATH=$PWD:/tmp/site python3 -c "
+from pathlib import Path; from bench.serve_bench import make_run
+make_run(Path('$run'), '$preset')" >/dev/null 2>&1 || { echo "artifact failed"; exit 1; }
+for tree in "$PWD" "$PWD/.ab/$ref"; do
+  name=$([ "$tree" = "$PWD" ] && echo "working tree" || echo "$ref")
+  echo "== $name $(uptime)"
+  mkdir -p "$OUT/work"
+  (cd "$tree" && PYTHONPATH=$tree:/tmp/site OUT=$OUT/work timeout 150 python3 -m bench.serve_wrk --model-dir "$run" \
+    --preset "$preset" --wrk "$wrk" --threads "$threads" --duration 8 --connections "$conns" --modes "$modes" \
+    --impls microbert --workers auto --env MICROBERT_MAX_BATCH_SIZE=256 2>&1) | grep '^{' | TREE=$name python3 -c '
+import json, os, sys
+for r in map(json.loads, sys.stdin):
+    r["tree"] = os.environ["TREE"]
+    print(json.dumps(r), file=open(os.environ["OUT"] + "/serve_ab.jsonl", "a"))
+    print("  ", r["tree"], r["mode"], r["concurrency"], "sentences/s", r["sentences_per_second"], "p50", r["p50_ms"], "p99", r["p99_ms"],
+          "429s", r.get("statuses", {}).get("429", 0), flush=True)'
+done
+rm -rf "$OUT/work"
