@@ -30,6 +30,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
+# Up to this many values, one `observe` each is cheaper than counting them per bucket first.
+_FEW_OBSERVATIONS = 4
+
+
 def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
     """`histogram.observe(v)` for every value, in one write per bucket touched.
 
@@ -42,7 +46,8 @@ def observe_many(histogram: Histogram, values: Sequence[float] | np.ndarray) -> 
     buckets = getattr(histogram, "_buckets", None)
     bounds = getattr(histogram, "_upper_bounds", None)
     total = getattr(histogram, "_sum", None)
-    if buckets is None or bounds is None or total is None or len(buckets) != len(bounds):
+    few = len(values) <= _FEW_OBSERVATIONS  # a single-sentence request: the numpy calls cost more
+    if few or buckets is None or bounds is None or total is None or len(buckets) != len(bounds):
         for value in values:
             histogram.observe(float(value))
         return

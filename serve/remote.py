@@ -96,6 +96,8 @@ def _pack_inputs(prepared: Sequence[PreparedInput]) -> tuple[Any, ...]:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty, empty, 1, None
     first = prepared[0]
+    if len(prepared) == 1:  # a single-sentence request: its arrays as they are, no numpy call
+        return first.ids, None, first.mask_positions, None, first.top_k, first.target_ids
     assert all(p.top_k == first.top_k and p.target_ids == first.target_ids for p in prepared)
     return (
         np.concatenate([p.ids for p in prepared]),
@@ -109,6 +111,8 @@ def _pack_inputs(prepared: Sequence[PreparedInput]) -> tuple[Any, ...]:
 
 def _unpack_inputs(packed: tuple[Any, ...]) -> list[PreparedInput]:
     ids, lengths, positions, counts, top_k, target_ids = packed
+    if lengths is None:  # one input
+        return [PreparedInput(ids, positions, top_k, target_ids)]
     if not len(lengths):
         return []
     id_parts = np.split(ids, np.cumsum(lengths[:-1]))
@@ -119,6 +123,8 @@ def _unpack_inputs(packed: tuple[Any, ...]) -> list[PreparedInput]:
 def _pack_outputs(outputs: Sequence[ModelOutput]) -> tuple[Any, Any, Any]:
     """A request's outputs as (all masks' scores, their token ids, masks per input): its inputs share
     top_k, so their (masks, k) arrays stack."""
+    if len(outputs) == 1:  # one input: its arrays as they are
+        return outputs[0].scores, outputs[0].token_ids, None
     counts = np.fromiter((len(o.scores) for o in outputs), dtype=np.int64, count=len(outputs))
     if not len(outputs):
         return np.zeros((0, 1), np.float32), np.zeros((0, 1), np.int64), counts
@@ -127,6 +133,8 @@ def _pack_outputs(outputs: Sequence[ModelOutput]) -> tuple[Any, Any, Any]:
 
 def _unpack_outputs(packed: tuple[Any, Any, Any]) -> list[ModelOutput]:
     scores, token_ids, counts = packed
+    if counts is None:  # one input
+        return [ModelOutput(scores, token_ids)]
     if not len(counts):
         return []
     cuts = np.cumsum(counts[:-1])

@@ -21,6 +21,7 @@ def test_observe_many_writes_what_one_observe_per_value_writes() -> None:
     for buckets, values in (
         (TOKEN_BUCKETS, [3, 4, 5, 8, 9, 2048, 2049, 10_000, 4, 4]),  # on, between and past the bounds
         (DURATION_BUCKETS, [0.0, 0.0004, 0.001, 0.0011, 0.3, 31.0]),
+        (DURATION_BUCKETS, [0.004]),  # few values: the plain loop
     ):
         one, h_one, many, h_many = _pair(buckets)
         for value in values:

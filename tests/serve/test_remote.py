@@ -45,6 +45,10 @@ def test_inputs_and_outputs_travel_as_flat_arrays_and_come_back_the_same(tiny_ar
         _same_inputs(_unpack_inputs(_pack_inputs(prepared)), prepared)
     prepared = predictor.encode(TEXTS, top_k=4)  # the few-texts path
     _same_inputs(_unpack_inputs(_pack_inputs(prepared)), prepared)
+    one = predictor.encode([TEXTS[1]], top_k=2, target_ids=(5,))  # a single-sentence request
+    _same_inputs(_unpack_inputs(_pack_inputs(one)), one)
+    (alone,) = _unpack_outputs(_pack_outputs(predictor.run(one)))
+    assert alone.scores.shape == (2, 1)
     outputs = predictor.run(prepared)
     back = _unpack_outputs(_pack_outputs(outputs))
     assert [o.scores.shape for o in back] == [(1, 4), (2, 4), (1, 4)]
