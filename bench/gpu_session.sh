@@ -102,7 +102,7 @@ PY
     timeout "${STEPS_TIMEOUT:-540}" python3 bench/tiny_sweep.py --variants bench/step_variants_b512.json --procs "${STEPS_PROCS:-3}" \
       --only "${STEPS_ONLY:-}" --out "$OUT" 2>&1 | grep -v -i "warn" | tee "$OUT/logs/steps512.log" | grep "step 1000\|tok/s\|Error" ;;
   serve)  # the serving figures (bench/serve_gpu.sh; carry .deb too): summaries printed, its logs in one tar.
-    # TOKENIZERS_PARALLELISM unset: microbert-serve chooses it for its workers.
+    # TOKENIZERS_PARALLELISM unset, as a user runs the server.
     env -u TOKENIZERS_PARALLELISM OUT="$OUT/serve" SERVE_SKIP="${SERVE_SKIP-profile microbert_one_process hf_pipeline_fastapi}" \
       SERVE_BUDGET_S="${SERVE_BUDGET_S:-300}" timeout "${SERVE_TIMEOUT:-330}" bash bench/serve_gpu.sh | grep -v "^-rw\|^drwx\|^total"
     (cd "$OUT/serve" && tar czf ../serve_logs.tgz ./*.log && rm -f ./*.log) ;;

@@ -31,7 +31,7 @@
 set -uo pipefail
 smoke=0
 [ "${1:-}" = "--smoke" ] && smoke=1
-# TOKENIZERS_PARALLELISM is left unset: microbert-serve chooses it for its workers (serve/cli.py).
+# TOKENIZERS_PARALLELISM is left unset (the tokenizers default, parallel), as a user runs the server.
 export OUT=${OUT:-/tmp/serve-out} PYTHONUNBUFFERED=1 MICROBERT_CACHE_DIR=/tmp/mbcache
 results=$OUT
 work=$(mktemp -d /tmp/serve-gpu-work.XXXXXX)  # the jobs' $OUT: tarred into $results at the end

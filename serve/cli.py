@@ -173,12 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     workers, shared, how = _plan(settings)
-    if workers > 1 and "TOKENIZERS_PARALLELISM" not in os.environ:
-        # Each process would keep a Rust thread pool over every core and hand even a one-sentence
-        # request to it: 8 workers on 16 cores spent half their time there (py-spy, one H200). The
-        # workers are the parallelism; a request's texts are tokenized in its worker's own thread.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        how += "; tokenizing in each worker's thread"
     log.info("%s", how)
     if workers > 1:
         _multiprocess_metrics_dir()
