@@ -17,8 +17,8 @@ Frames are a 4-byte length and a pickled list of messages, between processes of 
 a socket in a folder only its user can open. The model process sends the answers that became ready
 in one event-loop iteration (every answer of a batch) as one frame per worker (`_Outbox`): one
 pickle, one write and one read for all of them. A worker sends each request at once: holding its
-requests to the end of an iteration (tens of them, each parsed and tokenized first) kept the card
-idle meanwhile and turned the stream into waves, 30% fewer single-sentence requests/s on one H200.
+requests to the end of an iteration (tens of them, each parsed and tokenized first) would delay the
+first by the others' work, and showed no gain where it was measured (bench/NOTES.md, "Serving").
 A request's inputs travel as a few flat arrays, not an object per input, and so do its outputs.
 Client → model: ("run", id, folder, inputs, timeout_s), ("cancel", id), ("status", id),
 ("encoding", id). Model → client: ("ok", id, payload) or ("error", id, (status, error_type,
