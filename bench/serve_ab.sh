@@ -2,14 +2,17 @@
 # The serving figures of the working tree beside those of an earlier commit, in ONE device call, so
 # the two are compared on the same machine (figures from different calls differ by up to 25% with the
 # same code: the lent hosts are not the same).
-#   bash bench/serve_ab.sh --prepare REF   # here: REF's microbert/, serve/ and bench/ into .ab/REF
+#   bash bench/serve_ab.sh --prepare REF   # here: REF's microbert/ and serve/ into .ab/REF
 #   bash bench/serve_ab.sh REF [CONNECTIONS] [MODES]   # on the GPU machine; carry .whl .deb .ab
+# Both trees are measured by the working tree's bench/ (copied into .ab/REF at run time), so the
+# load and the figures are the same code; only the server differs.
 # Each tree serves the same random-weight bert-base artifact with --workers auto, wrk on the same
-# host; records (with "tree") in $OUT/serve_ab.jsonl.
+# host; records (with "tree") in $OUT/serve_ab.jsonl, each with what the model did meanwhile (passes
+# per second, inputs per pass, pass time and its share of the run, queue wait: from /metrics).
 set -uo pipefail
 if [ "${1:-}" = "--prepare" ]; then
   ref=${2:?REF}; rm -rf ".ab/$ref"; mkdir -p ".ab/$ref"
-  git archive "$ref" microbert serve bench | tar -x -C ".ab/$ref" && echo ".ab/$ref ready (carry .ab)"
+  git archive "$ref" microbert serve | tar -x -C ".ab/$ref" && echo ".ab/$ref ready (carry .ab)"
   exit
 fi
 ref=${1:?REF}; conns=${2:-256}; modes=${3:-single,batch32}
@@ -27,6 +30,8 @@ run=/tmp/serve-ab-run-$preset
 PYTHONPATH=$PWD:/tmp/site python3 -c "
 from pathlib import Path; from bench.serve_bench import make_run
 make_run(Path('$run'), '$preset')" >/dev/null 2>&1 || { echo "artifact failed"; exit 1; }
+[ -d ".ab/$ref/serve" ] || { echo "no .ab/$ref: run bash bench/serve_ab.sh --prepare $ref first, and carry .ab"; exit 1; }
+rm -rf ".ab/$ref/bench" && cp -r bench ".ab/$ref/bench"
 for tree in "$PWD" "$PWD/.ab/$ref"; do
   name=$([ "$tree" = "$PWD" ] && echo "working tree" || echo "$ref")
   echo "== $name $(uptime)"
@@ -39,6 +44,7 @@ for r in map(json.loads, sys.stdin):
     r["tree"] = os.environ["TREE"]
     print(json.dumps(r), file=open(os.environ["OUT"] + "/serve_ab.jsonl", "a"))
     print("  ", r["tree"], r["mode"], r["concurrency"], "sentences/s", r["sentences_per_second"], "p50", r["p50_ms"], "p99", r["p99_ms"],
-          "429s", r.get("statuses", {}).get("429", 0), flush=True)'
+          "429s", r.get("statuses", {}).get("429", 0),
+          *(f"{k} {r[k]}" for k in ("inputs_per_pass", "pass_ms", "pass_share", "queue_ms_per_input") if k in r), flush=True)'
 done
 rm -rf "$OUT/work"

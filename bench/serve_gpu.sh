@@ -105,7 +105,8 @@ for r in map(json.loads, sys.stdin):
         continue
     print("  ", r["impl"], r["mode"], r["concurrency"], r.get("texts_per_call", ""), "sentences/s", r["sentences_per_second"], "p50", r["p50_ms"],
           "p99", r["p99_ms"], "429 share", r.get("share_429", "-"), r.get("statuses", ""),
-          r.get("rss_mib_before", ""), r.get("rss_mib_after", ""), r.get("rss_mib_curve", ""))' | tee -a "$log"
+          r.get("rss_mib_before", ""), r.get("rss_mib_after", ""), r.get("rss_mib_curve", ""),
+          *(f"{k} {r[k]}" for k in ("inputs_per_pass", "pass_ms", "pass_share", "queue_ms_per_input") if k in r))' | tee -a "$log"
   grep -hE "Error|error|Traceback|CUDA graph" "$1" | grep -v "^{" | cut -c1-300 | tail -5 | tee -a "$log"
 }
 

@@ -268,6 +268,58 @@ def could_be_refused(url: str, inputs: int, tokens: int, connections: int) -> bo
     return over_inputs or connections * tokens > limits["max_queue_tokens"]
 
 
+# microbert-serve's series that say what its model did during a run (summed over its processes).
+_PASS_SERIES = {
+    "passes": "microbert_batch_size_inputs_count",
+    "inputs": "microbert_batch_size_inputs_sum",
+    "pass_seconds": "microbert_inference_duration_seconds_sum",
+    "queue_seconds": "microbert_queue_duration_seconds_sum",
+}
+
+
+def parse_pass_series(text: str) -> dict[str, float]:
+    """The `_PASS_SERIES` values in a Prometheus exposition (they carry no labels)."""
+    names = {series: key for key, series in _PASS_SERIES.items()}
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            values[names[name]] = float(value)
+    return values
+
+
+def pass_series(url: str) -> dict[str, float] | None:
+    """The server's `_PASS_SERIES` now, or None (not ours: no /metrics, or not these series)."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            values = parse_pass_series(response.read().decode())
+    except (OSError, ValueError):
+        return None
+    return values if len(values) == len(_PASS_SERIES) else None
+
+
+def pass_figures(
+    before: dict[str, float] | None, after: dict[str, float] | None, seconds: float
+) -> dict[str, float]:
+    """What the model did between two readings: passes per second, inputs per pass, mean pass time
+    (launch to results, a pipelined pass's wait behind the one before included), the share of the
+    run those times add up to, and the mean queue wait of an input. Whether a server that answers
+    below its target waits on its model or on something else is read here (a share well below 1
+    with small passes: the card is idle while the host works)."""
+    if before is None or after is None:
+        return {}
+    delta = {key: after[key] - before[key] for key in _PASS_SERIES}
+    if delta["passes"] <= 0 or seconds <= 0:
+        return {}
+    return {
+        "passes_per_second": round(delta["passes"] / seconds, 1),
+        "inputs_per_pass": round(delta["inputs"] / delta["passes"], 1),
+        "pass_ms": round(1000 * delta["pass_seconds"] / delta["passes"], 2),
+        "pass_share": round(delta["pass_seconds"] / seconds, 3),
+        "queue_ms_per_input": round(1000 * delta["queue_seconds"] / max(delta["inputs"], 1), 2),
+    }
+
+
 def request_tokens(artifact: Path, texts: list[str]) -> int:
     """The padded tokens a request's inputs count in microbert-serve's queue."""
     from microbert.predict import bucket_length
@@ -304,7 +356,9 @@ def bench_http(
                     run_wrk(args.wrk, server.url, script, connections, min(2.0, args.duration), args.threads)
                     before = load_average()
                     spy = start_py_spy(args, server, folder / f"py-spy-{impl}-{mode}-{connections}.txt")
+                    counted = pass_series(server.url), time.monotonic()
                     result = run_wrk(args.wrk, server.url, script, connections, args.duration, args.threads)
+                    passes = pass_figures(counted[0], pass_series(server.url), time.monotonic() - counted[1])
                     finish_py_spy(spy)
                     record = {
                         **base_record(args, device),
@@ -322,6 +376,7 @@ def bench_http(
                             result["requests_per_second"] * ok_share(result) * sentences, 1
                         ),
                         **result,
+                        **passes,
                         "load_average_before": before,
                         "load_average_after": load_average(),
                     }
