@@ -156,6 +156,26 @@ def test_a_run_past_its_deadline_is_refused_and_a_cancelled_one_is_dropped(
     asyncio.run(_with_server(tmp_path, tiny_artifact, body))
 
 
+def test_runs_queued_when_the_model_stops_are_told_to_retry(tmp_path: Path, tiny_artifact: Path) -> None:
+    predictor = FillMaskPredictor.from_pretrained(tiny_artifact)
+
+    async def body(service: ModelService, client: _Client) -> None:
+        path, _, _ = service.encoding()
+        packed = _pack_inputs(predictor.encode(TEXTS * 40))
+        client.send(*[("run", i, path, packed, 30.0) for i in range(4)])
+        await asyncio.sleep(0)  # read and queued, not yet run
+        while service.batcher is not None and service.batcher.depth == 0:
+            await asyncio.sleep(0.001)
+        assert service.batcher is not None
+        await service.batcher.stop(timeout_s=0)  # what a stopping model process does to the rest
+        replies, _ = await client.replies(4)
+        answers = [kind if kind == "ok" else payload[:2] for kind, payload in replies.values()]
+        assert (503, "not_ready") in answers  # the queued ones: retry, not a hang or a 500
+        assert set(answers) <= {"ok", (503, "not_ready")}
+
+    asyncio.run(_with_server(tmp_path, tiny_artifact, body))
+
+
 def test_a_frame_is_a_length_and_a_list_of_messages() -> None:
     frame = _frame([("status", 1), ("cancel", 2)])
     (size,) = struct.unpack("!I", frame[:4])
