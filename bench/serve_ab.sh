@@ -9,6 +9,8 @@
 # Each tree serves the same random-weight bert-base artifact with --workers auto, wrk on the same
 # host; records (with "tree") in $OUT/serve_ab.jsonl, each with what the model did meanwhile (passes
 # per second, inputs per pass, pass time and its share of the run, queue wait: from /metrics).
+# AB_WORKERS="4 12": then the working tree again, single requests only, at those --workers counts.
+# AB_SPY=1: py-spy samples the working tree's first server (summary per thread in $OUT/py-spy.txt).
 set -uo pipefail
 if [ "${1:-}" = "--prepare" ]; then
   ref=${2:?REF}; rm -rf ".ab/$ref"; mkdir -p ".ab/$ref"
@@ -32,19 +34,32 @@ from pathlib import Path; from bench.serve_bench import make_run
 make_run(Path('$run'), '$preset')" >/dev/null 2>&1 || { echo "artifact failed"; exit 1; }
 [ -d ".ab/$ref/serve" ] || { echo "no .ab/$ref: run bash bench/serve_ab.sh --prepare $ref first, and carry .ab"; exit 1; }
 rm -rf ".ab/$ref/bench" && cp -r bench ".ab/$ref/bench"
-for tree in "$PWD" "$PWD/.ab/$ref"; do
-  name=$([ "$tree" = "$PWD" ] && echo "working tree" || echo "$ref")
-  echo "== $name $(uptime)"
+measure() {  # TREE NAME WORKERS MODES [serve_wrk flags]
+  local tree=$1 name=$2 workers=$3 modes=$4; shift 4
+  echo "== $name --workers $workers $(uptime)"
   mkdir -p "$OUT/work"
   (cd "$tree" && PYTHONPATH=$tree:/tmp/site OUT=$OUT/work timeout 150 python3 -m bench.serve_wrk --model-dir "$run" \
     --preset "$preset" --wrk "$wrk" --threads "$threads" --duration 8 --connections "$conns" --modes "$modes" \
-    --impls microbert --workers auto --env MICROBERT_MAX_BATCH_SIZE=256 2>&1) | grep '^{' | TREE=$name python3 -c '
+    --impls microbert --workers "$workers" --env MICROBERT_MAX_BATCH_SIZE=256 "$@" 2>&1) | grep '^{' | TREE=$name python3 -c '
 import json, os, sys
 for r in map(json.loads, sys.stdin):
     r["tree"] = os.environ["TREE"]
     print(json.dumps(r), file=open(os.environ["OUT"] + "/serve_ab.jsonl", "a"))
-    print("  ", r["tree"], r["mode"], r["concurrency"], "sentences/s", r["sentences_per_second"], "p50", r["p50_ms"], "p99", r["p99_ms"],
+    print("  ", r["tree"], r["impl"], r["mode"], r["concurrency"], "sentences/s", r["sentences_per_second"], "p50", r["p50_ms"], "p99", r["p99_ms"],
           "429s", r.get("statuses", {}).get("429", 0),
           *(f"{k} {r[k]}" for k in ("inputs_per_pass", "pass_ms", "pass_share", "queue_ms_per_input") if k in r), flush=True)'
+  for f in "$OUT"/work/py-spy-*.txt; do
+    [ -s "$f" ] || continue
+    PYTHONPATH=$PWD:/tmp/site python3 -m bench.serve_profile --collapsed "$f" --sampled-s 7 >>"$OUT/py-spy.txt" 2>&1
+    mkdir -p "$OUT/spy" && mv "$f" "$OUT/spy/"
+  done
+  rm -rf "$OUT/work"
+}
+spy=()
+[ "${AB_SPY:-0}" = 1 ] && spy=(--py-spy)
+measure "$PWD" "working tree" auto "$modes" "${spy[@]}"
+measure "$PWD/.ab/$ref" "$ref" auto "$modes"
+for workers in ${AB_WORKERS:-}; do
+  measure "$PWD" "working tree" "$workers" single
 done
-rm -rf "$OUT/work"
+[ -d "$OUT/spy" ] && tar czf "$OUT/py-spy-raw.tgz" -C "$OUT" spy && rm -rf "$OUT/spy"

@@ -125,11 +125,27 @@ def operator_profile(predictor: FillMaskPredictor, texts: list[str], repeats: in
     return "\n".join(tables)
 
 
-def summarize_collapsed(path: Path, rows: int = 40) -> str:
+def _thread_label(frames: list[str]) -> str:
+    """`pid N (command) thread T` from py-spy's leading labels: the innermost process (with
+    --subprocesses a worker's stack starts with its parent's label too) and the thread."""
+    processes = [f for f in frames[:4] if f.startswith("process ")]
+    thread = next((f for f in frames[:4] if f.startswith("thread")), "")
+    if not processes:
+        return thread or "?"
+    pid, _, command = processes[-1].removeprefix("process ").partition(":")
+    words = command.strip('"').split()
+    command = " ".join(w for w in words[1:4] if not w.startswith("-B"))  # past the interpreter's path
+    return f"pid {pid} ({command[:40]}) {thread}"
+
+
+def summarize_collapsed(path: Path, rows: int = 40, sampled_s: float | None = None, rate_hz: float = 50) -> str:
     """A py-spy `--format raw` file (collapsed stacks, `frame;frame;... count`) as shares of all samples:
-    functions by inclusive share (time in them and what they call) and frames by own share."""
+    functions by inclusive share (time in them and what they call) and frames by own share. With
+    `sampled_s` (how long py-spy sampled at `rate_hz`) also each thread's busy cores: py-spy records
+    only threads that run, so a thread's samples over rate × seconds is the share of a core it used."""
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
+    threads: collections.Counter[str] = collections.Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -138,12 +154,16 @@ def summarize_collapsed(path: Path, rows: int = 40) -> str:
         frames, samples = stack.split(";"), int(count)
         total += samples
         own[frames[-1]] += samples
+        threads[_thread_label(frames)] += samples
         for name in {frame.split(" (")[0] for frame in frames}:
             if not name.startswith(("process ", "thread")):  # py-spy's labels, not frames
                 inclusive[name] += samples
     if not total:
         return f"{path}: no samples"
     lines = [f"{path}: {total} samples", "inclusive:"]
+    if sampled_s:
+        busy = [f"{n / (rate_hz * sampled_s):5.2f} cores  {name}" for name, n in threads.most_common(rows // 2)]
+        lines[1:1] = [f"busy (samples / ({rate_hz:g} Hz x {sampled_s:g} s)):", *busy]
     lines += [f"{100 * n / total:5.1f}% {name}" for name, n in inclusive.most_common(rows)]
     lines += ["own:"] + [f"{100 * n / total:5.1f}% {name}" for name, n in own.most_common(rows // 2)]
     return "\n".join(lines)
@@ -154,6 +174,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--collapsed", type=Path, nargs="+", help="only summarize these py-spy raw files")
+    parser.add_argument(
+        "--sampled-s", type=float, help="with --collapsed: seconds sampled at 50 Hz (busy cores per thread)"
+    )
     parser.add_argument("--preset", default="bert-tiny")
     parser.add_argument("--batch-sizes", default="64,256")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -165,7 +188,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.collapsed:
         for path in args.collapsed:
-            print(summarize_collapsed(path))
+            print(summarize_collapsed(path, sampled_s=args.sampled_s))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
