@@ -138,7 +138,9 @@ def _thread_label(frames: list[str]) -> str:
     return f"pid {pid} ({command[:40]}) {thread}"
 
 
-def summarize_collapsed(path: Path, rows: int = 40, sampled_s: float | None = None, rate_hz: float = 50) -> str:
+def summarize_collapsed(
+    path: Path, rows: int = 40, sampled_s: float | None = None, rate_hz: float = 50
+) -> str:
     """A py-spy `--format raw` file (collapsed stacks, `frame;frame;... count`) as shares of all samples:
     functions by inclusive share (time in them and what they call) and frames by own share. With
     `sampled_s` (how long py-spy sampled at `rate_hz`) also each thread's busy cores: py-spy records
@@ -162,7 +164,8 @@ def summarize_collapsed(path: Path, rows: int = 40, sampled_s: float | None = No
         return f"{path}: no samples"
     lines = [f"{path}: {total} samples", "inclusive:"]
     if sampled_s:
-        busy = [f"{n / (rate_hz * sampled_s):5.2f} cores  {name}" for name, n in threads.most_common(rows // 2)]
+        cores = rate_hz * sampled_s
+        busy = [f"{n / cores:5.2f} cores  {name}" for name, n in threads.most_common(rows // 2)]
         lines[1:1] = [f"busy (samples / ({rate_hz:g} Hz x {sampled_s:g} s)):", *busy]
     lines += [f"{100 * n / total:5.1f}% {name}" for name, n in inclusive.most_common(rows)]
     lines += ["own:"] + [f"{100 * n / total:5.1f}% {name}" for name, n in own.most_common(rows // 2)]
