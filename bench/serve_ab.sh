@@ -9,8 +9,11 @@
 # Each tree serves the same random-weight bert-base artifact with --workers auto, wrk on the same
 # host; records (with "tree") in $OUT/serve_ab.jsonl, each with what the model did meanwhile (passes
 # per second, inputs per pass, pass time and its share of the run, queue wait: from /metrics).
-# AB_WORKERS="4 12": then the working tree again, single requests only, at those --workers counts.
-# AB_SPY=1: py-spy samples the working tree's first server (summary per thread in $OUT/py-spy.txt).
+# AB_WORKERS="4 12 8:off": then the working tree again, single requests only, at those --workers
+# counts (N:off: each worker with its own model, MICROBERT_MODEL_PROCESS=off).
+# AB_REF_FIRST=1: REF is measured first (the first server of a fresh machine may differ).
+# AB_ENV="NAME=value ...": more environment for every server (e.g. TOKENIZERS_PARALLELISM=false).
+# AB_SPY=1: py-spy samples both trees' first servers (summary per thread in $OUT/py-spy.txt).
 set -uo pipefail
 if [ "${1:-}" = "--prepare" ]; then
   ref=${2:?REF}; rm -rf ".ab/$ref"; mkdir -p ".ab/$ref"
@@ -40,7 +43,7 @@ measure() {  # TREE NAME WORKERS MODES [serve_wrk flags]
   mkdir -p "$OUT/work"
   (cd "$tree" && PYTHONPATH=$tree:/tmp/site OUT=$OUT/work timeout 150 python3 -m bench.serve_wrk --model-dir "$run" \
     --preset "$preset" --wrk "$wrk" --threads "$threads" --duration 8 --connections "$conns" --modes "$modes" \
-    --impls microbert --workers "$workers" --env MICROBERT_MAX_BATCH_SIZE=256 "$@" 2>&1) | grep '^{' | TREE=$name python3 -c '
+    --impls microbert --workers "$workers" --env MICROBERT_MAX_BATCH_SIZE=256 "${ab_env[@]}" "$@" 2>&1) | grep '^{' | TREE=$name python3 -c '
 import json, os, sys
 for r in map(json.loads, sys.stdin):
     r["tree"] = os.environ["TREE"]
@@ -55,11 +58,20 @@ for r in map(json.loads, sys.stdin):
   done
   rm -rf "$OUT/work"
 }
-spy=()
+spy=() ab_env=()
 [ "${AB_SPY:-0}" = 1 ] && spy=(--py-spy)
-measure "$PWD" "working tree" auto "$modes" "${spy[@]}"
-measure "$PWD/.ab/$ref" "$ref" auto "$modes"
+for item in ${AB_ENV:-}; do ab_env+=(--env "$item"); done
+if [ "${AB_REF_FIRST:-0}" = 1 ]; then
+  measure "$PWD/.ab/$ref" "$ref" auto "$modes" "${spy[@]}"
+  measure "$PWD" "working tree" auto "$modes" "${spy[@]}"
+else
+  measure "$PWD" "working tree" auto "$modes" "${spy[@]}"
+  measure "$PWD/.ab/$ref" "$ref" auto "$modes" "${spy[@]}"
+fi
 for workers in ${AB_WORKERS:-}; do
-  measure "$PWD" "working tree" "$workers" single
+  case $workers in
+    *:off) measure "$PWD" "working tree" "${workers%:off}" single --env MICROBERT_MODEL_PROCESS=off ;;
+    *) measure "$PWD" "working tree" "$workers" single ;;
+  esac
 done
 [ -d "$OUT/spy" ] && tar czf "$OUT/py-spy-raw.tgz" -C "$OUT" spy && rm -rf "$OUT/spy"

@@ -55,6 +55,9 @@ def test_inputs_and_outputs_travel_as_flat_arrays_and_come_back_the_same(tiny_ar
     for x, y in zip(back, outputs, strict=True):
         assert np.array_equal(x.scores, y.scores) and np.array_equal(x.token_ids, y.token_ids)
     assert _unpack_inputs(_pack_inputs([])) == [] and _unpack_outputs(_pack_outputs([])) == []
+    # What a frame pickles is bytes and numbers (pickle copies bytes as they are): no numpy objects.
+    for packed in (_pack_inputs(prepared), _pack_inputs(one), _pack_outputs(outputs), _pack_outputs([alone])):
+        assert not any(isinstance(part, np.ndarray) for part in packed)
 
 
 class _Client:
