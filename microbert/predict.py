@@ -97,12 +97,131 @@ class ModelOutput:
     token_ids: np.ndarray  # (m, k) int64
 
 
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    return np.cumsum(lengths) - lengths
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices of the slices [start, start + length) end to end, with no Python loop."""
+    total = int(lengths.sum())
+    return np.repeat(starts - _starts(lengths), lengths) + np.arange(total)
+
+
+@dataclass
+class InputGroup:
+    """Inputs that travel, queue and run together (one request's, or one batch of `predict`'s) as
+    four flat arrays, with no object per input: what keeps per-sentence Python off the path from the
+    tokenizer to the device. They share `top_k` and `target_ids` (a request's inputs do)."""
+
+    ids: np.ndarray  # (N,) int64: every input's token ids, end to end
+    lengths: np.ndarray  # (n,) int64: tokens per input
+    mask_positions: np.ndarray  # (M,) int64: each input's mask positions, within the input
+    mask_counts: np.ndarray  # (n,) int64: masks per input
+    top_k: int = 5
+    target_ids: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_masks(self) -> int:
+        return len(self.mask_positions)
+
+    @classmethod
+    def of(cls, inputs: Sequence[PreparedInput]) -> InputGroup:
+        """Inputs that share top_k and targets, as one group (their arrays concatenated)."""
+        if not inputs:
+            empty = np.zeros(0, np.int64)
+            return cls(empty, empty, empty, empty)
+        first = inputs[0]
+        if any(p.top_k != first.top_k or p.target_ids != first.target_ids for p in inputs):
+            raise ValueError("the inputs of a group share top_k and targets")
+        return cls(
+            ids=np.concatenate([p.ids for p in inputs]),
+            lengths=np.fromiter((len(p.ids) for p in inputs), dtype=np.int64, count=len(inputs)),
+            mask_positions=np.concatenate([p.mask_positions for p in inputs]),
+            mask_counts=np.fromiter(
+                (len(p.mask_positions) for p in inputs), dtype=np.int64, count=len(inputs)
+            ),
+            top_k=first.top_k,
+            target_ids=first.target_ids,
+        )
+
+    def inputs(self) -> list[PreparedInput]:
+        """One `PreparedInput` per input (views of the group's arrays), for formatting."""
+        if len(self) == 1:
+            return [PreparedInput(self.ids, self.mask_positions, self.top_k, self.target_ids)]
+        ends, mask_ends = np.cumsum(self.lengths).tolist(), np.cumsum(self.mask_counts).tolist()
+        out, start, mask_start = [], 0, 0
+        for end, mask_end in zip(ends, mask_ends, strict=True):
+            out.append(
+                PreparedInput(
+                    self.ids[start:end], self.mask_positions[mask_start:mask_end], self.top_k, self.target_ids
+                )
+            )
+            start, mask_start = end, mask_end
+        return out
+
+    def take(self, order: np.ndarray | Sequence[int]) -> InputGroup:
+        """The inputs at `order` (indices), in that order, as a group (one gather per array)."""
+        order = np.asarray(order, dtype=np.int64)
+        lengths, counts = self.lengths[order], self.mask_counts[order]
+        return InputGroup(
+            ids=self.ids[_ranges(_starts(self.lengths)[order], lengths)],
+            lengths=lengths,
+            mask_positions=self.mask_positions[_ranges(_starts(self.mask_counts)[order], counts)],
+            mask_counts=counts,
+            top_k=self.top_k,
+            target_ids=self.target_ids,
+        )
+
+    def split(self, size: int) -> list[InputGroup]:
+        """Consecutive groups of at most `size` inputs (the whole group when it is not larger)."""
+        if len(self) <= size:
+            return [self]
+        return [
+            self.take(np.arange(start, min(start + size, len(self)))) for start in range(0, len(self), size)
+        ]
+
+
+@dataclass
+class GroupOutput:
+    """The model's answer for an `InputGroup`: every mask's top-k, the group's masks in order."""
+
+    scores: np.ndarray  # (M, k) float32, highest first
+    token_ids: np.ndarray  # (M, k) int64
+    mask_counts: np.ndarray  # (n,) int64: masks per input
+
+    def outputs(self) -> list[ModelOutput]:
+        """One `ModelOutput` per input (views)."""
+        if len(self.mask_counts) == 1:
+            return [ModelOutput(self.scores, self.token_ids)]
+        out, start = [], 0
+        for end in np.cumsum(self.mask_counts).tolist():
+            out.append(ModelOutput(self.scores[start:end], self.token_ids[start:end]))
+            start = end
+        return out
+
+    @classmethod
+    def joined(cls, parts: Sequence[GroupOutput]) -> GroupOutput:
+        """The outputs of a group's consecutive parts (`InputGroup.split`) as the group's."""
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls(np.zeros((0, 1), np.float32), np.zeros((0, 1), np.int64), np.zeros(0, np.int64))
+        return cls(
+            np.concatenate([p.scores for p in parts]),
+            np.concatenate([p.token_ids for p in parts]),
+            np.concatenate([p.mask_counts for p in parts]),
+        )
+
+
 @dataclass
 class PendingOutputs:
     """A launched batch (`FillMaskPredictor.launch`): its results arrive in `results` (host memory,
     (2, M, k): scores, then ids as floats) once `done` has fired; `collect` waits and slices them."""
 
-    batch: Sequence[PreparedInput]
+    groups: Sequence[InputGroup]
     results: torch.Tensor | None  # None for an empty batch
     done: torch.cuda.Event | None  # None when the results are already there (a CPU)
     keep: torch.Tensor | None = field(default=None, repr=False)  # the pinned inputs, until copied
@@ -145,9 +264,21 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
+# Lengths are padded to a multiple of 8 up to 64 tokens, and of 32 beyond.
+_BUCKET_STEPS = (8, 32, 64)
+
+
 def bucket_length(num_tokens: int) -> int:
     """Padded length of a batch whose longest input has `num_tokens`: few distinct shapes, little padding."""
-    multiple = 8 if num_tokens <= 64 else 32
+    small, large, switch = _BUCKET_STEPS
+    multiple = small if num_tokens <= switch else large
+    return -(-num_tokens // multiple) * multiple
+
+
+def bucket_lengths(num_tokens: np.ndarray) -> np.ndarray:
+    """`bucket_length` of each of many lengths, in one numpy pass."""
+    small, large, switch = _BUCKET_STEPS
+    multiple = np.where(num_tokens <= switch, small, large)
     return -(-num_tokens // multiple) * multiple
 
 
@@ -391,30 +522,38 @@ class FillMaskEncoder:
         target_ids: tuple[int, ...] | None = None,
         checked: bool = False,
     ) -> list[PreparedInput]:
+        """`encode_group`, one `PreparedInput` per text."""
+        return self.encode_group(texts, top_k=top_k, target_ids=target_ids, checked=checked).inputs()
+
+    def encode_group(
+        self,
+        texts: Sequence[str],
+        *,
+        top_k: int = 5,
+        target_ids: tuple[int, ...] | None = None,
+        checked: bool = False,
+    ) -> InputGroup:
         """Tokenize and check every text in one `encode_batch` call; the first problem raises, naming it.
         `checked`: `check` has already passed these texts."""
         if not checked:
             self.check(texts, top_k=top_k)
+        k = min(top_k, len(target_ids) if target_ids else self.vocab_size)
         if not texts:
-            return []
+            return InputGroup.of([])
         encode_batch = self._encode_batch
         encodings = (
             encode_batch(list(texts))
             if len(texts) >= _BATCH_CALL
             else [encode_batch([text])[0] for text in texts]
         )
-        k = min(top_k, len(target_ids) if target_ids else self.vocab_size)
-        if len(encodings) < _BATCH_CALL:  # a few texts: a loop costs fewer numpy calls than the batch's
-            prepared = []
-            for i, encoding in enumerate(encodings):
-                ids = np.asarray(encoding.ids, dtype=np.int64)
-                positions = np.flatnonzero(ids == self.mask_token_id)
-                if not len(positions) or len(ids) > self.max_length:
-                    self._refuse(i, len(positions), len(ids))
-                prepared.append(PreparedInput(ids, positions, k, target_ids))
-            return prepared
-        # The whole request's ids in one array, and its masks found in one pass: each input's ids
-        # and mask positions are views of those (no numpy call per text).
+        if len(encodings) == 1:  # a single sentence: two numpy calls, not the batch's dozen
+            ids = np.asarray(encodings[0].ids, dtype=np.int64)
+            positions = np.flatnonzero(ids == self.mask_token_id)
+            if not len(positions) or len(ids) > self.max_length:
+                self._refuse(0, len(positions), len(ids))
+            counts = np.array([len(ids), len(positions)], dtype=np.int64)
+            return InputGroup(ids, counts[:1], positions, counts[1:], k, target_ids)
+        # The whole request's ids in one array, and its masks found in one pass (no numpy call per text).
         id_lists = [encoding.ids for encoding in encodings]
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
         ends = np.cumsum(lengths)
@@ -425,20 +564,8 @@ class FillMaskEncoder:
         bad = np.flatnonzero((counts == 0) | (lengths > self.max_length))
         if len(bad):
             self._refuse(int(bad[0]), int(counts[bad[0]]), int(lengths[bad[0]]))
-        starts = ends - lengths
-        positions = masked - starts[owner]  # within each input
-        mask_ends = np.cumsum(counts)
-        return [
-            PreparedInput(
-                ids=flat[start:end],
-                mask_positions=positions[mask_end - count : mask_end],
-                top_k=k,
-                target_ids=target_ids,
-            )
-            for start, end, mask_end, count in zip(
-                starts.tolist(), ends.tolist(), mask_ends.tolist(), counts.tolist(), strict=True
-            )
-        ]
+        positions = masked - (ends - lengths)[owner]  # within each input
+        return InputGroup(flat, lengths, positions, counts.astype(np.int64), k, target_ids)
 
     def _refuse(self, index: int, masks: int, num_tokens: int) -> None:
         """The error for input `index`: no mask first, then too long (the order the checks had)."""
@@ -600,24 +727,47 @@ class FillMaskPredictor:
         """Each input's top-k scores and token ids, per mask, from one forward pass over the batch."""
         return self.collect(self.launch(batch))
 
-    @torch.inference_mode()
     def launch(self, batch: Sequence[PreparedInput]) -> PendingOutputs:
-        """Queue the batch's whole model step on the device and return without waiting for it.
+        """`launch_groups` for inputs one by one (consecutive ones that share top_k and targets
+        become one group)."""
+        groups = [
+            InputGroup.of(list(run))
+            for _, run in itertools.groupby(batch, key=lambda p: (p.top_k, p.target_ids))
+        ]
+        return self.launch_groups(groups)
+
+    @torch.inference_mode()
+    def launch_groups(self, groups: Sequence[InputGroup]) -> PendingOutputs:
+        """Queue one forward pass over every input of `groups` on the device and return without waiting.
 
         Inputs travel in one pinned host buffer and one copy; the forward pass (or its CUDA graph's
         replay), softmax, top-k and the copy of the results into pinned host memory are queued on
         the current stream, and a CUDA event marks their end. The results are copied out of the
         graph's static buffers before this returns (in stream order), so the next launch, which
         replays into the same buffers, cannot overwrite them. On a CPU every step runs here, in
-        full: the same code, no overlap.
+        full: the same code, no overlap. The host's work is a few numpy calls per group, none per
+        input.
         """
-        if not batch:
+        groups = [g for g in groups if len(g)]
+        if not groups:
             return PendingOutputs([], None, None)
         device = self.device
         cuda = device.type == "cuda"
-        lengths = np.fromiter((p.num_tokens for p in batch), dtype=np.int64, count=len(batch))
-        masks = np.fromiter((p.num_masks for p in batch), dtype=np.int64, count=len(batch))
-        rows_b, length, real = len(batch), bucket_length(int(lengths.max())), int(masks.sum())
+        if len(groups) == 1:
+            (group,) = groups
+            lengths, masks, flat, positions = (
+                group.lengths,
+                group.mask_counts,
+                group.ids,
+                group.mask_positions,
+            )
+        else:
+            lengths = np.concatenate([g.lengths for g in groups])
+            masks = np.concatenate([g.mask_counts for g in groups])
+            flat = np.concatenate([g.ids for g in groups])  # (N,)
+            positions = np.concatenate([g.mask_positions for g in groups])
+        inputs_n = len(lengths)
+        rows_b, length, real = inputs_n, bucket_length(int(lengths.max())), len(positions)
         rows_m = real
         if self.bucket_rows:
             rows_b, rows_m = bucket_count(rows_b), bucket_count(rows_m)
@@ -628,46 +778,49 @@ class FillMaskPredictor:
         input_ids = buffer[:size].reshape(rows_b, length)
         attention_mask = buffer[size : 2 * size].reshape(rows_b, length)
         mask_rows, mask_cols = buffer[2 * size : 2 * size + rows_m], buffer[2 * size + rows_m :]
-        flat = np.concatenate([p.ids for p in batch])  # (N,)
-        token_row = np.repeat(np.arange(len(batch)), lengths)
-        token_col = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        token_row = np.repeat(np.arange(inputs_n), lengths)
+        token_col = np.arange(len(flat)) - np.repeat(_starts(lengths), lengths)
         input_ids.fill(self.pad_token_id)
         input_ids[token_row, token_col] = flat
         attention_mask.fill(0)
         attention_mask[token_row, token_col] = 1
-        attention_mask[len(batch) :, 0] = 1  # padding rows of a bucket: one token, so softmax is defined
+        attention_mask[inputs_n:, 0] = 1  # padding rows of a bucket: one token, so softmax is defined
         mask_rows.fill(0)  # padding slots read position (0, 0), then are dropped
         mask_cols.fill(0)
-        mask_rows[:real] = np.repeat(np.arange(len(batch)), masks)
-        mask_cols[:real] = np.concatenate([p.mask_positions for p in batch])
+        mask_rows[:real] = np.repeat(np.arange(inputs_n), masks)
+        mask_cols[:real] = positions
         on_device = host.to(device, non_blocking=True)
-        inputs = [
+        tensors = [
             on_device[:size].view(rows_b, length),
             on_device[size : 2 * size].view(rows_b, length),
             on_device[2 * size : 2 * size + rows_m],
             on_device[2 * size + rows_m :],
         ]
-        logits = (self._graphs or (lambda x: _forward(self.model, x)))(inputs)[:real]  # (M, V)
-        k = max(p.top_k for p in batch)
+        logits = (self._graphs or (lambda x: _forward(self.model, x)))(tensors)[:real]  # (M, V)
+        k = max(g.top_k for g in groups)
         # Softmax over the whole vocabulary, then top-k of the probabilities, as the pipeline does: one
         # fused pass and one top-k (measured on a CPU: 20% less than logsumexp beside a top-k of logits).
         probs = logits.softmax(dim=-1, dtype=torch.float32)  # (M, V)
-        if any(p.target_ids is not None for p in batch):
-            probs = self._only_targets(probs, batch, masks, device)
+        if any(g.target_ids is not None for g in groups):
+            probs = self._only_targets(probs, groups, device)
         top_probs, top_ids = top_k(probs, k)  # (M, k): one top-k for every mask of the batch
         # Ids travel as float32 beside the scores (exact below 2**24), so one copy brings both back.
         both = torch.stack((top_probs, top_ids.float()))  # (2, M, k)
         if not cuda:
-            return PendingOutputs(batch, both, None)
+            return PendingOutputs(groups, both, None)
         out = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
         out.copy_(both, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
         # `host` stays referenced until the copy that reads it has run (the event is after it).
-        return PendingOutputs(batch, out, done, keep=host)
+        return PendingOutputs(groups, out, done, keep=host)
 
     def collect(self, pending: PendingOutputs) -> list[ModelOutput]:
         """Wait for a launched batch's results and slice them per input."""
+        return [output for group in self.collect_groups(pending) for output in group.outputs()]
+
+    def collect_groups(self, pending: PendingOutputs) -> list[GroupOutput]:
+        """Wait for a launched batch's results and slice them per group."""
         if pending.results is None:
             return []
         if pending.done is not None:
@@ -675,30 +828,36 @@ class FillMaskPredictor:
         both = pending.results.numpy()
         scores, ids = both[0], both[1].astype(np.int64)
         outputs, start = [], 0
-        for p in pending.batch:
-            end = start + p.num_masks
-            outputs.append(ModelOutput(scores[start:end, : p.top_k], ids[start:end, : p.top_k]))
+        for g in pending.groups:
+            end = start + g.num_masks
+            outputs.append(
+                GroupOutput(scores[start:end, : g.top_k], ids[start:end, : g.top_k], g.mask_counts)
+            )
             start = end
         return outputs
 
     def _only_targets(
-        self, probs: torch.Tensor, batch: Sequence[PreparedInput], masks: np.ndarray, device: torch.device
+        self, probs: torch.Tensor, groups: Sequence[InputGroup], device: torch.device
     ) -> torch.Tensor:
-        """Rows of inputs with targets keep only their targets' probabilities (the rest -1, below any);
+        """Rows of groups with targets keep only their targets' probabilities (the rest -1, below any);
         other rows untouched."""
-        rows: list[int] = []
-        cols: list[int] = []
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
         keep = np.ones(len(probs), dtype=bool)
         start = 0
-        for p, count in zip(batch, masks.tolist(), strict=True):
-            if p.target_ids is not None:
-                keep[start : start + count] = False
-                for row in range(start, start + count):
-                    rows += [row] * len(p.target_ids)
-                    cols += p.target_ids
-            start += count
+        for g in groups:
+            end = start + g.num_masks
+            if g.target_ids is not None:
+                keep[start:end] = False
+                targets = np.asarray(g.target_ids, dtype=np.int64)
+                rows.append(np.repeat(np.arange(start, end), len(targets)))
+                cols.append(np.tile(targets, end - start))
+            start = end
         allowed = torch.from_numpy(keep).to(device)[:, None].expand_as(probs).clone()
-        allowed[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
+        allowed[
+            torch.from_numpy(np.concatenate(rows)).to(device),
+            torch.from_numpy(np.concatenate(cols)).to(device),
+        ] = True
         return probs.masked_fill(~allowed, -1.0)
 
     # --- step 3: the pipeline's output shape -----------------------------------------------------
@@ -726,9 +885,9 @@ class FillMaskPredictor:
         target_ids = self.target_ids(targets) if targets is not None else None
         self.encoder.check(texts, top_k=top_k)  # every text's own problem first, before any model work
         results: list[FillMaskResult | None] = [None] * len(texts)
-        pending: tuple[list[int], PendingOutputs] | None = None
-        for chunk, batch in self._batches(texts, top_k, target_ids, batch_size):
-            launched = chunk, self.launch(batch)  # queued behind the previous batch on the device
+        pending: tuple[np.ndarray, PendingOutputs] | None = None
+        for chunk, group in self._batches(texts, top_k, target_ids, batch_size):
+            launched = chunk, self.launch_groups([group])  # queued behind the previous batch on the device
             if pending is not None:
                 self._place(results, *pending)  # formats batch n while the device runs batch n+1
             pending = launched
@@ -742,31 +901,31 @@ class FillMaskPredictor:
         top_k: int,
         target_ids: tuple[int, ...] | None,
         batch_size: int,
-    ) -> Iterator[tuple[list[int], list[PreparedInput]]]:
+    ) -> Iterator[tuple[np.ndarray, InputGroup]]:
         """(indices into `texts`, their inputs) per batch. While one window's batches are launched and
         formatted, the next window is tokenized in a thread (`encode_batch` works in Rust without
         the GIL), so the host's two largest shares run side by side."""
         window = batch_size * _SORT_WINDOW
         offsets = range(0, len(texts), window)
 
-        def encode(offset: int) -> list[PreparedInput]:
+        def encode(offset: int) -> InputGroup:
             try:
-                return self.encoder.encode(
+                return self.encoder.encode_group(
                     texts[offset : offset + window], top_k=top_k, target_ids=target_ids, checked=True
                 )
             except InputError as exc:
                 raise _at(exc, getattr(exc, "index", 0) + offset) from None
 
-        upcoming: Future[list[PreparedInput]] | None = None
+        upcoming: Future[InputGroup] | None = None
         for n, offset in enumerate(offsets):
-            prepared = encode(offset) if upcoming is None else upcoming.result()
+            group = encode(offset) if upcoming is None else upcoming.result()
             upcoming = None
             if n + 1 < len(offsets):
                 upcoming = self._tokenizing().submit(encode, offsets[n + 1])
-            order = sorted(range(len(prepared)), key=lambda i: prepared[i].num_tokens)
+            order = np.argsort(group.lengths, kind="stable")
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                yield [offset + i for i in chunk], [prepared[i] for i in chunk]
+                yield offset + chunk, group.take(chunk)
 
     def _tokenizing(self) -> ThreadPoolExecutor:
         """The thread that tokenizes `predict`'s next window (made on first use)."""
@@ -776,9 +935,13 @@ class FillMaskPredictor:
             )
         return self._tokenizer_thread
 
-    def _place(self, results: list[FillMaskResult | None], chunk: list[int], pending: PendingOutputs) -> None:
-        formatted = self.format(list(zip(pending.batch, self.collect(pending), strict=True)))
-        for i, result in zip(chunk, formatted, strict=True):
+    def _place(
+        self, results: list[FillMaskResult | None], chunk: np.ndarray, pending: PendingOutputs
+    ) -> None:
+        (group,) = pending.groups
+        (output,) = self.collect_groups(pending)
+        formatted = self.format(list(zip(group.inputs(), output.outputs(), strict=True)))
+        for i, result in zip(chunk.tolist(), formatted, strict=True):
             results[i] = result
 
 
@@ -825,12 +988,15 @@ __all__ = [
     "FillMaskFormatter",
     "FillMaskPredictor",
     "FillMaskResult",
+    "GroupOutput",
+    "InputGroup",
     "InvalidTextError",
     "ModelOutput",
     "NoMaskError",
     "PendingOutputs",
     "PreparedInput",
     "bucket_length",
+    "bucket_lengths",
     "clean_up_tokenization",
     "mask_count",
     "top_k",

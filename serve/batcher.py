@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from microbert.predict import FillMaskPredictor, ModelOutput, PendingOutputs, PreparedInput, bucket_length
+from microbert.predict import FillMaskPredictor, GroupOutput, InputGroup, PendingOutputs, bucket_lengths
 from serve.metrics import Metrics, observe_many
 
 log = logging.getLogger("microbert.serve")
@@ -47,26 +47,25 @@ class QueueFullError(Exception):
 
 @dataclass
 class _Item:
+    """A request's inputs (or a part of them, when they exceed one pass) in the queue: one entry,
+    one future, whatever their number."""
+
     predictor: FillMaskPredictor
-    prepared: PreparedInput
-    future: asyncio.Future[ModelOutput]
+    group: InputGroup
+    future: asyncio.Future[GroupOutput]
     enqueued: float
-    tokens: int  # what it counts against the queue's token limit: its padded length
+    tokens: int  # what it counts against the queue's token limit: its inputs' padded lengths
+    longest: int  # its longest input, padded: the pass's length if it joins one
 
 
-def queue_tokens(prepared: PreparedInput) -> int:
-    """An input's cost in the queue and in a pass's budget: its length rounded up to its bucket."""
-    return bucket_length(prepared.num_tokens)
-
-
-def _launch(predictor: FillMaskPredictor, batch: list[PreparedInput]) -> PendingOutputs:
+def _launch(predictor: FillMaskPredictor, groups: list[InputGroup]) -> PendingOutputs:
     """Runs in the worker thread: queues the batch's forward pass and top-k (on a CPU, runs them)."""
-    return predictor.launch(batch)
+    return predictor.launch_groups(groups)
 
 
-def _collect(predictor: FillMaskPredictor, pending: PendingOutputs) -> list[ModelOutput]:
+def _collect(predictor: FillMaskPredictor, pending: PendingOutputs) -> list[GroupOutput]:
     """Runs in the worker thread: waits for a launched batch's results."""
-    return predictor.collect(pending)
+    return predictor.collect_groups(pending)
 
 
 @dataclass
@@ -149,6 +148,7 @@ class Batcher:
         self.metrics = metrics
         self._queue: deque[_Item] = deque()
         self._queued_tokens = 0
+        self._queued_inputs = 0
         self.drain = _DrainRate()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -162,14 +162,15 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Inputs queued (a request's inputs are one entry of the queue, but count as many)."""
+        return self._queued_inputs
 
     @property
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
     def _set_depth(self) -> None:
-        self.metrics.queue_depth.set(len(self._queue))
+        self.metrics.queue_depth.set(self._queued_inputs)
         self.metrics.queue_tokens.set(self._queued_tokens)
 
     def start(self) -> None:
@@ -195,28 +196,31 @@ class Batcher:
         self._in_flight = None
         self._queue.clear()
         self._queued_tokens = 0
+        self._queued_inputs = 0
         self._executor.shutdown(wait=finished, cancel_futures=True)
         return finished
 
-    def submit(
-        self, predictor: FillMaskPredictor, prepared: Sequence[PreparedInput]
-    ) -> list[asyncio.Future[ModelOutput]]:
-        """Queue a request's inputs together, or none of them (QueueFullError).
+    def submit(self, predictor: FillMaskPredictor, group: InputGroup) -> list[asyncio.Future[GroupOutput]]:
+        """Queue a request's inputs together, or none of them (QueueFullError): one future per part
+        (a group larger than one pass is cut into parts that fit one; most requests are one part).
 
-        Admission counts padded tokens, the unit of the model's work: a request fits when its tokens
-        and those queued stay within `max_queue_tokens` (and, when set, its inputs within
-        `max_queue`). An empty queue takes any request, so none is too large to be served ever.
-        The refusal says when to retry: the time the model needs to drain the excess and the
-        clients refused before this one, at the rate it has drained the queue over its last passes.
+        Admission counts padded tokens, the unit of the model's work (each input's length rounded up
+        to its bucket): a request fits when its tokens and those queued stay within
+        `max_queue_tokens` (and, when set, its inputs within `max_queue`). An empty queue takes any
+        request, so none is too large to be served ever. The refusal says when to retry: the time
+        the model needs to drain the excess and the clients refused before this one, at the rate it
+        has drained the queue over its last passes.
         """
-        costs = [queue_tokens(p) for p in prepared]
-        need, queued = sum(costs), self._queued_tokens
+        if not len(group):
+            return []
+        costs = bucket_lengths(group.lengths)
+        need, queued, count = int(costs.sum()), self._queued_tokens, len(group)
         excess = queued + need - self.max_queue_tokens
-        excess_inputs = 0 if self.max_queue is None else len(self._queue) + len(prepared) - self.max_queue
+        excess_inputs = 0 if self.max_queue is None else self._queued_inputs + count - self.max_queue
         if self._queue and (excess > 0 or excess_inputs > 0):
-            excess = max(excess, excess_inputs * need // len(prepared), 1)
+            excess = max(excess, excess_inputs * need // max(1, count), 1)
             raise QueueFullError(
-                f"the server is busy ({queued} tokens in {len(self._queue)} inputs queued, limit "
+                f"the server is busy ({queued} tokens in {self._queued_inputs} inputs queued, limit "
                 f"{self.max_queue_tokens} tokens"
                 + (f" and {self.max_queue} inputs" if self.max_queue is not None else "")
                 + "); retry after the Retry-After header's seconds",
@@ -224,52 +228,67 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
+        longest = int(costs.max())
+        # A part fits a pass: at most max_batch_size inputs, and longest × inputs within the budget.
+        per_pass = max(1, min(self.max_batch_size, self.max_batch_tokens // max(1, longest)))
+        parts = group.split(per_pass)
         futures = []
-        for p, cost in zip(prepared, costs, strict=True):
-            future: asyncio.Future[ModelOutput] = loop.create_future()
-            self._queue.append(_Item(predictor, p, future, now, cost))
+        for part in parts:
+            future: asyncio.Future[GroupOutput] = loop.create_future()
+            part_costs = costs if len(parts) == 1 else bucket_lengths(part.lengths)
+            self._queue.append(
+                _Item(predictor, part, future, now, int(part_costs.sum()), int(part_costs.max()))
+            )
             futures.append(future)
-        observe_many(self.metrics.input_tokens, [p.num_tokens for p in prepared])
+        observe_many(self.metrics.input_tokens, group.lengths.tolist())
         self._queued_tokens += need
+        self._queued_inputs += count
         self._set_depth()
-        self.arrivals.add(len(prepared))
+        self.arrivals.add(count)
         self._wakeup.set()
         return futures
 
-    def discard(self, futures: Sequence[asyncio.Future[ModelOutput]]) -> None:
+    def discard(self, futures: Sequence[asyncio.Future[GroupOutput]]) -> None:
         """Drop a gone client's inputs so they neither take queue room nor model time."""
         dropped = set(map(id, futures))
         for future in futures:
             future.cancel()
         self._queue = deque(item for item in self._queue if id(item.future) not in dropped)
         self._queued_tokens = sum(item.tokens for item in self._queue)
+        self._queued_inputs = sum(len(item.group) for item in self._queue)
         self._set_depth()
 
     def _take(self) -> list[_Item]:
         """The next batch: FIFO, one predictor, within the size and padded-token limits."""
         batch: list[_Item] = []
-        longest = 0
-        while self._queue and len(batch) < self.max_batch_size:
+        longest, inputs = 0, 0
+        while self._queue:
             item = self._queue[0]
             if item.future.done():  # cancelled while queued
-                self._queued_tokens -= self._queue.popleft().tokens
+                self._dequeued(self._queue.popleft())
                 continue
             if batch and item.predictor is not batch[0].predictor:
                 break
-            new_longest = max(longest, item.tokens)
-            if batch and new_longest * (len(batch) + 1) > self.max_batch_tokens:
+            new_longest, new_inputs = max(longest, item.longest), inputs + len(item.group)
+            if batch and (
+                new_inputs > self.max_batch_size or new_longest * new_inputs > self.max_batch_tokens
+            ):
                 break
-            batch.append(self._queue.popleft())
-            self._queued_tokens -= item.tokens
-            longest = new_longest
+            batch.append(self._dequeued(self._queue.popleft()))
+            longest, inputs = new_longest, new_inputs
         self._set_depth()
         return batch
+
+    def _dequeued(self, item: _Item) -> _Item:
+        self._queued_tokens -= item.tokens
+        self._queued_inputs -= len(item.group)
+        return item
 
     async def _wait_for_company(self) -> None:
         """Just woke from idle: wait for more inputs only while the arrival rate says they are due."""
         if self.max_wait_s <= 0:
             return
-        missing = self.max_batch_size - len(self._queue)
+        missing = self.max_batch_size - self._queued_inputs
         rate = self.arrivals.rate
         if missing <= 0 or rate * self.max_wait_s < 1:  # nothing else expected in time: go now
             return
@@ -299,12 +318,14 @@ class Batcher:
     async def _launch(self, batch: list[_Item]) -> _Pass | None:
         """Queue a batch's pass in the model thread; None (its futures failed) if that raised."""
         started = time.perf_counter()
-        observe_many(self.metrics.queue_duration, [started - item.enqueued for item in batch])
-        self.metrics.batch_size.observe(len(batch))
+        # Per input, as the histogram has always counted: each item's wait once per input it holds.
+        waits = [started - item.enqueued for item in batch for _ in range(len(item.group))]
+        observe_many(self.metrics.queue_duration, waits)
+        self.metrics.batch_size.observe(len(waits))
         predictor = batch[0].predictor
         try:
             pending = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _launch, predictor, [item.prepared for item in batch]
+                self._executor, _launch, predictor, [item.group for item in batch]
             )
         except Exception as exc:  # a bug or a device error: fail this batch, keep serving
             self._fail(batch, exc)

@@ -51,7 +51,14 @@ from typing import Any
 
 import numpy as np
 
-from microbert.predict import FillMaskEncoder, FillMaskFormatter, ModelOutput, PreparedInput
+from microbert.predict import (
+    FillMaskEncoder,
+    FillMaskFormatter,
+    GroupOutput,
+    InputGroup,
+    ModelOutput,
+    PreparedInput,
+)
 from serve.batcher import Batcher
 from serve.errors import ServiceError, not_ready
 from serve.service import encode_request, timed_out
@@ -91,77 +98,43 @@ class _Outbox:
             self.writer.write(_frame(messages))
 
 
-def _raw(array: np.ndarray | None) -> bytes | None:
-    return None if array is None else array.tobytes()
-
-
-def _ints(raw: bytes | None) -> np.ndarray | None:
-    return None if raw is None else np.frombuffer(raw, dtype=np.int64)
-
-
-def _pack_inputs(prepared: Sequence[PreparedInput]) -> tuple[Any, ...]:
-    """A request's inputs as flat int64 arrays' bytes: ids, lengths, mask positions, mask counts;
-    and the top_k and targets that all inputs of one request share (`encode_request` gives them
-    the same). A single input sends no lengths or counts."""
-    if not prepared:
-        return b"", b"", b"", b"", 1, None
-    first = prepared[0]
-    if len(prepared) == 1:  # a single-sentence request: its arrays as they are, no numpy call
-        return _raw(first.ids), None, _raw(first.mask_positions), None, first.top_k, first.target_ids
-    assert all(p.top_k == first.top_k and p.target_ids == first.target_ids for p in prepared)
+def _pack_inputs(group: InputGroup) -> tuple[Any, ...]:
+    """A request's inputs as the bytes of their group's four int64 arrays (ids, lengths, mask
+    positions, masks per input), with the top_k and targets they share."""
     return (
-        np.concatenate([p.ids for p in prepared]).tobytes(),
-        np.fromiter((len(p.ids) for p in prepared), dtype=np.int64, count=len(prepared)).tobytes(),
-        np.concatenate([p.mask_positions for p in prepared]).tobytes(),
-        np.fromiter((len(p.mask_positions) for p in prepared), dtype=np.int64, count=len(prepared)).tobytes(),
-        first.top_k,
-        first.target_ids,
+        group.ids.tobytes(),
+        group.lengths.tobytes(),
+        group.mask_positions.tobytes(),
+        group.mask_counts.tobytes(),
+        group.top_k,
+        group.target_ids,
     )
 
 
-def _unpack_inputs(packed: tuple[Any, ...]) -> list[PreparedInput]:
-    raw_ids, raw_lengths, raw_positions, raw_counts, top_k, target_ids = packed
-    ids, lengths, positions, counts = map(_ints, (raw_ids, raw_lengths, raw_positions, raw_counts))
-    assert ids is not None and positions is not None
-    if lengths is None or counts is None:  # one input
-        return [PreparedInput(ids, positions, top_k, target_ids)]
-    if not len(lengths):
-        return []
-    id_parts = np.split(ids, np.cumsum(lengths[:-1]))
-    position_parts = np.split(positions, np.cumsum(counts[:-1]))
-    return [PreparedInput(i, m, top_k, target_ids) for i, m in zip(id_parts, position_parts, strict=True)]
+def _unpack_inputs(packed: tuple[Any, ...]) -> InputGroup:
+    *arrays, top_k, target_ids = packed
+    ids, lengths, positions, counts = (np.frombuffer(raw, dtype=np.int64) for raw in arrays)
+    return InputGroup(ids, lengths, positions, counts, top_k, target_ids)
 
 
-def _pack_outputs(outputs: Sequence[ModelOutput]) -> tuple[Any, ...]:
-    """A request's outputs as the bytes of (all masks' float32 scores, their int64 token ids), the
-    k they share, and the masks per input (None for one input): its inputs share top_k, so their
-    (masks, k) arrays stack."""
-    if not outputs:
-        return b"", b"", 1, b""
-    k = outputs[0].scores.shape[1]
-    if len(outputs) == 1:  # one input: its arrays as they are
-        return _as(outputs[0].scores, np.float32), _as(outputs[0].token_ids, np.int64), k, None
-    counts = np.fromiter((len(o.scores) for o in outputs), dtype=np.int64, count=len(outputs))
-    scores = np.concatenate([o.scores for o in outputs])
-    token_ids = np.concatenate([o.token_ids for o in outputs])
-    return _as(scores, np.float32), _as(token_ids, np.int64), k, counts.tobytes()
+def _pack_outputs(output: GroupOutput) -> tuple[Any, ...]:
+    """A request's outputs as the bytes of (every mask's float32 scores, their int64 token ids,
+    masks per input), and the k they share (the rows are (masks, k))."""
+    return (
+        np.ascontiguousarray(output.scores, dtype=np.float32).tobytes(),
+        np.ascontiguousarray(output.token_ids, dtype=np.int64).tobytes(),
+        output.mask_counts.astype(np.int64, copy=False).tobytes(),
+        output.scores.shape[1],
+    )
 
 
-def _as(array: np.ndarray, dtype: type[np.generic]) -> bytes:
-    return np.ascontiguousarray(array, dtype=dtype).tobytes()
-
-
-def _unpack_outputs(packed: tuple[Any, ...]) -> list[ModelOutput]:
-    raw_scores, raw_ids, k, raw_counts = packed
-    scores = np.frombuffer(raw_scores, dtype=np.float32).reshape(-1, k)
-    token_ids = np.frombuffer(raw_ids, dtype=np.int64).reshape(-1, k)
-    if raw_counts is None:  # one input
-        return [ModelOutput(scores, token_ids)]
-    counts = np.frombuffer(raw_counts, dtype=np.int64)
-    if not len(counts):
-        return []
-    cuts = np.cumsum(counts[:-1])
-    return [ModelOutput(s, t) for s, t in zip(np.split(scores, cuts), np.split(token_ids, cuts), strict=True)]
+def _unpack_outputs(packed: tuple[Any, ...]) -> GroupOutput:
+    raw_scores, raw_ids, raw_counts, k = packed
+    return GroupOutput(
+        np.frombuffer(raw_scores, dtype=np.float32).reshape(-1, k),
+        np.frombuffer(raw_ids, dtype=np.int64).reshape(-1, k),
+        np.frombuffer(raw_counts, dtype=np.int64),
+    )
 
 
 class _Artifact:
@@ -289,10 +262,10 @@ class RemoteModel:
     ) -> tuple[FillMaskFormatter, Path, list[tuple[PreparedInput, ModelOutput]]]:
         artifact = await self._served()
         for _ in range(3):  # a reload between tokenizing and queueing: tokenize again for the new model
-            prepared = await encode_request(artifact.encoder, texts, top_k, targets, listed)
-            kind, payload = await self._call("run", artifact.path, _pack_inputs(prepared), timeout_s)
+            group = await encode_request(artifact.encoder, texts, top_k, targets, listed)
+            kind, payload = await self._call("run", artifact.path, _pack_inputs(group), timeout_s)
             if kind == "outputs":
-                items = list(zip(prepared, _unpack_outputs(payload), strict=True))
+                items = list(zip(group.inputs(), _unpack_outputs(payload).outputs(), strict=True))
                 return artifact.formatter, Path(artifact.path), items
             artifact = await self._served(payload)
         raise not_ready("the model was replaced while this request was being tokenized; retry", 1.0)
@@ -418,27 +391,40 @@ class _Run:
         runs: dict[int, _Run],
         request_id: int,
         batcher: Batcher,
-        futures: list[asyncio.Future[ModelOutput]],
+        futures: list[asyncio.Future[GroupOutput]],
         timeout_s: float,
     ):
         self.outbox, self.runs, self.request_id = outbox, runs, request_id
         self.batcher, self.futures, self.timeout_s = batcher, futures, timeout_s
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(timeout_s, self._expire)
-        self.gathered = asyncio.gather(*futures)
-        self.gathered.add_done_callback(self._done)
+        self.waiting = len(futures)  # parts not yet answered (most requests are one part)
+        for future in futures:
+            future.add_done_callback(self._part_done)
+        if not futures:
+            loop.call_soon(self._reply)
 
-    def _done(self, gathered: asyncio.Future[list[ModelOutput]]) -> None:
-        exc = None if gathered.cancelled() else gathered.exception()  # retrieved: no warning
-        if self.runs.pop(self.request_id, None) is None:  # expired or dropped: handled there
+    def _part_done(self, future: asyncio.Future[GroupOutput]) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved: no warning; a failure is replied in _reply
+        self.waiting -= 1
+        failed = future.cancelled() or future.exception() is not None
+        if self.waiting == 0 or failed:
+            self._reply()
+
+    def _reply(self) -> None:
+        if self.runs.pop(self.request_id, None) is None:  # expired, dropped or answered: handled there
             return
         self.timer.cancel()
-        if isinstance(exc, asyncio.CancelledError):  # the batcher stopped: the process is stopping
+        if any(f.cancelled() for f in self.futures):  # the batcher stopped: the process is stopping
+            self.batcher.discard(self.futures)
             self.outbox.send(_error(self.request_id, not_ready("the model process is stopping; retry", 1.0)))
-        elif exc is not None:  # the batch failed (logged by the batcher)
+        elif any(f.done() and f.exception() is not None for f in self.futures):  # logged by the batcher
+            self.batcher.discard(self.futures)
             self.outbox.send(_error(self.request_id, _internal_error()))
         else:
-            self.outbox.send(("ok", self.request_id, ("outputs", _pack_outputs(gathered.result()))))
+            output = GroupOutput.joined([f.result() for f in self.futures])
+            self.outbox.send(("ok", self.request_id, ("outputs", _pack_outputs(output))))
 
     def _expire(self) -> None:
         if self.runs.pop(self.request_id, None) is not None:

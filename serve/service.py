@@ -38,6 +38,8 @@ from microbert.predict import (
     FillMaskEncoder,
     FillMaskFormatter,
     FillMaskPredictor,
+    GroupOutput,
+    InputGroup,
     InvalidTextError,
     ModelOutput,
     PreparedInput,
@@ -352,9 +354,10 @@ class ModelService:
         """Tokenize, queue and run a request's inputs; the model's outputs, or a ServiceError."""
         loaded, batcher = self._serving()
         deadline = time.monotonic() + timeout_s
-        prepared = await encode_request(loaded.predictor.encoder, texts, top_k, targets, listed)
-        outputs = await self._run(loaded, batcher, prepared, deadline, timeout_s)
-        return loaded.predictor.formatter, loaded.path, list(zip(prepared, outputs, strict=True))
+        group = await encode_request(loaded.predictor.encoder, texts, top_k, targets, listed)
+        output = await self._run(loaded, batcher, group, deadline, timeout_s)
+        items = list(zip(group.inputs(), output.outputs(), strict=True))
+        return loaded.predictor.formatter, loaded.path, items
 
     def encoding(self) -> tuple[str, int, str]:
         """What a worker needs to tokenize for the served model: its folder, longest input, mask token."""
@@ -362,28 +365,29 @@ class ModelService:
         return str(loaded.path), loaded.predictor.max_length, loaded.predictor.mask_token
 
     def submit_prepared(
-        self, path: str, prepared: list[PreparedInput]
-    ) -> tuple[Batcher, list[asyncio.Future[ModelOutput]]] | None:
-        """Queue inputs an HTTP worker tokenized for the artifact at `path`: the batcher and one future
-        per input, or None when another artifact is served now (a reload swapped it; the worker
-        then tokenizes again, for `encoding()`). A full queue or no model raises ServiceError. The
-        caller waits, and on giving up calls `batcher.discard(futures)` (the model process answers
-        without a task per request: `serve/remote.py`)."""
+        self, path: str, group: InputGroup
+    ) -> tuple[Batcher, list[asyncio.Future[GroupOutput]]] | None:
+        """Queue inputs an HTTP worker tokenized for the artifact at `path`: the batcher and the
+        futures of their parts (`Batcher.submit`), or None when another artifact is served now (a
+        reload swapped it; the worker then tokenizes again, for `encoding()`). A full queue or no
+        model raises ServiceError. The caller waits, and on giving up calls
+        `batcher.discard(futures)` (the model process answers without a task per request:
+        `serve/remote.py`)."""
         loaded, batcher = self._serving()
         if str(loaded.path) != path:
             return None
-        return batcher, _submit(loaded, batcher, prepared)
+        return batcher, _submit(loaded, batcher, group)
 
     async def _run(
         self,
         loaded: Loaded,
         batcher: Batcher,
-        prepared: list[PreparedInput],
+        group: InputGroup,
         deadline: float,
         timeout_s: float,
-    ) -> list[ModelOutput]:
+    ) -> GroupOutput:
         """Queue the inputs and wait for their outputs until `deadline`; dropped if it passes."""
-        futures = _submit(loaded, batcher, prepared)
+        futures = _submit(loaded, batcher, group)
         gathered = asyncio.gather(*futures)
         gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
         answered = False
@@ -395,15 +399,13 @@ class ModelService:
         finally:
             if not answered:  # timed out, or the client went away: drop the queued inputs
                 batcher.discard(futures)
-        return list(outputs)
+        return GroupOutput.joined(outputs)
 
 
-def _submit(
-    loaded: Loaded, batcher: Batcher, prepared: list[PreparedInput]
-) -> list[asyncio.Future[ModelOutput]]:
+def _submit(loaded: Loaded, batcher: Batcher, group: InputGroup) -> list[asyncio.Future[GroupOutput]]:
     """Queue a request's inputs; a full queue is a 429 that says when to come back."""
     try:
-        return batcher.submit(loaded.predictor, prepared)
+        return batcher.submit(loaded.predictor, group)
     except QueueFullError as exc:
         error = ServiceError(429, "queue_full", str(exc))
         # Whole seconds, as HTTP has them (at least 1: a 0 invites an immediate retry storm), and
@@ -430,7 +432,7 @@ async def encode_request(
     top_k: int,
     targets: list[str] | str | None,
     listed: bool,
-) -> list[PreparedInput]:
+) -> InputGroup:
     """Validate and tokenize a request's inputs: inline for sentences, in a thread for long texts."""
     if sum(map(len, texts)) <= _INLINE_CHARS:
         return _encode(encoder, texts, top_k, targets, listed)
@@ -443,7 +445,7 @@ def _encode(
     top_k: int,
     targets: list[str] | str | None,
     listed: bool,
-) -> list[PreparedInput]:
+) -> InputGroup:
     """Validate and tokenize every input; the first problem becomes the request's error."""
     target_ids = None
     if targets is not None:
@@ -452,7 +454,7 @@ def _encode(
         except InputError as exc:
             raise ServiceError(400, "bad_targets", str(exc)) from None
     try:
-        return encoder.encode(texts, top_k=top_k, target_ids=target_ids)
+        return encoder.encode_group(texts, top_k=top_k, target_ids=target_ids)
     except InputError as exc:
         index = getattr(exc, "index", 0)
         where = f"inputs[{index}]: " if listed else ""

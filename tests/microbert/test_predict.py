@@ -8,7 +8,15 @@ import torch
 from tokenizers import Tokenizer, decoders
 
 from microbert.errors import InputError
-from microbert.predict import FillMaskFormatter, FillMaskPredictor, ModelOutput, PreparedInput, top_k
+from microbert.predict import (
+    FillMaskFormatter,
+    FillMaskPredictor,
+    GroupOutput,
+    InputGroup,
+    ModelOutput,
+    PreparedInput,
+    top_k,
+)
 from microbert.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -276,3 +284,44 @@ def test_a_large_request_is_encoded_as_each_text_alone(predictor):
         with pytest.raises(InputError, match=match) as caught:
             predictor.encode([*texts[:35], bad, *texts[35:]])
         assert caught.value.index == 35
+
+
+def test_an_input_group_is_its_inputs_and_takes_and_splits_without_mixing_them(predictor):
+    """`InputGroup` holds a request's inputs as four flat arrays; its views, gathers and parts must
+    be exactly the inputs one by one, in the order asked for."""
+    texts = TEXTS * 9  # 45 texts: the batch path of the encoder
+    group = predictor.encoder.encode_group(texts, top_k=3)
+    alone = [predictor.encode([t], top_k=3)[0] for t in texts]
+    one_by_one = group.inputs()
+    assert len(group) == len(texts) == len(one_by_one)
+    for got, want in zip(one_by_one, alone, strict=True):
+        assert np.array_equal(got.ids, want.ids) and np.array_equal(got.mask_positions, want.mask_positions)
+    order = [7, 3, 44, 0, 3]
+    for got, i in zip(group.take(order).inputs(), order, strict=True):
+        assert np.array_equal(got.ids, alone[i].ids)
+        assert np.array_equal(got.mask_positions, alone[i].mask_positions)
+    parts = group.split(16)
+    assert [len(p) for p in parts] == [16, 16, 13] and group.split(45) == [group]
+    regrouped = InputGroup.of([p for part in parts for p in part.inputs()])
+    for name in ("ids", "lengths", "mask_positions", "mask_counts"):
+        assert np.array_equal(getattr(regrouped, name), getattr(group, name))
+    # The parts' outputs joined are the whole group's, input by input.
+    whole = predictor.collect_groups(predictor.launch_groups([group]))[0].outputs()
+    joined = GroupOutput.joined(predictor.collect_groups(predictor.launch_groups(parts))).outputs()
+    for a, b in zip(whole, joined, strict=True):
+        assert np.array_equal(a.token_ids, b.token_ids) and np.allclose(a.scores, b.scores, atol=1e-6)
+    with pytest.raises(ValueError, match="share top_k"):
+        InputGroup.of([alone[0], predictor.encode([texts[1]], top_k=2)[0]])
+
+
+def test_groups_with_their_own_top_k_and_targets_share_a_pass(predictor):
+    """A pass holds several requests' groups, each with its top_k and targets: each gets what it
+    would alone."""
+    first = predictor.encoder.encode_group(TEXTS[:3], top_k=4)
+    second = predictor.encoder.encode_group(TEXTS[2:], top_k=2, target_ids=predictor.target_ids(["the", "a"]))
+    together = predictor.collect_groups(predictor.launch_groups([first, second]))
+    for group, output in zip((first, second), together, strict=True):
+        (alone,) = predictor.collect_groups(predictor.launch_groups([group]))
+        assert output.scores.shape == alone.scores.shape == (group.num_masks, group.top_k)
+        assert np.array_equal(output.token_ids, alone.token_ids)
+        assert np.allclose(output.scores, alone.scores, atol=1e-6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from microbert.predict import FillMaskPredictor
+from microbert.predict import FillMaskPredictor, GroupOutput
 from serve.batcher import Batcher
 from serve.metrics import Metrics
 
@@ -25,8 +25,8 @@ async def _answers(predictor: FillMaskPredictor, requests: list[list[str]]) -> l
     )
     batcher.start()
     try:
-        futures = [batcher.submit(predictor, predictor.encode(texts)) for texts in requests]
-        return [await asyncio.gather(*f) for f in futures]
+        futures = [batcher.submit(predictor, predictor.encoder.encode_group(texts)) for texts in requests]
+        return [GroupOutput.joined(await asyncio.gather(*f)).outputs() for f in futures]
     finally:
         await batcher.stop()
 
@@ -54,3 +54,32 @@ def test_pipelined_passes_give_each_input_its_own_answer(tiny_artifact, device):
         for want, out in zip(predictor.run(predictor.encode(texts)), outputs, strict=True):
             assert np.array_equal(want.token_ids, out.token_ids)
             assert np.allclose(want.scores, out.scores, atol=1e-6)
+
+
+def test_a_request_larger_than_a_pass_is_cut_into_parts_and_counted_by_its_inputs(tiny_artifact):
+    """A request is one entry of the queue however many inputs it has; one that exceeds a pass (5
+    inputs, passes of 2) goes in parts, each answered as the predictor answers it alone, and the
+    queue's depth and the batch-size metric count inputs."""
+    predictor = FillMaskPredictor.from_pretrained(tiny_artifact)
+    texts = [TEXTS[i % 4] for i in range(5)]
+    metrics = Metrics()
+
+    async def run() -> tuple[list, int, int]:
+        batcher = Batcher(
+            max_batch_size=2, max_batch_tokens=4096, max_wait_s=0, max_queue_tokens=1 << 20, metrics=metrics
+        )
+        futures = batcher.submit(predictor, predictor.encoder.encode_group(texts))
+        parts, depth = len(futures), batcher.depth
+        batcher.start()
+        try:
+            return GroupOutput.joined(await asyncio.gather(*futures)).outputs(), parts, depth
+        finally:
+            await batcher.stop()
+
+    outputs, parts, depth = asyncio.run(run())
+    assert (parts, depth) == (3, 5)
+    for want, out in zip(predictor.run(predictor.encode(texts)), outputs, strict=True):
+        assert np.array_equal(want.token_ids, out.token_ids)
+        assert np.allclose(want.scores, out.scores, atol=1e-6)
+    batch_sizes = metrics.batch_size.collect()[0].samples
+    assert next(s.value for s in batch_sizes if s.name.endswith("_sum")) == 5

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from microbert.predict import FillMaskPredictor, ModelOutput, PreparedInput
+from microbert.predict import FillMaskPredictor, GroupOutput, InputGroup
 from serve.metrics import Metrics
 from serve.remote import (
     ModelServer,
@@ -31,32 +31,32 @@ from tests.serve.conftest import make_settings
 TEXTS = ["the king [MASK] the land .", "a [MASK] day and a [MASK] night", "[MASK] ."]
 
 
-def _same_inputs(a: list[PreparedInput], b: list[PreparedInput]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert np.array_equal(x.ids, y.ids) and np.array_equal(x.mask_positions, y.mask_positions)
-        assert (x.top_k, x.target_ids) == (y.top_k, y.target_ids)
+def _same_inputs(a: InputGroup, b: InputGroup) -> None:
+    for name in ("ids", "lengths", "mask_positions", "mask_counts"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert (a.top_k, a.target_ids) == (b.top_k, b.target_ids)
 
 
-def test_inputs_and_outputs_travel_as_flat_arrays_and_come_back_the_same(tiny_artifact: Path) -> None:
+def test_inputs_and_outputs_travel_as_raw_bytes_and_come_back_the_same(tiny_artifact: Path) -> None:
     predictor = FillMaskPredictor.from_pretrained(tiny_artifact)
+    encoder = predictor.encoder
     for target_ids in (None, (5, 9)):
-        prepared = predictor.encode(TEXTS * 20, top_k=3, target_ids=target_ids)  # the batch path
-        _same_inputs(_unpack_inputs(_pack_inputs(prepared)), prepared)
-    prepared = predictor.encode(TEXTS, top_k=4)  # the few-texts path
-    _same_inputs(_unpack_inputs(_pack_inputs(prepared)), prepared)
-    one = predictor.encode([TEXTS[1]], top_k=2, target_ids=(5,))  # a single-sentence request
+        group = encoder.encode_group(TEXTS * 20, top_k=3, target_ids=target_ids)  # the batch path
+        _same_inputs(_unpack_inputs(_pack_inputs(group)), group)
+    group = encoder.encode_group(TEXTS, top_k=4)  # the few-texts path
+    _same_inputs(_unpack_inputs(_pack_inputs(group)), group)
+    one = encoder.encode_group([TEXTS[1]], top_k=2, target_ids=(5,))  # a single-sentence request
     _same_inputs(_unpack_inputs(_pack_inputs(one)), one)
-    (alone,) = _unpack_outputs(_pack_outputs(predictor.run(one)))
-    assert alone.scores.shape == (2, 1)
-    outputs = predictor.run(prepared)
-    back = _unpack_outputs(_pack_outputs(outputs))
+    (alone,) = predictor.collect_groups(predictor.launch_groups([one]))
+    back_alone = _unpack_outputs(_pack_outputs(alone))
+    assert back_alone.scores.shape == (2, 1) and back_alone.outputs()[0].scores.shape == (2, 1)
+    (output,) = predictor.collect_groups(predictor.launch_groups([group]))
+    back = _unpack_outputs(_pack_outputs(output)).outputs()
     assert [o.scores.shape for o in back] == [(1, 4), (2, 4), (1, 4)]
-    for x, y in zip(back, outputs, strict=True):
+    for x, y in zip(back, predictor.run(group.inputs()), strict=True):
         assert np.array_equal(x.scores, y.scores) and np.array_equal(x.token_ids, y.token_ids)
-    assert _unpack_inputs(_pack_inputs([])) == [] and _unpack_outputs(_pack_outputs([])) == []
     # What a frame pickles is bytes and numbers (pickle copies bytes as they are): no numpy objects.
-    for packed in (_pack_inputs(prepared), _pack_inputs(one), _pack_outputs(outputs), _pack_outputs([alone])):
+    for packed in (_pack_inputs(group), _pack_inputs(one), _pack_outputs(output), _pack_outputs(alone)):
         assert not any(isinstance(part, np.ndarray) for part in packed)
 
 
@@ -100,15 +100,15 @@ def test_runs_in_one_frame_are_answered_in_one_frame(tmp_path: Path, tiny_artifa
 
     async def body(service: ModelService, client: _Client) -> None:
         path, _, _ = service.encoding()
-        prepared = [expected.encode([text], top_k=2) for text in TEXTS]
+        prepared = [expected.encoder.encode_group([text], top_k=2) for text in TEXTS]
         client.send(*[("run", i, path, _pack_inputs(p), 30.0) for i, p in enumerate(prepared)])
         replies, frames = await client.replies(len(TEXTS))
         assert frames == 1  # one batch, answered in one loop iteration, one frame
         for i, p in enumerate(prepared):
             kind, (what, packed) = replies[i]
             assert (kind, what) == ("ok", "outputs")
-            (got,) = _unpack_outputs(packed)
-            (want,) = expected.run(p)
+            (got,) = _unpack_outputs(packed).outputs()
+            (want,) = expected.run(p.inputs())
             assert np.array_equal(got.token_ids, want.token_ids)
             assert np.allclose(got.scores, want.scores, atol=1e-6)
 
@@ -120,8 +120,8 @@ def test_stale_inputs_and_a_full_queue_are_answered_at_once(tmp_path: Path, tiny
 
     async def body(service: ModelService, client: _Client) -> None:
         path, _, _ = service.encoding()
-        one = _pack_inputs(predictor.encode([TEXTS[0]]))
-        many = _pack_inputs(predictor.encode(TEXTS * 30))
+        one = _pack_inputs(predictor.encoder.encode_group([TEXTS[0]]))
+        many = _pack_inputs(predictor.encoder.encode_group(TEXTS * 30))
         # The first fills the small queue (an empty queue takes any request); the second is refused.
         client.send(
             ("run", 1, "/elsewhere", one, 30.0), ("run", 2, path, many, 30.0), ("run", 3, path, many, 30.0)
@@ -142,7 +142,7 @@ def test_a_run_past_its_deadline_is_refused_and_a_cancelled_one_is_dropped(
 
     async def body(service: ModelService, client: _Client) -> None:
         path, _, _ = service.encoding()
-        packed = _pack_inputs(predictor.encode(TEXTS * 10))
+        packed = _pack_inputs(predictor.encoder.encode_group(TEXTS * 10))
         client.send(("run", 1, path, packed, 1e-9), ("run", 2, path, packed, 30.0), ("cancel", 2))
         client.send(("status", 3))
         replies, _ = await client.replies(2)
@@ -164,7 +164,7 @@ def test_runs_queued_when_the_model_stops_are_told_to_retry(tmp_path: Path, tiny
 
     async def body(service: ModelService, client: _Client) -> None:
         path, _, _ = service.encoding()
-        packed = _pack_inputs(predictor.encode(TEXTS * 40))
+        packed = _pack_inputs(predictor.encoder.encode_group(TEXTS * 40))
         client.send(*[("run", i, path, packed, 30.0) for i in range(4)])
         await asyncio.sleep(0)  # read and queued, not yet run
         while service.batcher is not None and service.batcher.depth == 0:
@@ -193,11 +193,17 @@ def test_a_frame_is_a_length_and_a_list_of_messages() -> None:
     assert asyncio.run(read()) == [("status", 1), ("cancel", 2)]
 
 
-@pytest.mark.parametrize("masks", [[1, 1], [2, 0, 3]])
+@pytest.mark.parametrize("masks", [[1, 1], [2, 0, 3], [4]])
 def test_outputs_of_inputs_with_several_or_no_masks_split_back(masks: list[int]) -> None:
     rng = np.random.default_rng(0)
-    outputs = [ModelOutput(rng.random((m, 3), dtype=np.float32), rng.integers(0, 100, (m, 3))) for m in masks]
-    back = _unpack_outputs(_pack_outputs(outputs))
+    parts = [
+        GroupOutput(
+            rng.random((m, 3), dtype=np.float32), rng.integers(0, 100, (m, 3)), np.array([m], dtype=np.int64)
+        )
+        for m in masks
+    ]
+    joined = GroupOutput.joined(parts)  # as a request cut into parts is answered
+    back = _unpack_outputs(_pack_outputs(joined)).outputs()
     assert [len(o.scores) for o in back] == masks
-    for x, y in zip(back, outputs, strict=True):
+    for x, y in zip(back, parts, strict=True):
         assert np.array_equal(x.scores, y.scores) and np.array_equal(x.token_ids, y.token_ids)
