@@ -15,7 +15,7 @@ ref=${1:?REF}
 export OUT=${OUT:-/tmp/serve-round} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 start=$SECONDS
-AB_SPY=1 AB_REF_FIRST=1 timeout 200 bash bench/serve_ab.sh "$ref" 64,256 single,batch32 2>&1 | grep -v "^== "
+AB_SPY=1 timeout 200 bash bench/serve_ab.sh "$ref" 64,256 single,batch32 2>&1 | grep -v "^== "
 echo "== serve_ab done (t=$((SECONDS - start)) s)"
 (cd ".ab/$ref" && PYTHONPATH=$PWD:/tmp/site timeout 60 python3 -m bench.serve_wrk --model-dir /tmp/serve-ab-run-bert-base \
   --preset bert-base --impls "" --predictor --batch-size 256 2>&1) | grep '^{' | tee "$OUT/predictor_ref.jsonl" \

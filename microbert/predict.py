@@ -541,15 +541,11 @@ class FillMaskEncoder:
         if not texts:
             return InputGroup.of([])
         encode_batch = self._encode_batch
-        if len(texts) == 1:
-            # One text: `encode`, which hands nothing to the Rust thread pool. With 8 HTTP workers
-            # tokenizing at once on 16 cores, 68 µs against encode_batch's 89 (one 24-word sentence,
-            # bench/tokenize_contention.py on the GPU host; alone on 2 cores, 58 against 49).
-            encodings = [self.tokenizer.encode(texts[0])]
-        elif len(texts) >= _BATCH_CALL:
-            encodings = encode_batch(list(texts))
-        else:
-            encodings = [encode_batch([text])[0] for text in texts]
+        encodings = (
+            encode_batch(list(texts))
+            if len(texts) >= _BATCH_CALL
+            else [encode_batch([text])[0] for text in texts]
+        )
         if len(encodings) == 1:  # a single sentence: two numpy calls, not the batch's dozen
             ids = np.asarray(encodings[0].ids, dtype=np.int64)
             positions = np.flatnonzero(ids == self.mask_token_id)

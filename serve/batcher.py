@@ -31,7 +31,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from microbert.predict import FillMaskPredictor, GroupOutput, InputGroup, PendingOutputs, bucket_lengths
+from microbert.predict import (
+    FillMaskPredictor,
+    GroupOutput,
+    InputGroup,
+    PendingOutputs,
+    bucket_length,
+    bucket_lengths,
+)
 from serve.metrics import Metrics, observe_many
 
 log = logging.getLogger("microbert.serve")
@@ -211,10 +218,15 @@ class Batcher:
         the model needs to drain the excess and the clients refused before this one, at the rate it
         has drained the queue over its last passes.
         """
-        if not len(group):
+        count = len(group)
+        if not count:
             return []
-        costs = bucket_lengths(group.lengths)
-        need, queued, count = int(costs.sum()), self._queued_tokens, len(group)
+        if count == 1:  # a single sentence (most requests): Python ints, not a handful of numpy calls
+            longest = need = bucket_length(int(group.lengths[0]))
+        else:
+            costs = bucket_lengths(group.lengths)
+            need, longest = int(costs.sum()), int(costs.max())
+        queued = self._queued_tokens
         excess = queued + need - self.max_queue_tokens
         excess_inputs = 0 if self.max_queue is None else self._queued_inputs + count - self.max_queue
         if self._queue and (excess > 0 or excess_inputs > 0):
@@ -228,18 +240,18 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        longest = int(costs.max())
         # A part fits a pass: at most max_batch_size inputs, and longest × inputs within the budget.
         per_pass = max(1, min(self.max_batch_size, self.max_batch_tokens // max(1, longest)))
-        parts = group.split(per_pass)
-        futures = []
-        for part in parts:
-            future: asyncio.Future[GroupOutput] = loop.create_future()
-            part_costs = costs if len(parts) == 1 else bucket_lengths(part.lengths)
-            self._queue.append(
-                _Item(predictor, part, future, now, int(part_costs.sum()), int(part_costs.max()))
-            )
-            futures.append(future)
+        futures: list[asyncio.Future[GroupOutput]] = []
+        if count <= per_pass:  # one part: the whole request
+            futures.append(loop.create_future())
+            self._queue.append(_Item(predictor, group, futures[0], now, need, longest))
+        else:
+            for part in group.split(per_pass):
+                futures.append(loop.create_future())
+                part_costs = bucket_lengths(part.lengths)
+                item = _Item(predictor, part, futures[-1], now, int(part_costs.sum()), int(part_costs.max()))
+                self._queue.append(item)
         observe_many(self.metrics.input_tokens, group.lengths.tolist())
         self._queued_tokens += need
         self._queued_inputs += count
