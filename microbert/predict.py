@@ -5,7 +5,8 @@ input, one input at a time through its data loader. `FillMaskPredictor` does the
 batch at once and keeps Python out of the per-sentence path:
 
 - `encode` (`FillMaskEncoder`, which needs no model): the texts of a request in one `encode_batch`
-  call (Rust, on all cores);
+  call (Rust, on all cores), as one `InputGroup` (`encode_group`: four flat arrays, no object per
+  text), which is also what the service queues and `launch_groups` runs;
 - `run`: the batch's input tensors built once with numpy, one forward pass with the head on the
   [MASK] positions only, top-k (and targets) for every mask of the batch in one device operation and
   one device→host copy; lengths are rounded up to buckets so shapes repeat, and on CUDA each bucket's

@@ -1,7 +1,10 @@
 """Dynamic batching: inputs from concurrent requests share one forward pass.
 
 Requests put their prepared inputs in a queue bounded in padded tokens (the unit of the model's
-work) and await futures. One asyncio task forms batches (up to `max_batch_size` inputs and a budget
+work) and await futures: a request's inputs are one entry (an `InputGroup`, flat arrays) with one
+future, however many they are, so the model process's Python per sentence is gone (with 32-input
+requests it was GIL-bound at ~32 µs a sentence; bench/NOTES.md, session 8); a request larger than
+one pass goes in parts. One asyncio task forms batches (up to `max_batch_size` inputs and a budget
 of `max_batch_tokens` padded tokens per forward pass, as text-embeddings-inference's
 `--max-batch-tokens`) and runs each in a single worker thread, so the event loop keeps answering
 `/health`, `/ready` and new requests while the model computes. Under load the queue fills while a
@@ -9,7 +12,7 @@ pass runs, so batches form with no waiting at all; when the batcher wakes from i
 company only as long as the recent arrival rate says another input is due within `max_wait_s` (an
 adaptive wait: a lone client pays no delay). A full queue is refused at once (429, saying how long
 the model needs to drain the excess at the rate it has been draining the queue) rather than letting
-latency grow without bound. Each input remembers the predictor that tokenized it, so during a model
+latency grow without bound. Each entry remembers the predictor that tokenized it, so during a model
 reload a batch never mixes two tokenizers. The futures resolve to the model's raw output;
 formatting is the caller's (off the model thread, in parallel with the next pass).
 
