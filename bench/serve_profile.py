@@ -50,19 +50,20 @@ def stage_times(
     predictor: FillMaskPredictor, texts: list[str], repeats: int
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Microseconds per sentence in each stage, the mean over `repeats` batches, one stage after the
-    other; and `run` split into `launch` (the host's part: inputs, queueing the device's work) and
-    `collect` (waiting for the device, then slicing)."""
+    other, on the path `predict` and the service take (a batch as one `InputGroup`); and `run` split
+    into `launch` (the host's part: inputs, queueing the device's work) and `collect` (waiting for
+    the device, then slicing). `format` includes the per-input views it needs."""
     totals = dict.fromkeys(STAGES, 0.0)
     split = {"launch": 0.0, "collect": 0.0}
     for _ in range(repeats):
         t0 = time.perf_counter()
-        prepared = predictor.encode(texts)
+        group = predictor.encoder.encode_group(texts)
         t1 = time.perf_counter()
-        pending = predictor.launch(prepared)
+        pending = predictor.launch_groups([group])
         t_launched = time.perf_counter()
-        outputs = predictor.collect(pending)
+        (output,) = predictor.collect_groups(pending)
         t2 = time.perf_counter()
-        results = predictor.format(list(zip(prepared, outputs, strict=True)))
+        results = predictor.format(list(zip(group.inputs(), output.outputs(), strict=True)))
         t3 = time.perf_counter()
         orjson.dumps(results)
         t4 = time.perf_counter()
@@ -105,14 +106,14 @@ def python_profile(predictor: FillMaskPredictor, texts: list[str], repeats: int)
 def operator_profile(predictor: FillMaskPredictor, texts: list[str], repeats: int, trace: Path | None) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    prepared = predictor.encode(texts)
+    group = predictor.encoder.encode_group(texts)
     activities = [ProfilerActivity.CPU]
     cuda = predictor.device.type == "cuda"
     if cuda:
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(repeats):
-            predictor.run(prepared)
+            predictor.collect_groups(predictor.launch_groups([group]))
     averages = prof.key_averages(group_by_input_shape=True)
     tables = ["by own CPU time:", averages.table(sort_by="self_cpu_time_total", row_limit=25)]
     if cuda:
@@ -120,7 +121,7 @@ def operator_profile(predictor: FillMaskPredictor, texts: list[str], repeats: in
     if trace is not None:
         with profile(activities=activities) as traced:
             for _ in range(3):
-                predictor.run(prepared)
+                predictor.collect_groups(predictor.launch_groups([group]))
         traced.export_chrome_trace(str(trace))
     return "\n".join(tables)
 
