@@ -102,6 +102,12 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
     return np.cumsum(lengths) - lengths
 
 
+def _bounds(counts: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each of consecutive slices `counts` long: per-input views of a group's arrays."""
+    ends = np.cumsum(counts).tolist()
+    return list(zip([0, *ends][: len(ends)], ends, strict=True))
+
+
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The indices of the slices [start, start + length) end to end, with no Python loop."""
     total = int(lengths.sum())
@@ -152,16 +158,13 @@ class InputGroup:
         """One `PreparedInput` per input (views of the group's arrays), for formatting."""
         if len(self) == 1:
             return [PreparedInput(self.ids, self.mask_positions, self.top_k, self.target_ids)]
-        ends, mask_ends = np.cumsum(self.lengths).tolist(), np.cumsum(self.mask_counts).tolist()
-        out, start, mask_start = [], 0, 0
-        for end, mask_end in zip(ends, mask_ends, strict=True):
-            out.append(
-                PreparedInput(
-                    self.ids[start:end], self.mask_positions[mask_start:mask_end], self.top_k, self.target_ids
-                )
+        ids, positions = self.ids, self.mask_positions
+        return [
+            PreparedInput(ids[start:end], positions[m_start:m_end], self.top_k, self.target_ids)
+            for (start, end), (m_start, m_end) in zip(
+                _bounds(self.lengths), _bounds(self.mask_counts), strict=True
             )
-            start, mask_start = end, mask_end
-        return out
+        ]
 
     def take(self, order: np.ndarray | Sequence[int]) -> InputGroup:
         """The inputs at `order` (indices), in that order, as a group (one gather per array)."""
@@ -197,11 +200,10 @@ class GroupOutput:
         """One `ModelOutput` per input (views)."""
         if len(self.mask_counts) == 1:
             return [ModelOutput(self.scores, self.token_ids)]
-        out, start = [], 0
-        for end in np.cumsum(self.mask_counts).tolist():
-            out.append(ModelOutput(self.scores[start:end], self.token_ids[start:end]))
-            start = end
-        return out
+        return [
+            ModelOutput(self.scores[start:end], self.token_ids[start:end])
+            for start, end in _bounds(self.mask_counts)
+        ]
 
     @classmethod
     def joined(cls, parts: Sequence[GroupOutput]) -> GroupOutput:

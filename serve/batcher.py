@@ -233,7 +233,7 @@ class Batcher:
         excess = queued + need - self.max_queue_tokens
         excess_inputs = 0 if self.max_queue is None else self._queued_inputs + count - self.max_queue
         if self._queue and (excess > 0 or excess_inputs > 0):
-            excess = max(excess, excess_inputs * need // max(1, count), 1)
+            excess = max(excess, excess_inputs * need // count, 1)
             raise QueueFullError(
                 f"the server is busy ({queued} tokens in {self._queued_inputs} inputs queued, limit "
                 f"{self.max_queue_tokens} tokens"

@@ -405,9 +405,8 @@ class _Run:
             loop.call_soon(self._reply)
 
     def _part_done(self, future: asyncio.Future[GroupOutput]) -> None:
-        if not future.cancelled():
-            future.exception()  # retrieved: no warning; a failure is replied in _reply
         self.waiting -= 1
+        # exception() also marks a failure retrieved (no warning); _reply answers it.
         failed = future.cancelled() or future.exception() is not None
         if self.waiting == 0 or failed:
             self._reply()

@@ -310,6 +310,7 @@ def test_an_input_group_is_its_inputs_and_takes_and_splits_without_mixing_them(p
     joined = GroupOutput.joined(predictor.collect_groups(predictor.launch_groups(parts))).outputs()
     for a, b in zip(whole, joined, strict=True):
         assert np.array_equal(a.token_ids, b.token_ids) and np.allclose(a.scores, b.scores, atol=1e-6)
+    assert predictor.encode([]) == [] and GroupOutput.joined([]).outputs() == []
     with pytest.raises(ValueError, match="share top_k"):
         InputGroup.of([alone[0], predictor.encode([texts[1]], top_k=2)[0]])
 
