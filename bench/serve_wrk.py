@@ -20,9 +20,10 @@ storm); the record counts only 2xx answers as served and gives the 429 share apa
 Without HTTP: `--predictor` times `FillMaskPredictor.predict` on `--batch-size` texts a call, then
 on all `--texts` in one call (`batch_size=--batch-size`, the `impl` "... on a list"), and `--hf-list`
 `pipeline(list, batch_size=64)`. `--overload S` runs microbert-serve with
-a small queue under 1,024 closed-loop clients (bench/serve_load.py: they re-send at once after a
-fast 429) for S seconds and records the statuses, the p99 of the 200s and the server's RSS before
-and after.
+a small queue for S seconds under 1,024 wrk connections that re-send at once after a fast 429, with
+16 closed-loop Python clients beside them whose 200s give the latencies (`--overload-client python`:
+1,024 bench/serve_load.py clients alone), and records the statuses, the p50/p99/max of the 200s and
+the server's RSS before, during and after, by process (parent, HTTP workers, model process).
 
 Every result is a record `{"bench": "serve", "impl", "mode", "concurrency", "sentences_per_second",
 "p50_ms", "p99_ms", ...}` appended through bench/records.py to bench/results/ (and $OUT), with the
@@ -60,18 +61,18 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH = [TEXT.replace("across the [MASK]", f"across the [MASK] {i}") for i in range(32)]
 
 
-# After a 429 the next request waits what the server said (Retry-After-Ms, else Retry-After), through
-# wrk's delay(); statuses are counted per thread and summed in done(). wrk keeps one Lua state per
-# thread, not per connection, so a backoff goes to the next request the thread sends (a FIFO), which
-# may be another of its connections: the total backoff is what the server asked for.
-_BACKOFF = """
+# Statuses are counted per thread and summed in done(). With `backoff`, after a 429 the next request
+# waits what the server said (Retry-After-Ms, else Retry-After), through wrk's delay(). wrk keeps one
+# Lua state per thread, not per connection, so a backoff goes to the next request the thread sends
+# (a FIFO), which may be another of its connections: the total backoff is what the server asked for.
+_COUNT = """
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
 statuses = {}
 pending = {}
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
-  if status == 429 then
+  if backoff and status == 429 then
     local ms = tonumber(headers["retry-after-ms"])
     if not ms then ms = (tonumber(headers["retry-after"]) or 1) * 1000 end
     table.insert(pending, ms)
@@ -88,13 +89,17 @@ end
 """
 
 
-def lua(body: bytes, backoff: bool = True) -> str:
-    """wrk's script: POST `body`; with `backoff`, honour 429s' Retry-After and count statuses."""
-    return (
+def lua(body: bytes, backoff: bool = True, count: bool = False) -> str:
+    """wrk's script: POST `body`; with `backoff`, honour 429s' Retry-After and count statuses;
+    with `count` alone, count statuses and re-send at once (a client that ignores Retry-After)."""
+    script = (
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(body.decode())}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-    ) + (_BACKOFF if backoff else "")
+    )
+    if backoff or count:
+        script += f"backoff = {'true' if backoff else 'false'}\n" + _COUNT
+    return script
 
 
 def ok_share(result: dict[str, Any]) -> float:
@@ -116,6 +121,8 @@ def parse_wrk(out: str) -> dict[str, Any]:
     for q in ("50", "90", "99"):
         match = re.search(rf"^\s+{q}%\s+(\S+)", out, re.M)
         result[f"p{q}_ms"] = ms(match[1]) if match else None
+    latency = re.search(r"^[ \t]+Latency[ \t]+\S+[ \t]+\S+[ \t]+(\S+)", out, re.M)
+    result["max_ms"] = ms(latency[1]) if latency else None
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
     result["non_2xx"] = int(non_2xx[1]) if non_2xx else 0
@@ -148,21 +155,62 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process and its children (uvicorn workers, the model process), MiB."""
-    total = 0
-    pids = [pid]
+def _tree(pid: int) -> list[int]:
+    """A process and its descendants."""
+    found, pids = [], [pid]
     while pids:
         current = pids.pop()
+        found.append(current)
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            pids += [int(c) for c in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
         except OSError:
             continue
-        pids += [int(c) for c in children]
-    return round(total / 1024, 1)
+    return found
+
+
+def _status_kib(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children (uvicorn workers, the model process), MiB."""
+    return round(sum(_status_kib(p, "VmRSS") for p in _tree(pid)) / 1024, 1)
+
+
+def _role(pid: int, root: int) -> str:
+    if pid == root:
+        return "parent"
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "other"
+    if b"serve.remote" in cmdline:
+        return "model"
+    return "workers" if b"multiprocessing" in cmdline or b"uvicorn" in cmdline else "other"
+
+
+def rss_by_role(pid: int) -> dict[str, float]:
+    """The tree's RSS (MiB) and threads by role: the parent (microbert-serve), the model process,
+    the HTTP workers (summed), so that growth can be placed."""
+    rss: dict[str, float] = {}
+    threads: dict[str, int] = {}
+    largest = 0.0
+    for p in _tree(pid):
+        role, mib = _role(p, pid), _status_kib(p, "VmRSS") / 1024
+        rss[role] = rss.get(role, 0.0) + mib
+        threads[role] = threads.get(role, 0) + _status_kib(p, "Threads")
+        largest = max(largest, mib) if role == "workers" else largest
+    return {
+        **{k: round(v, 1) for k, v in rss.items()},
+        "largest_worker": round(largest, 1),
+        **{f"{k}_threads": v for k, v in threads.items()},
+    }
 
 
 class Server:
@@ -183,12 +231,20 @@ class Server:
         self.log.close()
 
 
+def wrk_command(
+    wrk: str, url: str, script: Path, connections: int, duration: float, threads: int, timeout_s: float = 2
+) -> list[str]:
+    """`timeout_s`: wrk's per-request timeout (its default 2 s); a slower answer is counted as a
+    timeout, not a latency, so the overload run raises it to see how slow the slowest is."""
+    seconds = max(1, round(duration))
+    return [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+            f"--timeout={max(1, round(timeout_s))}s", "-s", str(script), url + "/fill-mask"]  # fmt: skip
+
+
 def run_wrk(
     wrk: str, url: str, script: Path, connections: int, duration: float, threads: int
 ) -> dict[str, Any]:
-    seconds = max(1, round(duration))
-    command = [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency",
-               "-s", str(script), url + "/fill-mask"]  # fmt: skip
+    command = wrk_command(wrk, url, script, connections, duration, threads)
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=duration + 60).stdout
     return parse_wrk(out)
 
@@ -470,18 +526,22 @@ def bench_hf_list(args: argparse.Namespace, artifact: Path, device: str) -> list
 
 
 class _RssSampler:
-    """The server's RSS every few seconds of a run, from a thread: tells a leak from a warm-up."""
+    """The server's RSS every few seconds of a run, from a thread: tells a leak from a warm-up, and
+    (by role) which process grows."""
 
     def __init__(self, pid: int, every_s: float) -> None:
         self.pid, self.every_s = pid, every_s
         self.samples: list[tuple[float, float]] = []
+        self.roles: list[tuple[float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         start = time.monotonic()
         while not self._stop.wait(self.every_s):
-            self.samples.append((round(time.monotonic() - start, 1), rss_mib(self.pid)))
+            at = round(time.monotonic() - start, 1)
+            self.samples.append((at, rss_mib(self.pid)))
+            self.roles.append((at, rss_by_role(self.pid)))
 
     def __enter__(self) -> _RssSampler:
         self._thread.start()
@@ -492,46 +552,93 @@ class _RssSampler:
         self._thread.join()
 
 
+# Closed-loop Python clients beside wrk in the overload run: their 200s are the latency a client
+# sees (wrk's own percentiles mix in the fast 429s and cannot tell them apart).
+PROBE_CLIENTS = 16
+
+
 def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: str) -> list[dict[str, Any]]:
-    """Closed-loop clients far beyond the queue: only 200 and 429 (Retry-After), bounded p99, flat RSS."""
+    """Clients far beyond what the server sustains, against a small queue: only 200 and 429
+    (Retry-After), bounded latency of the 200s, flat RSS.
+
+    `--overload-client wrk` (the default where wrk is installed): `--overload-clients` wrk connections
+    that re-send at once after a 429 (they ignore Retry-After: the most load this machine can offer),
+    and beside them `PROBE_CLIENTS` closed-loop clients (bench/serve_load.py) whose 200s give the
+    latency percentiles. `python`: bench/serve_load.py's clients alone (one Python process: on a
+    16-core GPU host it, not the server, can be the limit)."""
     queue = args.overload_queue
     command, env = server_command("microbert", run, run, 8430, args)
     env["MICROBERT_MAX_QUEUE"] = str(queue)
-    server = Server(command, env, 8430, folder / "overload.log")
+    server = Server(command, env, 8430, folder / "overload-server.log")
+    use_wrk = args.overload_client.startswith("wrk")
+    backoff = args.overload_client == "wrk-backoff"
+    pid = server.process.pid
+    wrk_out = ""
     try:
         asyncio.run(run_load("127.0.0.1", 8430, concurrency=64, duration_s=2, text=TEXT))  # warm-up
-        rss_before = rss_mib(server.process.pid)
+        rss_before, roles_before = rss_mib(pid), rss_by_role(pid)
         before = load_average()
-        with _RssSampler(server.process.pid, every_s=max(1.0, args.overload / 12)) as rss_curve:
+        with _RssSampler(pid, every_s=max(1.0, args.overload / 12)) as rss_curve:
+            wrk = None
+            if use_wrk:
+                script = folder / "overload.lua"
+                script.write_text(lua(json.dumps({"inputs": TEXT}).encode(), backoff=backoff, count=True))
+                flood = wrk_command(args.wrk, server.url, script, args.overload_clients, args.overload,
+                                    args.threads, timeout_s=args.overload)  # fmt: skip
+                wrk = subprocess.Popen(flood, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            clients = PROBE_CLIENTS if use_wrk else args.overload_clients
             result = asyncio.run(
-                run_load(
-                    "127.0.0.1", 8430, concurrency=args.overload_clients, duration_s=args.overload, text=TEXT
-                )
+                run_load("127.0.0.1", 8430, concurrency=clients, duration_s=args.overload, text=TEXT)
             )
-        rss_after = rss_mib(server.process.pid)
+            if wrk is not None:
+                wrk_out = wrk.communicate(timeout=args.overload + 60)[0]
+        rss_after, roles_after = rss_mib(pid), rss_by_role(pid)
         alive = server.process.poll() is None
     finally:
         server.stop()
+    if wrk_out:
+        (folder / "overload-wrk.txt").write_text(wrk_out)
     summary = result.summary()
-    total = sum(summary["statuses"].values())
+    seconds = summary["duration_s"]
+    statuses = dict(summary["statuses"])
+    record: dict[str, Any] = {}
+    if use_wrk:
+        parsed = parse_wrk(wrk_out) if "Requests/sec" in wrk_out else {"statuses": {}}
+        record["wrk"] = {key: parsed.get(key) for key in ("statuses", "requests_per_second", "p50_ms",
+                                                         "p99_ms", "max_ms", "socket_errors")}  # fmt: skip
+        record["probe_statuses"] = dict(statuses)
+        for code, n in parsed.get("statuses", {}).items():
+            statuses[code] = statuses.get(code, 0) + n
+    total = sum(statuses.values())
     record = {
         **base_record(args, device),
         "impl": f"microbert-serve --workers {args.workers}",
+        "settings": dict(item.split("=", 1) for item in args.env),
         "mode": "overload",
         "concurrency": args.overload_clients,
-        "load_generator": "bench/serve_load.py (closed loop)",
+        "load_generator": (
+            f"wrk -t{args.threads} -c{args.overload_clients}, "
+            + ("waits Retry-After after a 429; " if backoff else "re-sends at once after a 429; ")
+            + f"latencies from {PROBE_CLIENTS} bench/serve_load.py clients beside it"
+            if use_wrk
+            else "bench/serve_load.py (closed loop)"
+        ),
         "max_queue": queue,
-        "duration_s": summary["duration_s"],
-        "sentences_per_second": summary["ok_per_second"],
-        "offered_per_second": round(total / summary["duration_s"], 1),
-        "statuses": summary["statuses"],
-        "only_200_and_429": set(summary["statuses"]) <= {"200", "429"},
+        "duration_s": seconds,
+        "sentences_per_second": round(statuses.get("200", 0) / seconds, 1),
+        "offered_per_second": round(total / seconds, 1),
+        "statuses": statuses,
+        "only_200_and_429": set(statuses) <= {"200", "429"},
         "p50_ms": summary["latency_ok_ms"]["p50"],
         "p99_ms": summary["latency_ok_ms"]["p99"],
         "max_ms": summary["latency_ok_ms"]["max"],
+        **record,
         "rss_mib_before": rss_before,
         "rss_mib_after": rss_after,
         "rss_mib_curve": rss_curve.samples,  # [seconds into the run, MiB]: growth, or a plateau?
+        "rss_by_role_before": roles_before,
+        "rss_by_role_after": roles_after,
+        "rss_by_role_curve": rss_curve.roles,
         "server_alive_after": alive,
         "load_average_before": before,
         "load_average_after": load_average(),
@@ -559,6 +666,14 @@ def main() -> int:
     parser.add_argument("--overload", type=float, default=0, help="seconds of overload (0: none)")
     parser.add_argument("--overload-clients", type=int, default=1024)
     parser.add_argument("--overload-queue", type=int, default=256)
+    parser.add_argument(
+        "--overload-client",
+        choices=["wrk", "wrk-backoff", "python"],
+        default="wrk" if shutil.which("wrk") else "python",
+        help="wrk connections that re-send at once after a 429 (default where wrk is installed) or "
+        "wait its Retry-After (wrk-backoff), with Python probe clients for the latencies; or Python "
+        "clients alone",
+    )
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument(
         "--py-spy", action="store_true", help="sample the server with py-spy during each measured run ($OUT)"

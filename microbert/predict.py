@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -611,6 +612,7 @@ class _CudaGraphs:
         if entry is None:
             if self.failed or len(self.graphs) >= self.max_graphs:
                 return _forward(self.model, inputs)
+            started = time.perf_counter()
             try:
                 entry = self._capture(inputs)
             except Exception as exc:  # an op that cannot be captured: eager is still correct
@@ -618,6 +620,11 @@ class _CudaGraphs:
                 self.failed = True
                 return _forward(self.model, inputs)
             self.graphs[key] = entry
+            # A capture stalls the passes behind it: say which shape and how long (one line per shape).
+            log.info(
+                "captured a CUDA graph for %d inputs × %d tokens, %d masks in %.0f ms (%d of at most %d)",
+                *key, 1000 * (time.perf_counter() - started), len(self.graphs), self.max_graphs,
+            )  # fmt: skip
         static, output, graph = entry
         for target, source in zip(static, inputs, strict=True):
             target.copy_(source, non_blocking=True)

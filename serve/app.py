@@ -9,7 +9,12 @@ from fastapi import FastAPI
 
 from serve.errors import install_error_handlers
 from serve.metrics import Metrics
-from serve.middleware import BodyLimitMiddleware, CatchAllMiddleware, MetricsMiddleware
+from serve.middleware import (
+    BodyLimitMiddleware,
+    CatchAllMiddleware,
+    ConcurrencyLimitMiddleware,
+    MetricsMiddleware,
+)
 from serve.remote import RemoteModel
 from serve.routes import fill_mask, health, metrics, page
 from serve.service import Backend, ModelService, settle_heap
@@ -41,6 +46,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        ConcurrencyLimitMiddleware,
+        limit=settings.concurrent_requests_per_worker,
+        total=settings.max_concurrent_requests,
+    )
     app.add_middleware(MetricsMiddleware, metrics=app_metrics, routes=lambda: app.routes)
     return app
 

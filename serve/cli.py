@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workers, shared, how = _plan(settings)
     log.info("%s", how)
+    os.environ["MICROBERT_WORKERS"] = str(workers)  # each worker's share of max_concurrent_requests
     if workers > 1:
         _multiprocess_metrics_dir()
     if workers > 1 and not shared and settings.torch_threads is None:

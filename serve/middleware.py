@@ -1,14 +1,17 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it buffers responses and hides disconnects).
 
 Outermost first: `MetricsMiddleware` counts every answer, 413s and 500s included;
-`BodyLimitMiddleware` refuses bodies over the limit by Content-Length and by the bytes actually
-streamed (a chunked body has no Content-Length); `CatchAllMiddleware` turns any exception into a
-500 error body, logs the traceback server-side, and keeps the exception from reaching uvicorn.
+`ConcurrencyLimitMiddleware` refuses fill-mask requests beyond this worker's share of
+`max_concurrent_requests` before anything else is done for them; `BodyLimitMiddleware` refuses
+bodies over the limit by Content-Length and by the bytes actually streamed (a chunked body has no
+Content-Length); `CatchAllMiddleware` turns any exception into a 500 error body, logs the
+traceback server-side, and keeps the exception from reaching uvicorn.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -68,6 +71,82 @@ class MetricsMiddleware:
             self.metrics.request_duration.labels(label).observe(time.perf_counter() - started)
             if status >= 400:
                 self.metrics.failures.labels(error_type or f"http_{status}").inc()
+
+
+class ConcurrencyLimitMiddleware:
+    """At most `limit` requests to `paths` in this worker at once; the next gets a 429 at once.
+
+    Under overload the HTTP workers' CPU, not the model's queue, is what runs out on a GPU (a request
+    costs its worker about half a millisecond of parsing, tokenizing and formatting before the model
+    sees it), so requests would otherwise wait in each worker's event loop for as long as there are
+    connections. A refusal here reads no body and tokenizes nothing, so the admitted requests wait
+    behind at most `limit - 1` others. Health, metrics and the page are never limited.
+
+    Retry-After(-Ms) is set so that clients that honour it come back about as fast as this worker
+    frees places: every `_WINDOW_S` it is scaled by the square root of refusals over completions
+    in that window (refused clients come back once per wait, so more refusals than completions
+    mean they come back too soon), never below the time an admitted request has lately spent here,
+    never above `_MAX_RETRY_S` (a client waiting longer than uvicorn's keep-alive timeout, 5 s,
+    would find its connection closed). A client that ignores it re-sends at once, and its refusals
+    cost this worker's CPU like any other request.
+    """
+
+    _WINDOW_S = 0.5
+    _MAX_RETRY_S = 2.0
+
+    def __init__(self, app: ASGIApp, limit: int, total: int, paths: tuple[str, ...] = ("/fill-mask",)):
+        self.app = app
+        self.limit, self.total, self.paths = limit, total, paths
+        self.in_flight = 0
+        self.turnover_s = 0.05  # time an admitted request spends here (moving average)
+        self.retry_s = self.turnover_s
+        self._window_start = time.perf_counter()
+        self._completed = self._refused = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            self._refused += 1
+            self._adapt(time.perf_counter())
+            await self._refuse(scope, receive, send)
+            return
+        self.in_flight += 1
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            now = time.perf_counter()
+            self.turnover_s += 0.1 * (now - started - self.turnover_s)
+            self._completed += 1
+            self._adapt(now)
+
+    def _adapt(self, now: float) -> None:
+        if now - self._window_start < self._WINDOW_S:
+            return
+        if self._refused == 0:
+            self.retry_s = self.turnover_s
+        else:
+            scaled = self.retry_s * math.sqrt(self._refused / max(1, self._completed))
+            self.retry_s = min(self._MAX_RETRY_S, max(self.turnover_s, scaled))
+        self._window_start, self._completed, self._refused = now, 0, 0
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {
+            "retry-after": str(max(1, math.ceil(self.retry_s))),
+            "retry-after-ms": str(max(1, math.ceil(self.retry_s * 1000))),
+        }
+        response = error_response(
+            429,
+            "overloaded",
+            f"the server is handling as many fill-mask requests as it takes at once ({self.limit} in "
+            f"this worker, its share of max_concurrent_requests = {self.total}); retry after the "
+            "Retry-After header's seconds",
+            headers=headers,
+        )
+        await response(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -131,13 +210,23 @@ class CatchAllMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
+        started = gone = False
 
         async def send_and_note(message: Message) -> None:
-            nonlocal started
+            nonlocal started, gone
+            if gone:
+                return
             if message["type"] == "http.response.start":
                 started = True
-            await send(message)
+            try:
+                await send(message)
+            except RuntimeError as exc:
+                if not _closed_transport(exc):
+                    raise
+                # The client reset the connection and uvicorn has not been told yet: nothing to answer.
+                gone = True
+                log.debug("%s %s: the client went away before the answer (%s)", scope.get("method"),
+                          scope.get("path"), exc)  # fmt: skip
 
         try:
             await self.app(scope, receive, send_and_note)
@@ -148,3 +237,10 @@ class CatchAllMiddleware:
                     500, "internal_error", "internal server error; the server log has details"
                 )
                 await response(scope, receive, send)
+
+
+def _closed_transport(exc: RuntimeError) -> bool:
+    """uvloop's error for a write to a transport that is already closed ("unable to perform
+    operation on <TCPTransport closed=True ...>; the handler is closed"): a client's reset that
+    reached the event loop before uvicorn's connection_lost, so uvicorn still lets the app send."""
+    return "handler is closed" in str(exc)

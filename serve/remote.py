@@ -80,12 +80,33 @@ async def _read(reader: asyncio.StreamReader) -> list[Any]:
     return messages
 
 
+# Bytes written to a socket but not yet taken by the other process beyond which that is logged
+# (with how many), at most once per `_BACKLOG_LOG_S`: frames waiting there have no deadline yet.
+_BACKLOG_BYTES = 1 << 20
+_BACKLOG_LOG_S = 5.0
+
+
+class _Backlog:
+    """Watches one writer's buffer: a process that stops reading its socket shows up in the log."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.logged_at = -_BACKLOG_LOG_S
+
+    def check(self, writer: asyncio.StreamWriter) -> None:
+        size = writer.transport.get_write_buffer_size()
+        if size > _BACKLOG_BYTES and time.monotonic() - self.logged_at > _BACKLOG_LOG_S:
+            self.logged_at = time.monotonic()
+            log.warning("%s: %d bytes written and not yet read by the other process", self.where, size)
+
+
 class _Outbox:
     """Messages for one socket, written as one frame per event-loop iteration (see the module's doc)."""
 
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
         self._messages: list[Any] = []
+        self._backlog = _Backlog("model process → HTTP worker")
 
     def send(self, message: Any) -> None:
         if not self._messages:  # the first of this iteration: flush once the iteration's callbacks ran
@@ -96,6 +117,7 @@ class _Outbox:
         messages, self._messages = self._messages, []
         if messages and not self.writer.is_closing():
             self.writer.write(_frame(messages))
+            self._backlog.check(self.writer)
 
 
 def _pack_inputs(group: InputGroup) -> tuple[Any, ...]:
@@ -160,6 +182,7 @@ class RemoteModel:
         self._connected = asyncio.Event()
         self._artifact: _Artifact | None = None
         self._mask_token: str | None = None
+        self._backlog = _Backlog(f"HTTP worker {os.getpid()} → model process")
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="microbert-model-connection")
@@ -210,6 +233,7 @@ class RemoteModel:
         self._pending[request_id] = future
         try:
             self._writer.write(_frame([(kind, request_id, *args)]))
+            self._backlog.check(self._writer)
             reply_kind, payload = await future
         except asyncio.CancelledError:  # the client went away: the model process drops the inputs
             self._pending.pop(request_id, None)

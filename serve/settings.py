@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     max_queue: int | None = Field(
         default=None, ge=1, description="also cap the inputs waiting for the model (default: tokens decide)"
     )
+    max_concurrent_requests: int = Field(
+        default=512,
+        ge=1,
+        description="fill-mask requests handled at once (TEI's --max-concurrent-requests), shared out "
+        "over the HTTP workers; beyond it: 429 at once, before the body is read",
+    )
     max_inputs: int = Field(default=64, ge=1, description="inputs in one request")
     max_input_tokens: int | None = Field(
         default=None, ge=3, description="default: the model's max_position_embeddings"
@@ -105,6 +111,13 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def concurrent_requests_per_worker(self) -> int:
+        """This HTTP worker's share of `max_concurrent_requests` (microbert-serve tells each worker
+        how many there are through MICROBERT_WORKERS)."""
+        workers = self.workers if isinstance(self.workers, int) else 1
+        return -(-self.max_concurrent_requests // workers)
 
     @property
     def queue_tokens(self) -> int:

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Overload runs of microbert-serve on one host (issue 13: "under overload it stays honest"), one run
+# per VARIANT in one device call, so that their differences are seen on one host:
+#   bash bench/serve_overload.sh "NAME CLIENT SECONDS [ENV=value ...]" ...   # GPU: carry .whl .deb
+#   OVERLOAD_PRESET=bert-tiny OVERLOAD_THREADS=1 OVERLOAD_WORKERS=2 bash bench/serve_overload.sh ...  # CPU smoke
+# CLIENT: wrk (1,024 connections that re-send at once after a 429, with 16 Python probe clients
+# beside them for the latencies of the 200s) or python (1,024 bench/serve_load.py clients alone).
+# Each run: a random-weight artifact of the preset's shape (bert-base: bf16 on the GPU),
+# --workers auto, 256 inputs a pass, a queue of 256 inputs. Records (with "variant") go to
+# $OUT/overload.jsonl; each run's server log (with its CUDA graph captures) to $OUT/NAME-server.log.
+set -uo pipefail
+export OUT=${OUT:-/tmp/serve-overload} PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+preset=${OVERLOAD_PRESET:-bert-base}; threads=${OVERLOAD_THREADS:-4}; workers=${OVERLOAD_WORKERS:-auto}
+wrk=$(command -v wrk)
+if [ -d .deb ]; then  # the GPU machine
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  mkdir -p /tmp/wrk && for f in .deb/*.deb; do dpkg -x "$f" /tmp/wrk; done
+  export LD_LIBRARY_PATH=/tmp/wrk/usr/lib/x86_64-linux-gnu PATH=/tmp/site/bin:$PATH
+  wrk=/tmp/wrk/usr/bin/wrk
+fi
+export PYTHONPATH=$PWD:/tmp/site
+run=/tmp/serve-overload-run-$preset
+python3 -c "
+from pathlib import Path; from bench.serve_bench import make_run
+make_run(Path('$run'), '$preset')" >/dev/null 2>&1 || { echo "artifact failed"; exit 1; }
+# The sustainable rate on this host first: single-sentence requests at 256 connections, 10 s,
+# with the same settings, so that each variant's offered rate can be read as a multiple of it.
+echo "== sustainable: single requests, 256 connections ($(uptime))"
+mkdir -p "$OUT/work"
+OUT=$OUT/work timeout 150 python3 -m bench.serve_wrk --model-dir "$run" --preset "$preset" --wrk "$wrk" \
+  --threads "$threads" --duration 10 --connections 256 --modes single --impls microbert --workers "$workers" \
+  --env MICROBERT_MAX_BATCH_SIZE=256 2>&1 | grep '^{' | python3 -c '
+import json, os, sys
+for r in map(json.loads, sys.stdin):
+    r["variant"] = "sustainable"
+    print(json.dumps(r), file=open(os.environ["OUT"] + "/overload.jsonl", "a"))
+    print("  sentences/s", r["sentences_per_second"], "p50", r["p50_ms"], "p99", r["p99_ms"], "429s", r["non_2xx"])'
+rm -rf "$OUT/work"
+for variant in "$@"; do
+  read -r name client seconds envs <<<"$variant"
+  env_flags=(--env MICROBERT_MAX_BATCH_SIZE=256)
+  for item in $envs; do env_flags+=(--env "$item"); done
+  echo "== $name: $client, ${seconds}s, ${envs:-default env} ($(uptime))"
+  mkdir -p "$OUT/work"
+  OUT=$OUT/work timeout $((seconds + 150)) python3 -m bench.serve_wrk --model-dir "$run" --preset "$preset" \
+    --wrk "$wrk" --threads "$threads" --impls "" --workers "$workers" --overload "$seconds" \
+    --overload-clients 1024 --overload-queue 256 --overload-client "$client" "${env_flags[@]}" 2>&1 \
+    | grep '^{' | VARIANT=$name python3 -c '
+import json, os, sys
+for r in map(json.loads, sys.stdin):
+    r["variant"] = os.environ["VARIANT"]
+    print(json.dumps(r), file=open(os.environ["OUT"] + "/overload.jsonl", "a"))
+    print("  ok/s", r["sentences_per_second"], "offered/s", r["offered_per_second"], r["statuses"],
+          "p50", r["p50_ms"], "p99", r["p99_ms"], "max", r["max_ms"], "wrk", r.get("wrk"))
+    print("  rss before", r["rss_by_role_before"], "after", r["rss_by_role_after"])
+    print("  curve", [(t, {k: v for k, v in roles.items() if not k.endswith("threads")}) for t, roles in r["rss_by_role_curve"]])'
+  if [ -f "$OUT/work/overload-server.log" ]; then
+    mv "$OUT/work/overload-server.log" "$OUT/$name-server.log"
+    echo "  CUDA graph captures: $(grep -c 'captured a CUDA graph' "$OUT/$name-server.log")"
+    grep 'captured a CUDA graph' "$OUT/$name-server.log" | sed 's/.*captured/  captured/' | tail -4
+    echo "  socket backlogs logged: $(grep -c 'not yet read' "$OUT/$name-server.log")"
+    grep 'not yet read' "$OUT/$name-server.log" | tail -3 | cut -c1-200
+    grep -iE 'error|Traceback' "$OUT/$name-server.log" | cut -c1-200 | sort | uniq -c | sort -rn | head -5
+  fi
+  rm -rf "$OUT/work"
+done
