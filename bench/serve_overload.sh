@@ -4,11 +4,13 @@
 #   bash bench/serve_overload.sh "NAME CLIENT SECONDS [ENV=value ...]" ...   # GPU: carry .whl .deb
 #   OVERLOAD_PRESET=bert-tiny OVERLOAD_THREADS=1 OVERLOAD_WORKERS=2 bash bench/serve_overload.sh ...  # CPU smoke
 # CLIENT: wrk (1,024 connections that re-send at once after a 429, with 16 Python probe clients
-# beside them for the latencies of the 200s) or python (1,024 bench/serve_load.py clients alone).
+# beside them for the latencies of the 200s), wrk-backoff (the same, waiting each 429's Retry-After)
+# or python (1,024 bench/serve_load.py clients alone); CLIENT:N for N connections instead of 1,024.
 # Each run: a random-weight artifact of the preset's shape (bert-base: bf16 on the GPU),
 # --workers auto, 256 inputs a pass, a queue of 256 inputs. Records (with "variant") go to
 # $OUT/overload.jsonl; each run's server log (with its CUDA graph captures) to $OUT/NAME-server.log.
 set -uo pipefail
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"  # thousands of connections, both ends here
 export OUT=${OUT:-/tmp/serve-overload} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 preset=${OVERLOAD_PRESET:-bert-base}; threads=${OVERLOAD_THREADS:-4}; workers=${OVERLOAD_WORKERS:-auto}
@@ -39,13 +41,15 @@ for r in map(json.loads, sys.stdin):
 rm -rf "$OUT/work"
 for variant in "$@"; do
   read -r name client seconds envs <<<"$variant"
+  clients=1024
+  case $client in *:*) clients=${client#*:} client=${client%%:*} ;; esac
   env_flags=(--env MICROBERT_MAX_BATCH_SIZE=256)
   for item in $envs; do env_flags+=(--env "$item"); done
-  echo "== $name: $client, ${seconds}s, ${envs:-default env} ($(uptime))"
+  echo "== $name: $client × $clients, ${seconds}s, ${envs:-default env} ($(uptime))"
   mkdir -p "$OUT/work"
   OUT=$OUT/work timeout $((seconds + 150)) python3 -m bench.serve_wrk --model-dir "$run" --preset "$preset" \
     --wrk "$wrk" --threads "$threads" --impls "" --workers "$workers" --overload "$seconds" \
-    --overload-clients 1024 --overload-queue 256 --overload-client "$client" "${env_flags[@]}" 2>&1 \
+    --overload-clients "$clients" --overload-queue 256 --overload-client "$client" "${env_flags[@]}" 2>&1 \
     | grep '^{' | VARIANT=$name python3 -c '
 import json, os, sys
 for r in map(json.loads, sys.stdin):

@@ -321,7 +321,9 @@ def could_be_refused(url: str, inputs: int, tokens: int, connections: int) -> bo
     if "max_queue_tokens" not in limits:
         return True
     over_inputs = limits.get("max_queue") is not None and connections * inputs > limits["max_queue"]
-    return over_inputs or connections * tokens > limits["max_queue_tokens"]
+    # a worker may hold more than its share of the connections (uvicorn's accept is not balanced)
+    over_share = connections > limits.get("max_concurrent_requests_per_worker", connections)
+    return over_inputs or over_share or connections * tokens > limits["max_queue_tokens"]
 
 
 # microbert-serve's series that say what its model did during a run (summed over its processes).

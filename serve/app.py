@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         ConcurrencyLimitMiddleware,
         limit=settings.concurrent_requests_per_worker,
-        total=settings.max_concurrent_requests,
+        total=settings.concurrent_requests,
     )
     app.add_middleware(MetricsMiddleware, metrics=app_metrics, routes=lambda: app.routes)
     return app

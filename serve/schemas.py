@@ -105,6 +105,8 @@ class Limits(BaseModel):
     max_batch_tokens: int
     max_queue_tokens: int
     max_queue: int | None
+    max_concurrent_requests: int = Field(description="fill-mask requests at once, all HTTP workers")
+    max_concurrent_requests_per_worker: int
     max_body_bytes: int
     request_timeout_s: float
 

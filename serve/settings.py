@@ -19,6 +19,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 QUEUE_PASSES = 4
 
 
+# The default concurrency limit per HTTP worker. A refusal still costs a Python worker tens of
+# microseconds, so a limit that clients reach in normal use turns their retries into a storm that
+# costs more than it saves (bench/NOTES.md, session 9: 512 in all over 8 workers halved an H200's
+# throughput under 1,024 connections). 256 admitted requests wait at most ~0.15 s behind one
+# another in a worker on the GPU host (about 0.55 ms of worker time each).
+CONCURRENT_PER_WORKER = 256
+
+
 class Settings(BaseSettings):
     """What `microbert-serve` and `create_app` need; validated once, at start-up."""
 
@@ -67,11 +75,12 @@ class Settings(BaseSettings):
     max_queue: int | None = Field(
         default=None, ge=1, description="also cap the inputs waiting for the model (default: tokens decide)"
     )
-    max_concurrent_requests: int = Field(
-        default=512,
+    max_concurrent_requests: int | None = Field(
+        default=None,
         ge=1,
         description="fill-mask requests handled at once (TEI's --max-concurrent-requests), shared out "
-        "over the HTTP workers; beyond it: 429 at once, before the body is read",
+        f"over the HTTP workers; beyond it: 429 at once, before the body is read (default: "
+        f"{CONCURRENT_PER_WORKER} per HTTP worker)",
     )
     max_inputs: int = Field(default=64, ge=1, description="inputs in one request")
     max_input_tokens: int | None = Field(
@@ -113,11 +122,19 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def concurrent_requests(self) -> int:
+        """`max_concurrent_requests`, or `CONCURRENT_PER_WORKER` for each HTTP worker."""
+        return self.max_concurrent_requests or CONCURRENT_PER_WORKER * self._worker_count
+
+    @property
     def concurrent_requests_per_worker(self) -> int:
-        """This HTTP worker's share of `max_concurrent_requests` (microbert-serve tells each worker
-        how many there are through MICROBERT_WORKERS)."""
-        workers = self.workers if isinstance(self.workers, int) else 1
-        return -(-self.max_concurrent_requests // workers)
+        """This HTTP worker's share of `concurrent_requests` (microbert-serve tells each worker how
+        many there are through MICROBERT_WORKERS)."""
+        return -(-self.concurrent_requests // self._worker_count)
+
+    @property
+    def _worker_count(self) -> int:
+        return self.workers if isinstance(self.workers, int) else 1
 
     @property
     def queue_tokens(self) -> int:

@@ -54,6 +54,8 @@ async def info(service: ServiceDep) -> Info:
             max_batch_tokens=s.max_batch_tokens,
             max_queue_tokens=s.queue_tokens,
             max_queue=s.max_queue,
+            max_concurrent_requests=s.concurrent_requests,
+            max_concurrent_requests_per_worker=s.concurrent_requests_per_worker,
             max_body_bytes=s.max_body_bytes,
             request_timeout_s=s.request_timeout_s,
         ),

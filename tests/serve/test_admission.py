@@ -1,6 +1,6 @@
-"""Admission by tokens over real HTTP (issue 13): the queue counts padded tokens, not inputs, and a
-429 says when to retry from the rate the model has been draining the queue, one refused client after
-another."""
+"""Admission over real HTTP (issue 13): the queue counts padded tokens, not inputs, and a 429 says
+when to retry from the rate the model has been draining the queue, one refused client after another;
+requests beyond a worker's share of max_concurrent_requests are refused before anything is done."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 
 from serve.app import create_app
-from serve.settings import QUEUE_PASSES
+from serve.middleware import ConcurrencyLimitMiddleware
+from serve.settings import CONCURRENT_PER_WORKER, QUEUE_PASSES
 from tests.serve.conftest import make_settings, serve_in_thread
 from tests.serve.test_api import TEXT, assert_error, sample
 
@@ -86,3 +87,64 @@ def test_the_default_queue_holds_passes_of_the_token_budget_and_any_request_fits
         assert limits["max_queue_tokens"] == QUEUE_PASSES * 64 and limits["max_queue"] is None
         answer = http.post("/fill-mask", json={"inputs": [LONG] * 8})  # 512 tokens > 256, queue empty
         assert answer.status_code == 200 and len(answer.json()) == 8
+
+
+def _limiter(app: Any) -> ConcurrencyLimitMiddleware:
+    layer = app.middleware_stack
+    while not isinstance(layer, ConcurrencyLimitMiddleware):
+        layer = layer.app
+    return layer
+
+
+def test_requests_beyond_the_concurrency_limit_get_an_overloaded_429_at_once(tiny_artifact: Path) -> None:
+    """Two fill-mask requests at once (max_concurrent_requests=2): the third is refused before its
+    body is read (a body over max_body_bytes gets the 429, not a 413), with Retry-After; health and
+    metrics still answer, and once the two are done the next request is served."""
+    app = create_app(
+        make_settings(
+            tiny_artifact, max_concurrent_requests=2, max_batch_size=1, max_wait_ms=0, max_body_bytes=4096
+        )
+    )
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        limits = http.get("/info").json()["limits"]
+        assert limits["max_concurrent_requests"] == 2 and limits["max_concurrent_requests_per_worker"] == 2
+        batcher = app.state.service.batcher
+        release = threading.Event()
+        busy = batcher._executor.submit(release.wait, 30)  # the model thread is busy, as in a long pass
+        statuses: list[int] = []
+
+        def post() -> None:
+            with httpx.Client(base_url=url, timeout=30) as own:
+                statuses.append(own.post("/fill-mask", json={"inputs": TEXT}).status_code)
+
+        senders = [threading.Thread(target=post) for _ in range(2)]
+        for sender in senders:
+            sender.start()
+        limiter = _limiter(app)
+        _wait(lambda: limiter.in_flight == 2, "two requests were not admitted")
+        refused = http.post("/fill-mask", json={"inputs": TEXT})
+        assert_error(refused, 429, "overloaded")
+        assert "max_concurrent_requests = 2" in refused.json()["error"]
+        assert int(refused.headers["retry-after"]) >= 1 and int(refused.headers["retry-after-ms"]) >= 1
+        too_large = http.post("/fill-mask", content=b'{"inputs": "' + b"a" * 8192 + b'"}')
+        assert_error(too_large, 429, "overloaded")  # refused before its body was read
+        assert http.get("/health").status_code == 200
+        assert 'error_type="overloaded"' in http.get("/metrics").text
+        release.set()
+        busy.result()
+        for sender in senders:
+            sender.join(30)
+        assert statuses == [200, 200] and limiter.in_flight == 0
+        assert http.post("/fill-mask", json={"inputs": TEXT}).status_code == 200
+
+
+def test_the_concurrency_limit_is_shared_over_the_http_workers(tiny_artifact: Path) -> None:
+    """The default is CONCURRENT_PER_WORKER for each worker; an explicit total is shared out, rounded up."""
+    default = make_settings(tiny_artifact, workers=8)
+    assert default.concurrent_requests == 8 * CONCURRENT_PER_WORKER
+    assert default.concurrent_requests_per_worker == CONCURRENT_PER_WORKER
+    shared = make_settings(tiny_artifact, workers=8, max_concurrent_requests=100)
+    assert shared.concurrent_requests == 100 and shared.concurrent_requests_per_worker == 13
+    assert (
+        make_settings(tiny_artifact, workers="auto").concurrent_requests_per_worker == CONCURRENT_PER_WORKER
+    )
