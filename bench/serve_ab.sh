@@ -27,13 +27,7 @@ IFS=, read -ra ref_list <<<"$refs"
 preset=${AB_PRESET:-bert-base}; threads=${AB_THREADS:-4}  # AB_PRESET=bert-tiny AB_THREADS=1: a CPU smoke run
 export OUT=${OUT:-/tmp/serve-ab} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-wrk=$(command -v wrk)
-if [ -d .deb ]; then  # the GPU machine
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  mkdir -p /tmp/wrk && for f in .deb/*.deb; do dpkg -x "$f" /tmp/wrk; done
-  export LD_LIBRARY_PATH=/tmp/wrk/usr/lib/x86_64-linux-gnu PATH=/tmp/site/bin:$PATH
-  wrk=/tmp/wrk/usr/bin/wrk
-fi
+. bench/device_env.sh  # $wrk; on the GPU machine, the carried wheels and wrk
 run=/tmp/serve-ab-run-$preset
 PYTHONPATH=$PWD:/tmp/site python3 -c "
 from pathlib import Path; from bench.serve_bench import make_run

@@ -14,13 +14,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"  # thousands of connect
 export OUT=${OUT:-/tmp/serve-overload} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 preset=${OVERLOAD_PRESET:-bert-base}; threads=${OVERLOAD_THREADS:-4}; workers=${OVERLOAD_WORKERS:-auto}
-wrk=$(command -v wrk)
-if [ -d .deb ]; then  # the GPU machine
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  mkdir -p /tmp/wrk && for f in .deb/*.deb; do dpkg -x "$f" /tmp/wrk; done
-  export LD_LIBRARY_PATH=/tmp/wrk/usr/lib/x86_64-linux-gnu PATH=/tmp/site/bin:$PATH
-  wrk=/tmp/wrk/usr/bin/wrk
-fi
+. bench/device_env.sh  # $wrk; on the GPU machine, the carried wheels and wrk
 export PYTHONPATH=$PWD:/tmp/site
 run=/tmp/serve-overload-run-$preset
 python3 -c "

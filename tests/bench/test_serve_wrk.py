@@ -1,10 +1,17 @@
-"""`bench/serve_wrk.py` reads what the model did during a run from the server's own /metrics text."""
+"""`bench/serve_wrk.py` reads what the model did during a run from the server's own /metrics text,
+and what wrk saw from wrk's output and its status-counting scripts."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
 import pytest
 
-from bench.serve_wrk import parse_pass_series, pass_figures
+from bench.serve_wrk import lua, ok_share, parse_pass_series, parse_wrk, pass_figures, wrk_command
 from serve.metrics import Metrics
 
 
@@ -37,3 +44,85 @@ def test_no_figures_without_two_readings_or_without_passes() -> None:
     assert pass_figures(None, reading, 1.0) == {}
     assert pass_figures(reading, reading, 1.0) == {}  # nothing ran in between
     assert parse_pass_series("# HELP other\nother_total 3\n") == {}
+
+
+# What `wrk --latency` prints, with the status lines of the counting script's done().
+WRK_OUTPUT = """Running 2s test @ http://127.0.0.1:8430/fill-mask
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     5.08ms    2.10ms  31.23ms   83.45%
+    Req/Sec     3.10k   120.00     3.30k    70.00%
+  Latency Distribution
+     50%    4.80ms
+     75%    6.00ms
+     90%    7.50ms
+     99%   12.40ms
+  6200 requests in 2.00s, 1.10MB read
+  Non-2xx or 3xx responses: 200
+Requests/sec:   3100.00
+Transfer/sec:    550.00KB
+status 200: 6000
+status 429: 200
+"""
+
+
+def test_wrk_output_gives_rate_percentiles_max_and_statuses() -> None:
+    result = parse_wrk(WRK_OUTPUT)
+    assert result["requests_per_second"] == 3100.0 and result["requests"] == 6200
+    assert (result["p50_ms"], result["p99_ms"], result["max_ms"]) == (4.8, 12.4, 31.23)
+    assert result["statuses"] == {"200": 6000, "429": 200} and result["share_429"] == round(200 / 6200, 4)
+    assert result["non_2xx"] == 200 and ok_share(result) == pytest.approx(6000 / 6200)
+
+
+def test_the_scripts_count_statuses_and_only_the_backoff_one_waits() -> None:
+    body = b'{"inputs": "a [MASK]."}'
+    assert "backoff = true" in lua(body, backoff=True) and "backoff = false" in lua(
+        body, backoff=False, count=True
+    )
+    assert "function response" not in lua(body, backoff=False)  # no Lua callbacks: wrk at full speed
+
+
+class _SometimesFull(BaseHTTPRequestHandler):
+    """Every third POST is a 429 with Retry-After-Ms: 1."""
+
+    count = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _SometimesFull.count += 1
+        full = _SometimesFull.count % 3 == 0
+        self.send_response(429 if full else 200)
+        if full:
+            self.send_header("Retry-After-Ms", "1")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="no wrk on PATH (apt-get install wrk)")
+@pytest.mark.parametrize("backoff", [True, False])
+def test_wrk_runs_the_scripts_and_counts_every_answer(tmp_path: Path, backoff: bool) -> None:
+    """A real wrk against a server that refuses every third request: the script's counts add up to
+    wrk's own request count, a third of them 429."""
+    _SometimesFull.protocol_version = "HTTP/1.1"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SometimesFull)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        script = tmp_path / "count.lua"
+        script.write_text(lua(b'{"inputs": "a [MASK]."}', backoff=backoff, count=True))
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        out = subprocess.run(
+            wrk_command(shutil.which("wrk") or "wrk", url, script, 2, 1, 1), capture_output=True, text=True,
+            check=True, timeout=60,
+        ).stdout  # fmt: skip
+    finally:
+        server.shutdown()
+    result = parse_wrk(out)
+    statuses = result["statuses"]
+    assert set(statuses) == {"200", "429"} and sum(statuses.values()) >= result["requests"] > 0
+    assert statuses["429"] / sum(statuses.values()) == pytest.approx(1 / 3, abs=0.02)
+    assert result["max_ms"] is not None
