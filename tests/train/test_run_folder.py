@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from train_helpers import REPO, TINY, history, run_train, train_cmd
 
 from microbert.checkpoint import verify_artifact
@@ -197,15 +198,38 @@ def test_a_full_disk_at_a_checkpoint_or_an_export_is_one_line_then_resumes(tmp_p
 
 
 def test_ctrl_c_during_setup_is_a_clean_message_and_exit_130(tmp_path, train_env):
-    env = {**train_env, "MICROBERT_CACHE_DIR": str(tmp_path / "cache")}  # cold: setup prepares data
-    run_dir = tmp_path / "run"
-    args = ["--profile", "cpu", "--max-steps", "2", "--run-dir", str(run_dir)]
-    proc = subprocess.Popen(
-        train_cmd(*args), env=env, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True
+    """The trainer is held in its setup, deterministically: it waits for the data-preparation lock,
+    which this test holds (its name comes from a first run on another cache). Racing a cold
+    preparation instead failed once in CI: the signal landed after the setup, and the run finished."""
+    args = ["--profile", "cpu", "--max-steps", "2"]
+    _ok(
+        run_train(
+            {**train_env, "MICROBERT_CACHE_DIR": str(tmp_path / "first")},
+            *args,
+            "--run-dir",
+            str(tmp_path / "first-run"),
+        )
     )
-    _wait_for(lambda: _log_has(run_dir, "process(es) on cpu"), 180, proc)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
-    _, stderr = proc.communicate(timeout=120)
+    (key_lock,) = (tmp_path / "first" / "locks").glob("*.lock")
+    locks = tmp_path / "cache" / "locks"
+    locks.mkdir(parents=True)
+    held = FileLock(str(locks / key_lock.name))
+    held.acquire(timeout=0)
+    env = {**train_env, "MICROBERT_CACHE_DIR": str(tmp_path / "cache")}
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_cmd(*args, "--run-dir", str(run_dir)), env=env, cwd=REPO, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        # past this line the trainer is in its setup, and it cannot leave it while the lock is held
+        _wait_for(lambda: _log_has(run_dir, "process(es) on cpu"), 180, proc)
+        time.sleep(1.0)  # (the cold preparation took 2-3 s; held, it has not got anywhere)
+        assert proc.poll() is None and not _log_has(run_dir, "data embedded")
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        held.release()
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     assert "error: interrupted (Ctrl-C) while setting up" in stderr
