@@ -198,9 +198,9 @@ def test_a_full_disk_at_a_checkpoint_or_an_export_is_one_line_then_resumes(tmp_p
 
 
 def test_ctrl_c_during_setup_is_a_clean_message_and_exit_130(tmp_path, train_env):
-    """The trainer is held in its setup, deterministically: it waits for the data-preparation lock,
-    which this test holds (its name comes from a first run on another cache). Racing a cold
-    preparation instead failed once in CI: the signal landed after the setup, and the run finished."""
+    """The trainer is held in its setup, however fast the machine: it waits for the data-preparation
+    lock, which this test holds (its name comes from a first run on another cache), instead of the
+    test racing a cold preparation of 2-3 s."""
     args = ["--profile", "cpu", "--max-steps", "2"]
     _ok(
         run_train(
@@ -217,9 +217,11 @@ def test_ctrl_c_during_setup_is_a_clean_message_and_exit_130(tmp_path, train_env
     held.acquire(timeout=0)
     env = {**train_env, "MICROBERT_CACHE_DIR": str(tmp_path / "cache")}
     run_dir = tmp_path / "run"
+    # SIGINT as a terminal leaves it: a test run started in the background (`cmd &` in a script)
+    # inherits it ignored, and so would the trainer, which then rightly ignores Ctrl-C.
     proc = subprocess.Popen(
         train_cmd(*args, "--run-dir", str(run_dir)), env=env, cwd=REPO, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         # past this line the trainer is in its setup, and it cannot leave it while the lock is held
