@@ -102,6 +102,15 @@ class ConcurrencyLimitMiddleware:
         self.retry_s = self.turnover_s
         self._window_start = time.perf_counter()
         self._completed = self._refused = 0
+        refusal = error_response(
+            429,
+            "overloaded",
+            f"the server is handling as many fill-mask requests as it takes at once ({limit} in "
+            f"this worker, its share of max_concurrent_requests = {total}); retry after the "
+            "Retry-After header's seconds",
+        )
+        self._refusal_body = bytes(refusal.body)
+        self._refusal_headers = list(refusal.raw_headers)  # content-length, content-type, x-error-type
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
@@ -134,19 +143,16 @@ class ConcurrencyLimitMiddleware:
         self._window_start, self._completed, self._refused = now, 0, 0
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = {
-            "retry-after": str(max(1, math.ceil(self.retry_s))),
-            "retry-after-ms": str(max(1, math.ceil(self.retry_s * 1000))),
-        }
-        response = error_response(
-            429,
-            "overloaded",
-            f"the server is handling as many fill-mask requests as it takes at once ({self.limit} in "
-            f"this worker, its share of max_concurrent_requests = {self.total}); retry after the "
-            "Retry-After header's seconds",
-            headers=headers,
-        )
-        await response(scope, receive, send)
+        # The answer's body and fixed headers are made once (error_response's shape); only the
+        # wait changes. A refusal is what a flood of clients costs this worker, so it is kept short.
+        retry = self.retry_s
+        headers = [
+            *self._refusal_headers,
+            (b"retry-after", str(max(1, math.ceil(retry))).encode()),
+            (b"retry-after-ms", str(max(1, math.ceil(retry * 1000))).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": self._refusal_body})
 
 
 class BodyLimitMiddleware:
