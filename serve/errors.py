@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,6 +37,15 @@ def error_response(
         status_code=status_code,
         headers={**(headers or {}), "x-error-type": error_type},
     )
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """A 429's wait: Retry-After in whole seconds, as HTTP has them (at least 1: a 0 invites an
+    immediate retry storm), and Retry-After-Ms for clients that can wait less than a second."""
+    return {
+        "retry-after": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, math.ceil(seconds * 1000))),
+    }
 
 
 def not_ready(message: str, estimated_time: float) -> ServiceError:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.errors import error_response
+from serve.errors import error_response, retry_after
 from serve.metrics import Metrics
 
 log = logging.getLogger("microbert.serve")
@@ -145,12 +145,8 @@ class ConcurrencyLimitMiddleware:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The answer's body and fixed headers are made once (error_response's shape); only the
         # wait changes. A refusal is what a flood of clients costs this worker, so it is kept short.
-        retry = self.retry_s
-        headers = [
-            *self._refusal_headers,
-            (b"retry-after", str(max(1, math.ceil(retry))).encode()),
-            (b"retry-after-ms", str(max(1, math.ceil(retry * 1000))).encode()),
-        ]
+        waits = [(name.encode(), value.encode()) for name, value in retry_after(self.retry_s).items()]
+        headers = [*self._refusal_headers, *waits]
         await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": self._refusal_body})
 

@@ -20,7 +20,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -45,7 +44,7 @@ from microbert.predict import (
     PreparedInput,
 )
 from serve.batcher import Batcher, QueueFullError
-from serve.errors import ServiceError, not_ready
+from serve.errors import ServiceError, not_ready, retry_after
 from serve.metrics import Metrics
 from serve.settings import Settings
 
@@ -408,10 +407,7 @@ def _submit(loaded: Loaded, batcher: Batcher, group: InputGroup) -> list[asyncio
         return batcher.submit(loaded.predictor, group)
     except QueueFullError as exc:
         error = ServiceError(429, "queue_full", str(exc))
-        # Whole seconds, as HTTP has them (at least 1: a 0 invites an immediate retry storm), and
-        # the estimate itself in milliseconds for clients that can wait less than a second.
-        error.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
-        error.headers["retry-after-ms"] = str(max(1, math.ceil(exc.retry_after_s * 1000)))
+        error.headers.update(retry_after(exc.retry_after_s))
         raise error from None
 
 
