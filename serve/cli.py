@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from microbert.checkpoint import resolve_artifact_dir, verify_artifact
 from microbert.errors import ArtifactError
 from serve.settings import Settings
+from serve.workers import run_workers
 
 log = logging.getLogger("microbert.serve")
 
@@ -221,13 +222,14 @@ def _run_uvicorn(settings: Settings, workers: int, args: argparse.Namespace) -> 
     }
     if workers > 1:
         # SIGHUP to this parent restarts the workers one at a time; each serves only once loaded.
-        uvicorn.run(
+        config = uvicorn.Config(
             "serve.app:app_from_env",
             factory=True,
             workers=workers,
             timeout_worker_healthcheck=120,
             **common,
         )
+        return run_workers(config, workers, settings.reuse_port)
     else:
         from serve.app import create_app
 

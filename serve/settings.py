@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     workers: int | Literal["auto"] = Field(
         default=1, description="HTTP processes; auto: from the cores (serve.cli.auto_workers)"
     )
+    reuse_port: bool = Field(
+        default=True,
+        description="with several HTTP workers, each accepts on a socket of its own (SO_REUSEPORT, "
+        "Linux), so the kernel spreads connections evenly; off: one shared socket, as uvicorn does",
+    )
     model_process: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="one model process fed by the HTTP workers (auto: on with a GPU and several workers)",

@@ -1,0 +1,109 @@
+"""Several HTTP workers on one port, each accepting on a listening socket of its own (SO_REUSEPORT).
+
+uvicorn's `--workers N` binds one socket in the parent and every worker accepts from it. Whichever
+worker's event loop wakes first accepts every connection waiting (libuv accepts until the queue is
+empty), so a burst of new connections lands on one or two workers and stays there for as long as
+the clients keep their connections alive. Measured on 2 cores under `wrk -c1024`: one worker held
+890 connections and the other 135 (bench/NOTES.md, session 10); on a 16-core GPU host with 8
+workers, the worker holding most connections was the one whose answers took seconds. Its event
+loop, not the model, set those clients' latency, while the other workers' cores idled.
+
+With SO_REUSEPORT each worker listens on its own socket bound to the same address, and the kernel
+spreads new connections over the listening sockets by a hash of each connection's addresses, so
+each worker gets about its share whatever its loop is doing. The supervision (restarting a worker
+that dies, SIGHUP's rolling restart, SIGTERM) stays uvicorn's `Multiprocess`: the only change is
+the socket each worker is given. The parent binds the address first without listening: that
+checks it is free (a clear error rather than workers failing one after another) and holds it for
+the workers, but a socket that does not listen takes no connections.
+
+Where SO_REUSEPORT does not spread connections (not Linux) the workers share one socket, as
+uvicorn does.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from typing import Any
+
+log = logging.getLogger("microbert.serve")
+
+# Linux balances connections over the sockets of a SO_REUSEPORT group; BSD and macOS give them all
+# to one socket, which would be worse than sharing one.
+BALANCED = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def reuseport_socket(host: str, port: int, reuse_addr: bool = True) -> socket.socket:
+    """A TCP socket bound to (host, port) with SO_REUSEPORT (and SO_REUSEADDR unless told not to),
+    not yet listening."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        if reuse_addr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def reserve(host: str, port: int) -> socket.socket:
+    """The address for the workers, held by a socket that does not listen (see the module's doc).
+
+    SO_REUSEPORT would also let this server's workers join the sockets of *another* server of the
+    same user on that port and silently share its traffic; a plain bind first refuses an address
+    that anything listens on, as uvicorn's own bind does, and the reservation itself goes without
+    SO_REUSEADDR so that a second server's plain bind fails on it before this one's workers listen."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    return reuseport_socket(host, port, reuse_addr=False)
+
+
+class WorkerSocket:
+    """Stands for a worker's listening socket in the list uvicorn's supervisor hands each worker.
+
+    uvicorn pickles that list into every worker it spawns (at start, on a restart, on SIGHUP);
+    unpickling this object in the worker binds a new SO_REUSEPORT socket there, so each worker gets
+    a socket of its own without any change to the supervisor. uvicorn's server calls listen() on it.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
+        return reuseport_socket, (self.host, self.port)
+
+
+def run_workers(config: Any, workers: int, reuse_port: bool = True) -> int:
+    """Serve `config` (an app import string) with `workers` uvicorn workers, each on a socket of its
+    own where the system balances them (`reuse_port`), else on one shared socket; 1 when the
+    address is taken."""
+    from uvicorn.supervisors import Multiprocess
+
+    if not (reuse_port and BALANCED):
+        sock = config.bind_socket()
+        Multiprocess(config, sockets=[sock]).run()
+        return 0
+    try:
+        reserved = reserve(config.host, config.port)
+    except OSError as exc:
+        log.error(
+            "cannot listen on %s:%s (%s): stop what holds that address or choose another --port/--host",
+            config.host, config.port, exc.strerror or exc,
+        )  # fmt: skip
+        return 1
+    port = reserved.getsockname()[1]  # the port the kernel chose, when 0 was asked for
+    log.info(
+        "%d HTTP workers on http://%s:%d, each accepting on its own socket (SO_REUSEPORT) (press CTRL+C "
+        "to quit)", workers, config.host, port,
+    )  # fmt: skip
+    try:
+        Multiprocess(config, sockets=[WorkerSocket(config.host, port)]).run()  # type: ignore[list-item]
+    finally:
+        reserved.close()
+    return 0

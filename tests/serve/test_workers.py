@@ -1,0 +1,160 @@
+"""HTTP workers on sockets of their own (serve/workers.py): the kernel spreads connections over them,
+and an address already taken is refused with a message, not a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serve.workers import BALANCED, WorkerSocket, reserve
+from tests.serve.conftest import REPO, free_port, tmp_cwd
+from tests.serve.test_api import TEXT
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not BALANCED, reason="SO_REUSEPORT balances connections on Linux only"),
+]
+
+
+def _accept_all(listener: socket.socket) -> list[socket.socket]:
+    accepted = []
+    while True:
+        try:
+            accepted.append(listener.accept()[0])
+        except BlockingIOError:
+            return accepted
+
+
+def test_each_unpickled_worker_socket_is_a_listener_of_its_own_on_one_port() -> None:
+    # What uvicorn's supervisor does with the list it hands a worker: pickle it into the new process.
+    reserved = reserve("127.0.0.1", 0)
+    port = reserved.getsockname()[1]
+    placeholder = WorkerSocket("127.0.0.1", port)
+    listeners = [pickle.loads(pickle.dumps(placeholder)) for _ in range(2)]
+    try:
+        for listener in listeners:
+            assert listener.getsockname() == ("127.0.0.1", port)
+            listener.listen(256)
+            listener.setblocking(False)
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(128)]
+        shares = [len(_accept_all(listener)) for listener in listeners]
+        # Spread by a hash of each connection's addresses: about half each, whoever accepts first.
+        assert sum(shares) == 128 and min(shares) >= 32, shares
+        for client in clients:
+            client.close()
+    finally:
+        for listener in listeners:
+            listener.close()
+        reserved.close()
+
+
+def test_the_reserved_address_takes_no_connections_and_refuses_a_second_server() -> None:
+    reserved = reserve("127.0.0.1", 0)
+    port = reserved.getsockname()[1]
+    try:
+        with pytest.raises(ConnectionRefusedError):  # bound, not listening: not in the group
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        with pytest.raises(OSError):  # another server (of the same user) would share the traffic
+            reserve("127.0.0.1", port)
+    finally:
+        reserved.close()
+
+
+def _serve(run_dir: Path, port: int, log: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MICROBERT_", "PROMETHEUS_"))}
+    command = ["--model-dir", str(run_dir), "--port", str(port), "--workers", "2"]
+    return subprocess.run(
+        [sys.executable, "-m", "serve.cli", *command],
+        cwd=tmp_cwd(log),
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("holder", ["plain", "reuseport"])
+def test_a_taken_port_is_refused_with_a_message(run_dir: Path, tmp_path: Path, holder: str) -> None:
+    if holder == "plain":
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+    else:  # what another microbert-serve's workers hold
+        taken = pickle.loads(pickle.dumps(WorkerSocket("127.0.0.1", free_port())))
+    taken.listen()
+    try:
+        result = _serve(run_dir, taken.getsockname()[1], tmp_path / "serve.log")
+    finally:
+        taken.close()
+    assert result.returncode != 0
+    assert "cannot listen on 127.0.0.1:" in result.stderr
+    assert "choose another --port" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def _sockets(pid: int) -> set[str]:
+    """The inodes of a process's sockets."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def _listening(port: int) -> set[str]:
+    """The inodes of the sockets listening on 127.0.0.1:port (state 0A in /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    rows = [row.split() for row in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return {row[9] for row in rows if row[1] == local and row[3] == "0A"}
+
+
+def _workers(parent: int) -> list[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(c) for c in children if b"multiprocessing.spawn" in Path(f"/proc/{c}/cmdline").read_bytes()
+            and b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]  # fmt: skip
+
+
+def test_a_burst_of_connections_is_spread_over_the_workers(start_server: Any, run_dir: Path) -> None:
+    """Two listening sockets, one in each worker, and a burst of connections answered by both.
+    (uvicorn's one shared socket gave 890 of wrk's 1,024 connections to one of two busy workers.)"""
+    server = start_server(run_dir, workers=2)
+    workers = _workers(server.process.pid)
+    assert len(workers) == 2, workers
+    # /ready answers once one worker serves; the other may still be loading its model.
+    deadline = time.monotonic() + 60
+    while server.log_path.read_text().count("Application startup complete") < 2:
+        assert time.monotonic() < deadline, "the second worker never listened"
+        time.sleep(0.1)
+    # Each worker listens on a socket of its own (uvicorn's workers would share one).
+    listening = _listening(server.port)
+    assert len(listening) == 2 and all(len(_sockets(pid) & listening) == 1 for pid in workers)
+    before = [len(_sockets(pid)) for pid in workers]
+    body = json.dumps({"inputs": TEXT}).encode()
+    request = (
+        f"POST /fill-mask HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(128)]
+    try:
+        for client in clients:
+            client.sendall(request)
+        for client in clients:  # every connection answered, so every one was accepted
+            assert client.recv(64).startswith(b"HTTP/1.1 200")
+        shares = [len(_sockets(pid)) - b for pid, b in zip(workers, before, strict=True)]
+    finally:
+        for client in clients:
+            client.close()
+    assert sum(shares) == 128 and min(shares) >= 32, shares
+    assert server.stop() == 0
