@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -200,17 +201,35 @@ def rss_by_role(pid: int) -> dict[str, float]:
     the HTTP workers (summed), so that growth can be placed."""
     rss: dict[str, float] = {}
     threads: dict[str, int] = {}
+    sockets: list[int] = []
     largest = 0.0
     for p in _tree(pid):
         role, mib = _role(p, pid), _status_kib(p, "VmRSS") / 1024
         rss[role] = rss.get(role, 0.0) + mib
         threads[role] = threads.get(role, 0) + _status_kib(p, "Threads")
-        largest = max(largest, mib) if role == "workers" else largest
+        if role == "workers":
+            largest = max(largest, mib)
+            sockets.append(_socket_count(p))
     return {
         **{k: round(v, 1) for k, v in rss.items()},
         "largest_worker": round(largest, 1),
         **{f"{k}_threads": v for k, v in threads.items()},
+        "worker_sockets": sorted(sockets, reverse=True),  # connections per worker, most first
     }
+
+
+def _socket_count(pid: int) -> int:
+    """Open sockets of a process: for an HTTP worker, about its client connections (how evenly the
+    workers' accepts spread them)."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return 0
+    count = 0
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
 
 
 class Server:
