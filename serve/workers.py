@@ -34,14 +34,12 @@ log = logging.getLogger("microbert.serve")
 BALANCED = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def reuseport_socket(host: str, port: int, reuse_addr: bool = True) -> socket.socket:
-    """A TCP socket bound to (host, port) with SO_REUSEPORT (and SO_REUSEADDR unless told not to),
-    not yet listening."""
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) with SO_REUSEPORT and SO_REUSEADDR, not yet listening."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        if reuse_addr:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
@@ -55,13 +53,14 @@ def reserve(host: str, port: int) -> socket.socket:
 
     SO_REUSEPORT would also let this server's workers join the sockets of *another* server of the
     same user on that port and silently share its traffic; a plain bind first refuses an address
-    that anything listens on, as uvicorn's own bind does, and the reservation itself goes without
-    SO_REUSEADDR so that a second server's plain bind fails on it before this one's workers listen."""
+    that anything listens on, as uvicorn's own bind does. (Two servers started on one port within
+    the same second could still both pass it before either listens: a reservation that refused
+    that would also refuse the connections of a stopped server still in TIME_WAIT.)"""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
         port = probe.getsockname()[1]
-    return reuseport_socket(host, port, reuse_addr=False)
+    return reuseport_socket(host, port)
 
 
 class WorkerSocket:
