@@ -64,7 +64,9 @@ class LoadResult:
         }
 
 
-async def _client(host: str, port: int, request: bytes, deadline: float, result: LoadResult) -> None:
+async def _client(
+    host: str, port: int, request: bytes, deadline: float, result: LoadResult, polite: bool
+) -> None:
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     while time.perf_counter() < deadline:
@@ -79,7 +81,7 @@ async def _client(host: str, port: int, request: bytes, deadline: float, result:
             if not status_line:
                 raise ConnectionError("server closed the connection")
             status = status_line.split()[1].decode()
-            length, close, retry_after = 0, False, False
+            length, close, retry_after, wait_ms = 0, False, False, 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.decode("latin-1").partition(":")
                 if name.lower() == "content-length":
@@ -88,6 +90,8 @@ async def _client(host: str, port: int, request: bytes, deadline: float, result:
                     close = True
                 elif name.lower() == "retry-after":
                     retry_after = True
+                elif name.lower() == "retry-after-ms":
+                    wait_ms = int(value)
             if status == "429" and not retry_after:
                 result.statuses["429_without_retry_after"] += 1
             await reader.readexactly(length)
@@ -98,6 +102,8 @@ async def _client(host: str, port: int, request: bytes, deadline: float, result:
             if close:
                 writer.close()
                 writer = None
+            if polite and status == "429":
+                await asyncio.sleep(min(wait_ms / 1000, max(0.0, deadline - time.perf_counter())))
         except (OSError, ConnectionError, asyncio.IncompleteReadError, IndexError) as exc:
             result.statuses[f"error:{type(exc).__name__}"] += 1
             if writer is not None:
@@ -117,10 +123,13 @@ async def run_load(
     text: str | list[str] = DEFAULT_TEXT,
     path: str = "/fill-mask",
     api_key: str | None = None,
+    polite: bool = False,
 ) -> LoadResult:
     """`concurrency` closed-loop clients for `duration_s` seconds against a loopback server.
 
-    `text` may be a list: one request of that many inputs (the batch requests of the benchmark)."""
+    `text` may be a list: one request of that many inputs (the batch requests of the benchmark).
+    `polite`: after a 429 a client waits its Retry-After-Ms before the next request (otherwise it
+    re-sends at once, and the server holds that request for the same time)."""
     if host not in LOOPBACK:
         raise ValueError(f"load tests go to loopback only ({', '.join(LOOPBACK)}), not {host!r}")
     duration_s = min(duration_s, MAX_DURATION_S)
@@ -134,7 +143,8 @@ async def run_load(
     result = LoadResult(duration_s=duration_s, concurrency=concurrency)
     started = time.perf_counter()
     deadline = started + duration_s
-    await asyncio.gather(*(_client(host, port, request, deadline, result) for _ in range(concurrency)))
+    clients = (_client(host, port, request, deadline, result, polite) for _ in range(concurrency))
+    await asyncio.gather(*clients)
     result.duration_s = time.perf_counter() - started
     return result
 

@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ConcurrencyLimitMiddleware,
         limit=settings.concurrent_requests_per_worker,
         total=settings.concurrent_requests,
+        metrics=app_metrics,
     )
     app.add_middleware(MetricsMiddleware, metrics=app_metrics, routes=lambda: app.routes)
     return app

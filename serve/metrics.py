@@ -83,6 +83,12 @@ class Metrics:
             ["error_type"],
             registry=r,
         )
+        self.requests_held = Counter(
+            "microbert_requests_held_total",
+            "Fill-mask requests sent on a connection before the Retry-After of its last 429 was "
+            "over, held until it was.",
+            registry=r,
+        )
         self.request_duration = Histogram(
             "microbert_request_duration_seconds",
             "Time from request received to response sent, by route.",

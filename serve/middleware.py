@@ -2,7 +2,8 @@
 
 Outermost first: `MetricsMiddleware` counts every answer, 413s and 500s included;
 `ConcurrencyLimitMiddleware` refuses fill-mask requests beyond this worker's share of
-`max_concurrent_requests` before anything else is done for them; `BodyLimitMiddleware` refuses
+`max_concurrent_requests` before anything else is done for them, and holds a request that comes
+before its connection's last Retry-After is over; `BodyLimitMiddleware` refuses
 bodies over the limit by Content-Length and by the bytes actually streamed (a chunked body has no
 Content-Length); `CatchAllMiddleware` turns any exception into a 500 error body, logs the
 traceback server-side, and keeps the exception from reaching uvicorn.
@@ -10,6 +11,7 @@ traceback server-side, and keeps the exception from reaching uvicorn.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -87,21 +89,39 @@ class ConcurrencyLimitMiddleware:
     in that window (refused clients come back once per wait, so more refusals than completions
     mean they come back too soon), never below the time an admitted request has lately spent here,
     never above `_MAX_RETRY_S` (a client waiting longer than uvicorn's keep-alive timeout, 5 s,
-    would find its connection closed). A client that ignores it re-sends at once, and its refusals
-    cost this worker's CPU like any other request.
+    would find its connection closed).
+
+    A client that ignores the wait is held to it: a request that comes on a connection before the
+    Retry-After of that connection's last 429 (this middleware's, or the model queue's `queue_full`)
+    is over waits here, at no cost but a timer, until it is, and is then admitted or refused as
+    any other. Clients that re-send at once would otherwise spend the worker's CPU on refusals:
+    on 2 cores, one worker, 1,024 such connections (wrk), 224,059 refusals and 4,352 answers in
+    20 s, against 27,995 and 19,200 with the hold (bench/NOTES.md, session 10). A polite client
+    never meets the hold; a client that opens a new connection for each retry is not held.
     """
 
     _WINDOW_S = 0.5
     _MAX_RETRY_S = 2.0
 
-    def __init__(self, app: ASGIApp, limit: int, total: int, paths: tuple[str, ...] = ("/fill-mask",)):
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        total: int,
+        metrics: Metrics | None = None,
+        paths: tuple[str, ...] = ("/fill-mask",),
+    ):
         self.app = app
         self.limit, self.total, self.paths = limit, total, paths
+        self.metrics = metrics
         self.in_flight = 0
         self.turnover_s = 0.05  # time an admitted request spends here (moving average)
         self.retry_s = self.turnover_s
         self._window_start = time.perf_counter()
         self._completed = self._refused = 0
+        # Until when each connection (client address and port) was told to wait by a 429.
+        self._told: dict[tuple[str, int], float] = {}
+        self.held = 0  # requests that came before their connection's wait was over, and waited here
         refusal = error_response(
             429,
             "overloaded",
@@ -116,13 +136,27 @@ class ConcurrencyLimitMiddleware:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
+        client = scope.get("client")
+        told = self._told.pop(client, None) if client is not None else None
+        if told is not None and told > time.perf_counter():
+            # This connection was told to wait and did not: its request waits here for the rest of
+            # that time, costing a timer instead of a refusal's CPU (see the class docstring).
+            self.held += 1
+            if self.metrics is not None:
+                self.metrics.requests_held.inc()
+            await asyncio.sleep(min(told - time.perf_counter(), self._MAX_RETRY_S))
         if self.in_flight >= self.limit:
             self._refused += 1
-            self._adapt(time.perf_counter())
+            now = time.perf_counter()
+            self._adapt(now)
+            if client is not None:
+                self._told[client] = now + self.retry_s
             await self._refuse(scope, receive, send)
             return
         self.in_flight += 1
         started = time.perf_counter()
+        if client is not None:
+            send = self._noting_waits(client, send)
         try:
             await self.app(scope, receive, send)
         finally:
@@ -132,9 +166,23 @@ class ConcurrencyLimitMiddleware:
             self._completed += 1
             self._adapt(now)
 
+    def _noting_waits(self, client: tuple[str, int], send: Send) -> Send:
+        """`send`, noting the wait of a 429 the app answers (the model's queue was full)."""
+
+        async def noting(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 429:
+                for name, value in message.get("headers", ()):
+                    if name == b"retry-after-ms":
+                        self._told[client] = time.perf_counter() + int(value) / 1000
+            await send(message)
+
+        return noting
+
     def _adapt(self, now: float) -> None:
         if now - self._window_start < self._WINDOW_S:
             return
+        # Connections told to wait that have not come back (closed, or polite): forget them.
+        self._told = {client: until for client, until in self._told.items() if until > now}
         if self._refused == 0:
             self.retry_s = self.turnover_s
         else:
@@ -149,6 +197,9 @@ class ConcurrencyLimitMiddleware:
         headers = [*self._refusal_headers, *waits]
         await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": self._refusal_body})
+
+
+_GONE = [(b"x-error-type", b"client_disconnected")]
 
 
 class BodyLimitMiddleware:
@@ -183,6 +234,10 @@ class BodyLimitMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                # Nothing reaches a client that is gone (uvicorn drops the answer); the metrics
+                # count it as the route does, not as a 500.
+                await send({"type": "http.response.start", "status": 499, "headers": _GONE})
+                await send({"type": "http.response.body", "body": b""})
                 return
             chunk = message.get("body", b"")
             received += len(chunk)

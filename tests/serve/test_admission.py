@@ -61,8 +61,9 @@ def test_the_queue_admits_by_tokens_and_the_429_says_when_to_retry(tiny_artifact
         assert_error(refused, 429, "queue_full")
         # Room for it in (48 + 64 - 96) / 64 s...
         assert int(refused.headers["retry-after-ms"]) == 250 and refused.headers["retry-after"] == "1"
-        # ...and the next refused client is told to come after it, not at the same moment.
-        again = http.post("/fill-mask", json={"inputs": [LONG]})
+        # ...and the next refused client (another connection: this one would be held for those
+        # 250 ms first) is told to come after it, not at the same moment.
+        again = httpx.post(url + "/fill-mask", json={"inputs": [LONG]}, timeout=30)
         assert_error(again, 429, "queue_full")
         assert 1150 < int(again.headers["retry-after-ms"]) <= 1250 and again.headers["retry-after"] == "2"
         senders.append(send([TEXT] * 3))
@@ -129,7 +130,10 @@ def test_requests_beyond_the_concurrency_limit_get_an_overloaded_429_at_once(tin
         too_large = http.post("/fill-mask", content=b'{"inputs": "' + b"a" * 8192 + b'"}')
         assert_error(too_large, 429, "overloaded")  # refused before its body was read
         assert http.get("/health").status_code == 200
-        assert 'error_type="overloaded"' in http.get("/metrics").text
+        metrics = http.get("/metrics").text
+        assert 'error_type="overloaded"' in metrics
+        # Sent on the same connection at once, not after the first refusal's Retry-After: held first.
+        assert sample(metrics, "microbert_requests_held_total") == 1
         release.set()
         busy.result()
         for sender in senders:
