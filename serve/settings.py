@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         default=1, description="HTTP processes; auto: from the cores (serve.cli.auto_workers)"
     )
     reuse_port: bool = Field(
-        default=True,
+        default=False,
         description="with several HTTP workers, each accepts on a socket of its own (SO_REUSEPORT, "
         "Linux), so the kernel spreads connections evenly; off: one shared socket, as uvicorn does",
     )
