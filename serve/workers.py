@@ -4,9 +4,10 @@ uvicorn's `--workers N` binds one socket in the parent and every worker accepts 
 worker's event loop wakes first accepts every connection waiting (libuv accepts until the queue is
 empty), so a burst of new connections lands on one or two workers and stays there for as long as
 the clients keep their connections alive. Measured on 2 cores under `wrk -c1024`: one worker held
-890 connections and the other 135 (bench/NOTES.md, session 10); on a 16-core GPU host with 8
-workers, the worker holding most connections was the one whose answers took seconds. Its event
-loop, not the model, set those clients' latency, while the other workers' cores idled.
+890 connections and the other 135 (bench/NOTES.md, session 10, with a model process); on a 16-core
+GPU host with 8 workers, session 9 saw one worker grow by 0.9 GB in a run whose slowest answers
+took seconds, and a per-worker limit refuse 101,522 requests at 256 connections: signs of connections
+piling on one worker, whose event loop then sets their latency while the other workers idle.
 
 With SO_REUSEPORT each worker listens on its own socket bound to the same address, and the kernel
 spreads new connections over the listening sockets by a hash of each connection's addresses, so
@@ -16,8 +17,9 @@ the socket each worker is given. The parent binds the address first without list
 checks it is free (a clear error rather than workers failing one after another) and holds it for
 the workers, but a socket that does not listen takes no connections.
 
-Where SO_REUSEPORT does not spread connections (not Linux) the workers share one socket, as
-uvicorn does.
+Where SO_REUSEPORT does not spread connections (not Linux), and by default (`reuse_port`, off: on
+2 cores it measured neither faster nor slower, BENCHMARKS.md), the workers share one socket, as
+uvicorn's do.
 """
 
 from __future__ import annotations
@@ -78,24 +80,25 @@ class WorkerSocket:
         return reuseport_socket, (self.host, self.port)
 
 
-def run_workers(config: Any, workers: int, reuse_port: bool = True) -> int:
+def run_workers(config: Any, workers: int, reuse_port: bool = False) -> int:
     """Serve `config` (an app import string) with `workers` uvicorn workers, each on a socket of its
-    own where the system balances them (`reuse_port`), else on one shared socket; 1 when the
-    address is taken."""
+    own where the system balances them and `reuse_port` asks for it, else on one shared socket;
+    1, with a message, when the address is taken."""
     from uvicorn.supervisors import Multiprocess
 
-    if not (reuse_port and BALANCED):
-        sock = config.bind_socket()
-        Multiprocess(config, sockets=[sock]).run()
-        return 0
+    own_sockets = reuse_port and BALANCED
     try:
-        reserved = reserve(config.host, config.port)
-    except OSError as exc:
+        reserved = reserve(config.host, config.port) if own_sockets else config.bind_socket()
+    except (OSError, SystemExit) as exc:  # uvicorn's bind_socket logs its error and exits
+        reason = exc.strerror if isinstance(exc, OSError) else "see the line above"
         log.error(
             "cannot listen on %s:%s (%s): stop what holds that address or choose another --port/--host",
-            config.host, config.port, exc.strerror or exc,
+            config.host, config.port, reason,
         )  # fmt: skip
         return 1
+    if not own_sockets:
+        Multiprocess(config, sockets=[reserved]).run()
+        return 0
     port = reserved.getsockname()[1]  # the port the kernel chose, when 0 was asked for
     log.info(
         "%d HTTP workers on http://%s:%d, each accepting on its own socket (SO_REUSEPORT) (press CTRL+C "

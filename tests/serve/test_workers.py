@@ -1,5 +1,6 @@
-"""HTTP workers on sockets of their own (serve/workers.py): the kernel spreads connections over them,
-and an address already taken is refused with a message, not a traceback."""
+"""HTTP workers on sockets of their own (serve/workers.py, MICROBERT_REUSE_PORT=true): the kernel
+spreads connections over them; and an address already taken is refused with a message, not a
+traceback, with or without them."""
 
 from __future__ import annotations
 
@@ -83,8 +84,9 @@ def test_an_address_a_stopped_server_left_in_time_wait_can_be_reserved() -> None
     reserve("127.0.0.1", port).close()
 
 
-def _serve(run_dir: Path, port: int, log: Path) -> subprocess.CompletedProcess[str]:
+def _serve(run_dir: Path, port: int, log: Path, reuse_port: bool) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MICROBERT_", "PROMETHEUS_"))}
+    env["MICROBERT_REUSE_PORT"] = str(reuse_port).lower()
     command = ["--model-dir", str(run_dir), "--port", str(port), "--workers", "2"]
     return subprocess.run(
         [sys.executable, "-m", "serve.cli", *command],
@@ -96,8 +98,10 @@ def _serve(run_dir: Path, port: int, log: Path) -> subprocess.CompletedProcess[s
     )
 
 
-@pytest.mark.parametrize("holder", ["plain", "reuseport"])
-def test_a_taken_port_is_refused_with_a_message(run_dir: Path, tmp_path: Path, holder: str) -> None:
+@pytest.mark.parametrize(("holder", "reuse_port"), [("plain", True), ("reuseport", True), ("plain", False)])
+def test_a_taken_port_is_refused_with_a_message(
+    run_dir: Path, tmp_path: Path, holder: str, reuse_port: bool
+) -> None:
     if holder == "plain":
         taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
@@ -105,7 +109,7 @@ def test_a_taken_port_is_refused_with_a_message(run_dir: Path, tmp_path: Path, h
         taken = pickle.loads(pickle.dumps(WorkerSocket("127.0.0.1", free_port())))
     taken.listen()
     try:
-        result = _serve(run_dir, taken.getsockname()[1], tmp_path / "serve.log")
+        result = _serve(run_dir, taken.getsockname()[1], tmp_path / "serve.log", reuse_port)
     finally:
         taken.close()
     assert result.returncode != 0
@@ -143,7 +147,7 @@ def _workers(parent: int) -> list[int]:
 def test_a_burst_of_connections_is_spread_over_the_workers(start_server: Any, run_dir: Path) -> None:
     """Two listening sockets, one in each worker, and a burst of connections answered by both.
     (uvicorn's one shared socket gave 890 of wrk's 1,024 connections to one of two busy workers.)"""
-    server = start_server(run_dir, workers=2)
+    server = start_server(run_dir, workers=2, env={"MICROBERT_REUSE_PORT": "true"})
     workers = _workers(server.process.pid)
     assert len(workers) == 2, workers
     # /ready answers once one worker serves; the other may still be loading its model.
