@@ -4,8 +4,8 @@
 #   bash bench/serve_overload.sh "NAME CLIENT SECONDS [ENV=value ...]" ...   # GPU: carry .whl .deb
 #   OVERLOAD_PRESET=bert-tiny OVERLOAD_THREADS=1 OVERLOAD_WORKERS=2 bash bench/serve_overload.sh ...  # CPU smoke
 # CLIENT: wrk (1,024 connections that re-send at once after a 429, with 16 Python probe clients
-# beside them for the latencies of the 200s), wrk-backoff (the same, waiting each 429's Retry-After)
-# or python (1,024 bench/serve_load.py clients alone); CLIENT:N for N connections instead of 1,024.
+# beside them, which wait each 429's Retry-After-Ms, for the latencies of the 200s), wrk-backoff
+# (the same, waiting each 429's Retry-After) or python (1,024 bench/serve_load.py clients alone); CLIENT:N for N connections instead of 1,024.
 # Each run: a random-weight artifact of the preset's shape (bert-base: bf16 on the GPU),
 # --workers auto, 256 inputs a pass, a queue of 256 inputs. Records (with "variant") go to
 # $OUT/overload.jsonl; each run's server log (with its CUDA graph captures) to $OUT/NAME-server.log.

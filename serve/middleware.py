@@ -97,7 +97,11 @@ class ConcurrencyLimitMiddleware:
     any other. Clients that re-send at once would otherwise spend the worker's CPU on refusals:
     on 2 cores, one worker, 1,024 such connections (wrk), 224,059 refusals and 4,352 answers in
     20 s, against 27,995 and 19,200 with the hold (bench/NOTES.md, session 10). A polite client
-    never meets the hold; a client that opens a new connection for each retry is not held.
+    never meets the hold; a client that opens a new connection for each retry is not held. The hold
+    applies only while this worker is still refusing (a 429 within the last `_WINDOW_S`): behind a
+    proxy that shares its upstream connections among its clients, another client's request on the
+    connection that was refused waits only while the server is overloaded, when it would most likely
+    have been refused itself.
     """
 
     _WINDOW_S = 0.5
@@ -122,6 +126,7 @@ class ConcurrencyLimitMiddleware:
         # Until when each connection (client address and port) was told to wait by a 429.
         self._told: dict[tuple[str, int], float] = {}
         self.held = 0  # requests that came before their connection's wait was over, and waited here
+        self._last_refusal = -math.inf  # when this worker last answered a 429
         refusal = error_response(
             429,
             "overloaded",
@@ -138,7 +143,8 @@ class ConcurrencyLimitMiddleware:
             return
         client = scope.get("client")
         told = self._told.pop(client, None) if client is not None else None
-        if told is not None and told > time.perf_counter():
+        now = time.perf_counter()
+        if told is not None and told > now and now - self._last_refusal < self._WINDOW_S:
             # This connection was told to wait and did not: its request waits here for the rest of
             # that time, costing a timer instead of a refusal's CPU (see the class docstring).
             self.held += 1
@@ -147,7 +153,7 @@ class ConcurrencyLimitMiddleware:
             await asyncio.sleep(min(told - time.perf_counter(), self._MAX_RETRY_S))
         if self.in_flight >= self.limit:
             self._refused += 1
-            now = time.perf_counter()
+            now = self._last_refusal = time.perf_counter()
             self._adapt(now)
             if client is not None:
                 self._told[client] = now + self.retry_s
@@ -173,7 +179,8 @@ class ConcurrencyLimitMiddleware:
             if message["type"] == "http.response.start" and message["status"] == 429:
                 for name, value in message.get("headers", ()):
                     if name == b"retry-after-ms":
-                        self._told[client] = time.perf_counter() + int(value) / 1000
+                        self._last_refusal = time.perf_counter()
+                        self._told[client] = self._last_refusal + int(value) / 1000
             await send(message)
 
         return noting

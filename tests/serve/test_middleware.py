@@ -143,3 +143,21 @@ def test_a_client_gone_before_its_body_is_counted_as_disconnected_not_as_a_500()
     asyncio.run(BodyLimitMiddleware(_answer, max_body_bytes=1024)(SCOPE, _receive, send))
     assert messages[0]["status"] == 499
     assert (b"x-error-type", b"client_disconnected") in messages[0]["headers"]
+
+
+def test_no_hold_once_the_worker_has_stopped_refusing() -> None:
+    """Behind a proxy a refused connection may carry another client's request next: it is held only
+    while the worker is still refusing."""
+    limiter = ConcurrencyLimitMiddleware(_answer, limit=1, total=1)
+    limiter.turnover_s = limiter.retry_s = 2.0  # a long wait, still running below
+    client = ("127.0.0.1", 40005)
+
+    async def scenario() -> list[tuple[int, float]]:
+        limiter.in_flight = 1
+        refused = await _timed(limiter, client)
+        limiter.in_flight = 0
+        await asyncio.sleep(ConcurrencyLimitMiddleware._WINDOW_S + 0.05)  # no refusal since
+        return [refused, await _timed(limiter, client)]
+
+    (refused, _), (served, served_s) = asyncio.run(scenario())
+    assert (refused, served) == (429, 200) and served_s < 0.05 and limiter.held == 0
