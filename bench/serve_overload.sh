@@ -5,7 +5,10 @@
 #   OVERLOAD_PRESET=bert-tiny OVERLOAD_THREADS=1 OVERLOAD_WORKERS=2 bash bench/serve_overload.sh ...  # CPU smoke
 # CLIENT: wrk (1,024 connections that re-send at once after a 429, with 16 Python probe clients
 # beside them, which wait each 429's Retry-After-Ms, for the latencies of the 200s), wrk-backoff
-# (the same, waiting each 429's Retry-After) or python (1,024 bench/serve_load.py clients alone); CLIENT:N for N connections instead of 1,024.
+# (the same, waiting each 429's Retry-After) or python (1,024 bench/serve_load.py clients alone);
+# CLIENT:N for N connections instead of 1,024; open:M for bench/serve_open_loop.py's arrivals at M
+# times the sustainable rate measured first, whatever the server answers (OVERLOAD_OPEN_PROCESSES
+# processes, default 4; at most OVERLOAD_OPEN_CONNECTIONS connections, default 8,192).
 # Each run: a random-weight artifact of the preset's shape (bert-base: bf16 on the GPU),
 # --workers auto, 256 inputs a pass, a queue of 256 inputs. Records (with "variant") go to
 # $OUT/overload.jsonl; each run's server log (with its CUDA graph captures) to $OUT/NAME-server.log.
@@ -33,23 +36,34 @@ for r in map(json.loads, sys.stdin):
     print(json.dumps(r), file=open(os.environ["OUT"] + "/overload.jsonl", "a"))
     print("  sentences/s", r["sentences_per_second"], "p50", r["p50_ms"], "p99", r["p99_ms"], "429s", r["non_2xx"])'
 rm -rf "$OUT/work"
+sustainable=$(python3 -c '
+import json, os
+records = [json.loads(line) for line in open(os.environ["OUT"] + "/overload.jsonl")]
+print([r for r in records if r["variant"] == "sustainable"][-1]["sentences_per_second"])' 2>/dev/null || echo 0)
 for variant in "$@"; do
   read -r name client seconds envs <<<"$variant"
-  clients=1024
-  case $client in *:*) clients=${client#*:} client=${client%%:*} ;; esac
+  clients=1024 open_flags=()
+  case $client in
+    open:*)  # open:M: arrivals at M × the sustainable rate measured above, whatever the server answers
+      rate=$(python3 -c "print(round(${client#open:} * $sustainable))")
+      client=open clients=${OVERLOAD_OPEN_CONNECTIONS:-8192}
+      open_flags=(--overload-rate "$rate" --overload-processes "${OVERLOAD_OPEN_PROCESSES:-4}") ;;
+    *:*) clients=${client#*:} client=${client%%:*} ;;
+  esac
   env_flags=(--env MICROBERT_MAX_BATCH_SIZE=256)
   for item in $envs; do env_flags+=(--env "$item"); done
   echo "== $name: $client × $clients, ${seconds}s, ${envs:-default env} ($(uptime))"
   mkdir -p "$OUT/work"
   OUT=$OUT/work timeout $((seconds + 150)) python3 -m bench.serve_wrk --model-dir "$run" --preset "$preset" \
     --wrk "$wrk" --threads "$threads" --impls "" --workers "$workers" --overload "$seconds" \
-    --overload-clients "$clients" --overload-queue 256 --overload-client "$client" "${env_flags[@]}" 2>&1 \
+    --overload-clients "$clients" --overload-queue 256 --overload-client "$client" "${open_flags[@]}" \
+    "${env_flags[@]}" 2>&1 \
     | grep '^{' | VARIANT=$name python3 -c '
 import json, os, sys
 for r in map(json.loads, sys.stdin):
     r["variant"] = os.environ["VARIANT"]
     print(json.dumps(r), file=open(os.environ["OUT"] + "/overload.jsonl", "a"))
-    print("  ok/s", r["sentences_per_second"], "offered/s", r["offered_per_second"], r["statuses"],
+    print("  ok/s", r["sentences_per_second"], "offered/s", r["offered_per_second"], r["statuses"], r.get("open_loop", ""),
           "p50", r["p50_ms"], "p99", r["p99_ms"], "max", r["max_ms"], "wrk", r.get("wrk"))
     print("  rss before", r["rss_by_role_before"], "after", r["rss_by_role_after"])
     print("  curve", [(t, {k: v for k, v in roles.items() if not k.endswith("threads")}) for t, roles in r["rss_by_role_curve"]])'

@@ -55,7 +55,8 @@ import torch
 
 from bench.records import append_records, commit
 from bench.serve_bench import TEXT, make_run
-from bench.serve_load import run_load
+from bench.serve_load import LoadResult, run_load
+from bench.serve_open_loop import OpenLoopResult, run_open_loop
 
 REPO = Path(__file__).resolve().parents[1]
 # 32 different sentences of the same length, one [MASK] each: the batch32 request.
@@ -586,12 +587,18 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
     that re-send at once after a 429 (they ignore Retry-After: the most load this machine can offer),
     and beside them `PROBE_CLIENTS` closed-loop clients (bench/serve_load.py) whose 200s give the
     latency percentiles. `python`: bench/serve_load.py's clients alone (one Python process: on a
-    16-core GPU host it, not the server, can be the limit)."""
+    16-core GPU host it, not the server, can be the limit). `open`: bench/serve_open_loop.py's
+    arrivals at `--overload-rate` a second (over `--overload-processes` processes, at most
+    `--overload-clients` connections), whatever the server answers: the only client that offers a
+    multiple of the sustainable rate; its 200s give the latencies."""
     queue = args.overload_queue
     command, env = server_command("microbert", run, run, 8430, args)
     env["MICROBERT_MAX_QUEUE"] = str(queue)
     server = Server(command, env, 8430, folder / "overload-server.log")
     use_wrk = args.overload_client.startswith("wrk")
+    open_loop = args.overload_client == "open"
+    if open_loop and not args.overload_rate:
+        raise SystemExit("--overload-client open needs --overload-rate (requests a second)")
     backoff = args.overload_client == "wrk-backoff"
     pid = server.process.pid
     wrk_out = ""
@@ -610,16 +617,23 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
             clients = PROBE_CLIENTS if use_wrk else args.overload_clients
             # The probes wait a 429's Retry-After (the server would hold a request sent sooner):
             # their 200s are the latency a well-behaved client sees.
-            result = asyncio.run(
-                run_load(
-                    "127.0.0.1",
-                    8430,
-                    concurrency=clients,
-                    duration_s=args.overload,
-                    text=TEXT,
-                    polite=use_wrk,
+            result: LoadResult | OpenLoopResult
+            if open_loop:
+                result = run_open_loop(
+                    "127.0.0.1", 8430, rate=args.overload_rate, duration_s=args.overload, text=TEXT,
+                    max_connections=args.overload_clients, processes=args.overload_processes,
+                )  # fmt: skip
+            else:
+                result = asyncio.run(
+                    run_load(
+                        "127.0.0.1",
+                        8430,
+                        concurrency=clients,
+                        duration_s=args.overload,
+                        text=TEXT,
+                        polite=use_wrk,
+                    )
                 )
-            )
             if wrk is not None:
                 wrk_out = wrk.communicate(timeout=args.overload + 60)[0]
         rss_after, roles_after = rss_mib(pid), rss_by_role(pid)
@@ -632,6 +646,10 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
     seconds = summary["duration_s"]
     statuses = dict(summary["statuses"])
     record: dict[str, Any] = {}
+    if open_loop:
+        record["open_loop"] = {
+            key: summary[key] for key in ("rate", "arrivals", "not_sent", "connections_opened")
+        }
     if use_wrk:
         parsed = parse_wrk(wrk_out) if "Requests/sec" in wrk_out else {"statuses": {}}
         record["wrk"] = {key: parsed.get(key) for key in ("statuses", "requests_per_second", "p50_ms",
@@ -651,12 +669,17 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
             + ("waits Retry-After after a 429; " if backoff else "re-sends at once after a 429; ")
             + f"latencies from {PROBE_CLIENTS} bench/serve_load.py clients beside it"
             if use_wrk
+            else f"bench/serve_open_loop.py at {args.overload_rate:g}/s, {args.overload_processes} "
+            f"process(es), at most {args.overload_clients} connections (open loop)"
+            if open_loop
             else "bench/serve_load.py (closed loop)"
         ),
         "max_queue": queue,
         "duration_s": seconds,
         "sentences_per_second": round(statuses.get("200", 0) / seconds, 1),
-        "offered_per_second": round(total / seconds, 1),
+        # A closed-loop client offers what it is answered; an open-loop one its arrivals.
+        "offered_per_second": round((summary["arrivals"] if open_loop else total) / seconds, 1),
+        "answered_per_second": round(total / seconds, 1),
         "statuses": statuses,
         "only_200_and_429": set(statuses) <= {"200", "429"},
         "p50_ms": summary["latency_ok_ms"]["p50"],
@@ -696,9 +719,11 @@ def main() -> int:
     parser.add_argument("--overload", type=float, default=0, help="seconds of overload (0: none)")
     parser.add_argument("--overload-clients", type=int, default=1024)
     parser.add_argument("--overload-queue", type=int, default=256)
+    parser.add_argument("--overload-rate", type=float, default=0, help="--overload-client open: requests/s")
+    parser.add_argument("--overload-processes", type=int, default=1, help="--overload-client open: processes")
     parser.add_argument(
         "--overload-client",
-        choices=["wrk", "wrk-backoff", "python"],
+        choices=["wrk", "wrk-backoff", "python", "open"],
         default="wrk" if shutil.which("wrk") else "python",
         help="wrk connections that re-send at once after a 429 (default where wrk is installed) or "
         "wait its Retry-After (wrk-backoff), with Python probe clients for the latencies; or Python "

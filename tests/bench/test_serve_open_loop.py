@@ -1,0 +1,95 @@
+"""bench/serve_open_loop.py: arrivals at the asked rate whatever the server answers, 429s rested on."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from bench.serve_open_loop import run_open_loop
+
+
+class SlowServer:
+    """A loopback HTTP/1.1 server that answers each request after `delay_s`: every third with 429
+    and Retry-After-Ms, the rest with 200. It counts the requests and the connections it sees."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s, self.requests, self.connections = delay_s, 0, 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if not line:
+                    return
+                await reader.readexactly(length)
+                self.requests += 1
+                await asyncio.sleep(self.delay_s)
+                if self.requests % 3 == 0:
+                    head = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nRetry-After-Ms: 300\r\n"
+                else:
+                    head = b"HTTP/1.1 200 OK\r\n"
+                writer.write(head + b"Content-Length: 2\r\n\r\n{}")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def slow_server() -> Iterator[SlowServer]:
+    server = SlowServer(delay_s=0.2)
+    yield server
+    server.stop()
+
+
+def test_arrivals_keep_their_rate_while_the_server_takes_its_time(slow_server: SlowServer) -> None:
+    """200 arrivals a second for 2 s against answers that take 0.2 s: all 400 are sent (a closed-loop
+    client with few connections would send fewer), on about rate × delay connections plus those
+    resting after a 429, and the 200s' latency counts the server's 0.2 s."""
+    result = run_open_loop("127.0.0.1", slow_server.port, rate=200, duration_s=2, max_connections=512)
+    summary = result.summary()
+    assert summary["arrivals"] == 400 and summary["not_sent"] == 0
+    assert slow_server.requests == 400
+    assert summary["statuses"]["200"] + summary["statuses"]["429"] == 400
+    assert 120 <= summary["statuses"]["429"] <= 150  # every third
+    assert 40 <= summary["connections_opened"] <= 150, summary
+    assert 190 <= summary["latency_ok_ms"]["p50"] < 400
+
+
+def test_arrivals_beyond_the_connection_limit_are_counted_not_sent(slow_server: SlowServer) -> None:
+    result = run_open_loop("127.0.0.1", slow_server.port, rate=200, duration_s=1, max_connections=10)
+    assert result.arrivals == 200 and result.not_sent > 100
+    assert sum(result.statuses.values()) == 200 - result.not_sent
+
+
+def test_only_loopback() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        run_open_loop("192.0.2.1", 80, rate=1, duration_s=1)
