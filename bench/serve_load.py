@@ -64,6 +64,20 @@ class LoadResult:
         }
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
+    """One HTTP/1.1 response from a keep-alive connection: its status and its headers (names in
+    lower case); the body (Content-Length) is read and dropped."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("server closed the connection")
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    await reader.readexactly(int(headers.get("content-length", 0)))
+    return status_line.split()[1].decode(), headers
+
+
 async def _client(
     host: str, port: int, request: bytes, deadline: float, result: LoadResult, polite: bool
 ) -> None:
@@ -77,33 +91,19 @@ async def _client(
             started = time.perf_counter()
             writer.write(request)
             await writer.drain()
-            status_line = await reader.readline()
-            if not status_line:
-                raise ConnectionError("server closed the connection")
-            status = status_line.split()[1].decode()
-            length, close, retry_after, wait_ms = 0, False, False, 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-                elif name.lower() == "connection" and value.strip().lower() == "close":
-                    close = True
-                elif name.lower() == "retry-after":
-                    retry_after = True
-                elif name.lower() == "retry-after-ms":
-                    wait_ms = int(value)
-            if status == "429" and not retry_after:
+            status, headers = await read_response(reader)
+            if status == "429" and "retry-after" not in headers:
                 result.statuses["429_without_retry_after"] += 1
-            await reader.readexactly(length)
             elapsed = time.perf_counter() - started
             result.statuses[status] += 1
             if status == "200":
                 result.latencies_ok_s.append(elapsed)
-            if close:
+            if headers.get("connection", "").lower() == "close":
                 writer.close()
                 writer = None
             if polite and status == "429":
-                await asyncio.sleep(min(wait_ms / 1000, max(0.0, deadline - time.perf_counter())))
+                wait_s = int(headers.get("retry-after-ms", 0)) / 1000
+                await asyncio.sleep(min(wait_s, max(0.0, deadline - time.perf_counter())))
         except (OSError, ConnectionError, asyncio.IncompleteReadError, IndexError) as exc:
             result.statuses[f"error:{type(exc).__name__}"] += 1
             if writer is not None:

@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.serve_load import DEFAULT_TEXT, LOOPBACK, MAX_DURATION_S
+from bench.serve_load import DEFAULT_TEXT, LOOPBACK, MAX_DURATION_S, read_response
 
 MAX_RATE = 100_000.0
 # A connection idle longer than this is not reused: uvicorn closes keep-alive connections after 5 s
@@ -84,19 +84,8 @@ async def _exchange(connection: Connection, request: bytes) -> tuple[str, float]
     """One request on a keep-alive connection: its status and the Retry-After-Ms it asked for (s)."""
     reader, writer = connection
     writer.write(request)
-    status_line = await reader.readline()
-    if not status_line:
-        raise ConnectionError("server closed the connection")
-    status = status_line.split()[1].decode()
-    length, wait_s = 0, 0.0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-        elif name.lower() == "retry-after-ms":
-            wait_s = int(value) / 1000
-    await reader.readexactly(length)
-    return status, wait_s
+    status, headers = await read_response(reader)
+    return status, int(headers.get("retry-after-ms", 0)) / 1000
 
 
 async def _run(host: str, port: int, request: bytes, rate: float, duration_s: float, max_connections: int

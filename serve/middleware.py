@@ -150,7 +150,7 @@ class ConcurrencyLimitMiddleware:
             self.held += 1
             if self.metrics is not None:
                 self.metrics.requests_held.inc()
-            await asyncio.sleep(min(told - time.perf_counter(), self._MAX_RETRY_S))
+            await asyncio.sleep(min(told - now, self._MAX_RETRY_S))
         if self.in_flight >= self.limit:
             self._refused += 1
             now = self._last_refusal = time.perf_counter()
