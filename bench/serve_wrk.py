@@ -757,6 +757,7 @@ def main() -> int:
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(os.environ.get("OUT") or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         if args.model_dir is not None:
             run = args.model_dir
             artifact = run / "export" / (run / "export" / "latest").read_text().strip()

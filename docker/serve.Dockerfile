@@ -60,6 +60,12 @@ RUN pip wheel --no-deps --no-build-isolation --wheel-dir /dist /src
 
 # --- the image ----------------------------------------------------------------------------------------
 FROM python
+# jemalloc, which microbert-serve preloads into its processes: with glibc's malloc the processes that
+# run the model grew under sustained load (serve/allocator.py).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
 RUN --mount=type=secret,id=pip_ca \
     --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \

@@ -10,6 +10,9 @@ default on a CPU, where measured it is the faster: no hop between processes, the
 between the copies) or one model process serves all of them (`serve/remote.py`; the default with a
 GPU, which must not hold N copies or split the traffic into N small batches).
 
+Allocator: where jemalloc is installed, the command re-executes itself once with it preloaded
+(`serve/allocator.py` says why: glibc's malloc let the model's processes grow under load).
+
 SIGTERM: uvicorn stops accepting and gives in-flight requests `shutdown_timeout_s` (10 s) to finish,
 then the lifespan shutdown drops what is still queued; a forward pass still running after another
 second is not waited for. The process exits 0 within shutdown_timeout_s + 2 s.
@@ -31,6 +34,7 @@ from pydantic import ValidationError
 
 from microbert.checkpoint import resolve_artifact_dir, verify_artifact
 from microbert.errors import ArtifactError
+from serve import allocator
 from serve.settings import Settings
 from serve.workers import run_workers
 
@@ -172,6 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"microbert-serve: {problem}", file=sys.stderr)
         return 2
+    try:
+        library, allocator_line = allocator.resolve(settings.allocator)
+    except allocator.AllocatorError as exc:
+        print(f"microbert-serve: {exc}", file=sys.stderr)
+        return 2
+    if library is not None and not allocator.loaded(library):
+        if argv is None and os.environ.get(allocator.REEXEC_MARK) != "1":
+            allocator.reexec_with(library, "serve.cli", sys.argv[1:])  # does not return
+        why = "the loader refused it" if argv is None else "main() was called in-process"
+        allocator_line = f"{allocator_line} not preloaded ({why}): the system's malloc"
+    log.info("%s", allocator_line)
 
     workers, shared, how = _plan(settings)
     log.info("%s", how)

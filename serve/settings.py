@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     model_socket: str | None = Field(
         default=None, description="set by microbert-serve for its HTTP workers: the model process's socket"
     )
+    allocator: str = Field(
+        default="auto",
+        description="malloc of the server's processes: auto (jemalloc where installed, else the system's), "
+        "jemalloc, system, or the path of a malloc library to preload (serve.allocator)",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch threads per model (microbert-serve sets it for N CPU workers)"
     )

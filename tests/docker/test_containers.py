@@ -464,6 +464,9 @@ def test_compose_train_then_serve_answers_fill_mask(compose: Compose) -> None:
 
     status, metrics = _http("GET", f"{base}/metrics")
     assert status == 200 and "microbert_requests_total" in str(metrics)
+    # The image's jemalloc is preloaded (serve/allocator.py), not silently missing.
+    logs = _docker("logs", container)
+    assert "allocator: jemalloc (" in logs.stdout + logs.stderr, (logs.stdout + logs.stderr)[-3000:]
 
     # The health check (python urllib on /ready) turns the container healthy.
     deadline = time.monotonic() + 60
