@@ -6,6 +6,8 @@ showed ~130 MiB in use and the free bytes kept inside the heap rising from ~80 t
 torch's CPU tensors change size with every batch's shape, and glibc keeps the holes they leave.
 Preloaded jemalloc returns them (RSS flat over the same run); so did a fixed 4 MiB mmap threshold,
 but at a 22–33% cost in requests per second, since every large tensor then faults in fresh pages.
+jemalloc's own default did the same to tensors of 8 MiB and more (its "oversize" arena gives them
+back at once): 32-input requests lost ~20% until `JEMALLOC_CONF` turned that arena off.
 
 A library can only be preloaded into a process before it starts, so `microbert-serve` re-executes
 itself once with `LD_PRELOAD` set; its HTTP workers and its model process inherit the variable.
@@ -27,6 +29,10 @@ JEMALLOC_DIRS = (
     "/usr/local/lib",
 )
 INSTALL_HINT = "apt-get install libjemalloc2 (Debian, Ubuntu) or dnf install jemalloc"
+# jemalloc's settings where the user has set no MALLOC_CONF: no separate arena for allocations of
+# 8 MiB and more, which jemalloc otherwise returns to the kernel as soon as they are freed (a batch's
+# activations, freed and allocated again every forward pass on a CPU).
+JEMALLOC_CONF = "oversize_threshold:0"
 # Set in the re-executed process, so a library that the loader refused is not retried forever.
 REEXEC_MARK = "MICROBERT_ALLOCATOR_PRELOADED"
 
@@ -54,7 +60,8 @@ def resolve(choice: str, dirs: tuple[str, ...] = JEMALLOC_DIRS) -> tuple[Path | 
     if choice in ("auto", "jemalloc"):
         found = find_jemalloc(dirs) if sys.platform.startswith("linux") else None
         if found is not None:
-            return found, f"allocator: jemalloc ({found})"
+            conf = os.environ.get("MALLOC_CONF") or JEMALLOC_CONF
+            return found, f"allocator: jemalloc ({found}, MALLOC_CONF={conf})"
         if choice == "jemalloc":
             raise AllocatorError(
                 f"MICROBERT_ALLOCATOR=jemalloc but {JEMALLOC_NAME} is not installed: {INSTALL_HINT}, "
@@ -86,9 +93,13 @@ def loaded(library: Path, maps: Path = Path("/proc/self/maps")) -> bool:
 
 
 def preload_env(env: dict[str, str], library: Path) -> dict[str, str]:
-    """`env` with `library` first in LD_PRELOAD, keeping whatever was preloaded already."""
+    """`env` with `library` first in LD_PRELOAD, keeping whatever was preloaded already, and
+    `JEMALLOC_CONF` for a jemalloc unless MALLOC_CONF is set."""
     rest = [item for item in env.get("LD_PRELOAD", "").replace(":", " ").split() if item != str(library)]
-    return {**env, "LD_PRELOAD": " ".join([str(library), *rest]), REEXEC_MARK: "1"}
+    env = {**env, "LD_PRELOAD": " ".join([str(library), *rest]), REEXEC_MARK: "1"}
+    if "jemalloc" in library.name and not env.get("MALLOC_CONF"):
+        env["MALLOC_CONF"] = JEMALLOC_CONF
+    return env
 
 
 def reexec_with(library: Path, module: str, args: list[str]) -> None:

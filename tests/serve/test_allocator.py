@@ -58,6 +58,13 @@ def test_preload_env_puts_the_library_first_and_keeps_the_rest_once() -> None:
     env = allocator.preload_env(before, library)
     assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2 /lib/a.so /lib/b.so"
     assert env["X"] == "1" and env[allocator.REEXEC_MARK] == "1"
+    assert env["MALLOC_CONF"] == allocator.JEMALLOC_CONF
+
+
+def test_a_users_malloc_conf_is_kept_and_other_libraries_get_none() -> None:
+    jemalloc = allocator.preload_env({"MALLOC_CONF": "narenas:2"}, Path("/lib/libjemalloc.so.2"))
+    assert jemalloc["MALLOC_CONF"] == "narenas:2"
+    assert "MALLOC_CONF" not in allocator.preload_env({}, Path("/lib/libtcmalloc_minimal.so.4"))
 
 
 def test_loaded_reads_the_process_maps(tmp_path: Path) -> None:
@@ -95,5 +102,10 @@ def test_the_server_and_its_workers_run_on_jemalloc(start_server: Any, run_dir: 
     workers = _workers(server.process.pid)
     assert len(workers) == 2, workers
     assert all(_maps_jemalloc(pid) for pid in [server.process.pid, *workers])
-    assert f"allocator: jemalloc ({JEMALLOC})" in server.log_path.read_text()
+    assert (
+        f"allocator: jemalloc ({JEMALLOC}, MALLOC_CONF={allocator.JEMALLOC_CONF})"
+        in server.log_path.read_text()
+    )
+    environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+    assert f"MALLOC_CONF={allocator.JEMALLOC_CONF}".encode() in environ
     assert server.stop() == 0
