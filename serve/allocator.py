@@ -5,7 +5,7 @@ model grew by ~5 MiB/s with glibc's malloc while their live allocations stayed f
 showed ~130 MiB in use and the free bytes kept inside the heap rising from ~80 to ~250 MiB in 60 s.
 torch's CPU tensors change size with every batch's shape, and glibc keeps the holes they leave.
 Preloaded jemalloc returns them (RSS flat over the same run); so did a fixed 4 MiB mmap threshold,
-but at a 22–33% cost in requests per second, since every large tensor then faults in fresh pages.
+but at a 23–32% cost in sentences per second, since every large tensor then faults in fresh pages.
 jemalloc's own default did the same to tensors of 8 MiB and more (its "oversize" arena gives them
 back at once): 32-input requests lost ~20% until `JEMALLOC_CONF` turned that arena off.
 
