@@ -32,8 +32,6 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from microbert.checkpoint import resolve_artifact_dir, verify_artifact
-from microbert.errors import ArtifactError
 from serve import allocator
 from serve.settings import Settings
 from serve.workers import run_workers
@@ -65,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_model_dir(path: Path) -> str | None:
     """A problem with the model folder, or None. A run folder with no export yet is fine: we wait for it."""
+    # Here, not at the top: microbert.checkpoint imports torch (~2.5 s), which must not be paid twice
+    # when the process re-executes itself with another malloc.
+    from microbert.checkpoint import resolve_artifact_dir, verify_artifact
+    from microbert.errors import ArtifactError
+
     try:
         folder = resolve_artifact_dir(path)
     except ArtifactError as exc:
@@ -172,10 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     if settings.model_dir is None:
         print("microbert-serve: no model: pass --model-dir or set MICROBERT_MODEL_DIR", file=sys.stderr)
         return 2
-    problem = _check_model_dir(settings.model_dir)
-    if problem:
-        print(f"microbert-serve: {problem}", file=sys.stderr)
-        return 2
     try:
         library, allocator_line = allocator.resolve(settings.allocator)
     except allocator.AllocatorError as exc:
@@ -186,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             allocator.reexec_with(library, "serve.cli", sys.argv[1:])  # does not return
         why = "the loader refused it" if argv is None else "main() was called in-process"
         allocator_line = f"{allocator_line} not preloaded ({why}): the system's malloc"
+    problem = _check_model_dir(settings.model_dir)
+    if problem:
+        print(f"microbert-serve: {problem}", file=sys.stderr)
+        return 2
     log.info("%s", allocator_line)
 
     workers, shared, how = _plan(settings)
