@@ -7,7 +7,8 @@ torch's CPU tensors change size with every batch's shape, and glibc keeps the ho
 Preloaded jemalloc returns them (RSS flat over the same run); so did a fixed 4 MiB mmap threshold,
 but at a 23–32% cost in sentences per second, since every large tensor then faults in fresh pages.
 jemalloc's own default did the same to tensors of 8 MiB and more (its "oversize" arena gives them
-back at once): 32-input requests lost ~20% until `JEMALLOC_CONF` turned that arena off.
+back at once): 32-input requests lost ~13% (medians of 7 runs) until `JEMALLOC_CONF` turned that
+arena off.
 
 A library can only be preloaded into a process before it starts, so `microbert-serve` re-executes
 itself once with `LD_PRELOAD` set; its HTTP workers and its model process inherit the variable.
