@@ -48,6 +48,9 @@ class OpenLoopResult:
     connections_opened: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     latencies_ok_s: list[float] = field(default_factory=list)
+    # How late each sent arrival left this client (its due time to its turn on the event loop):
+    # a client on the server's cores falls behind, and that lateness is in the 200s' latencies.
+    send_lags_s: list[float] = field(default_factory=list)
 
     def merge(self, other: OpenLoopResult) -> None:
         self.arrivals += other.arrivals
@@ -55,14 +58,16 @@ class OpenLoopResult:
         self.connections_opened += other.connections_opened
         self.statuses.update(other.statuses)
         self.latencies_ok_s += other.latencies_ok_s
+        self.send_lags_s += other.send_lags_s
 
     def summary(self) -> dict[str, Any]:
         ordered = sorted(self.latencies_ok_s)
+        lags = sorted(self.send_lags_s)
 
-        def ms(q: float) -> float | None:
-            if not ordered:
+        def ms(q: float, values: list[float] = ordered) -> float | None:
+            if not values:
                 return None
-            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+            return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
 
         return {
             "rate": self.rate,
@@ -77,6 +82,7 @@ class OpenLoopResult:
                 "p99": ms(0.99),
                 "max": round(ordered[-1] * 1000, 1) if ordered else None,
             },
+            "send_lag_ms": {"p50": ms(0.5, lags), "p99": ms(0.99, lags)},
         }
 
 
@@ -92,12 +98,20 @@ async def _run(host: str, port: int, request: bytes, rate: float, duration_s: fl
                ) -> OpenLoopResult:  # fmt: skip
     loop = asyncio.get_running_loop()
     result = OpenLoopResult(rate=rate, duration_s=duration_s)
-    idle: deque[tuple[Connection, float]] = deque()  # with when each was answered, oldest first
+    idle: deque[tuple[Connection, float]] = deque()  # with when each was answered
     open_count = 0
     pending: set[asyncio.Task[None]] = set()
 
-    async def arrival(connection: Connection | None, due: float) -> None:
+    async def arrival(taken: tuple[Connection, float] | None, due: float) -> None:
         nonlocal open_count
+        now = loop.time()
+        result.send_lags_s.append(now - due)  # the client's own lateness, before any I/O
+        connection = None
+        if taken is not None:  # checked again here: a client behind its schedule starts tasks late
+            connection, answered = taken
+            if now - answered > _KEEP_ALIVE_S:
+                connection[1].close()
+                connection = None
         try:
             if connection is None:
                 connection = await asyncio.open_connection(host, port)
@@ -109,12 +123,24 @@ async def _run(host: str, port: int, request: bytes, rate: float, duration_s: fl
                 connection[1].close()
             open_count -= 1
             return
+        answered = loop.time()  # the server's keep-alive timer runs from here, through any rest
         result.statuses[status] += 1
         if status == "200":
-            result.latencies_ok_s.append(loop.time() - due)
+            result.latencies_ok_s.append(answered - due)
         if status == "429" and wait_s > 0:
             await asyncio.sleep(wait_s)  # polite: this connection comes back when told
-        idle.append((connection, loop.time()))
+        idle.append((connection, answered))
+
+    def take_idle(now: float) -> tuple[Connection, float] | None:
+        """The most recently answered idle connection that the server is not about to close."""
+        nonlocal open_count
+        while idle:
+            connection, answered = idle.pop()
+            if now - answered <= _KEEP_ALIVE_S:
+                return connection, answered
+            connection[1].close()
+            open_count -= 1
+        return None
 
     start = loop.time()
     total = int(rate * duration_s)
@@ -132,15 +158,13 @@ async def _run(host: str, port: int, request: bytes, rate: float, duration_s: fl
             while idle and now - idle[0][1] > _KEEP_ALIVE_S:  # the server may be closing them
                 idle.popleft()[0][1].close()
                 open_count -= 1
-            connection: Connection | None = None
-            if idle:
-                connection = idle.pop()[0]  # the most recently answered
-            elif open_count < max_connections:
+            taken = take_idle(now)
+            if taken is None and open_count < max_connections:
                 open_count += 1
-            else:
+            elif taken is None:
                 result.not_sent += 1
                 continue
-            task = asyncio.create_task(arrival(connection, due))
+            task = asyncio.create_task(arrival(taken, due))
             pending.add(task)
             task.add_done_callback(pending.discard)
     deadline = start + duration_s + 10  # answers still coming after the last arrival: bounded

@@ -52,7 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         total=settings.concurrent_requests,
         metrics=app_metrics,
     )
-    app.add_middleware(MetricsMiddleware, metrics=app_metrics, routes=lambda: app.routes)
+    # The routers' own routes too: FastAPI's app.routes holds an included router as one entry with
+    # no path, and a request refused before routing (429, 413) has no route in its scope to read.
+    own_routes = [route for module in (fill_mask, health, metrics, page) for route in module.router.routes]
+    app.add_middleware(MetricsMiddleware, metrics=app_metrics, routes=lambda: [*own_routes, *app.routes])
     return app
 
 

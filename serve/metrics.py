@@ -91,8 +91,9 @@ class Metrics:
         )
         self.request_duration = Histogram(
             "microbert_request_duration_seconds",
-            "Time from request received to response sent, by route.",
-            ["route"],
+            "Time from request received to response sent, by route and status (a 200's time "
+            "apart from the refusals').",
+            ["route", "status"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )

@@ -70,7 +70,7 @@ class MetricsMiddleware:
         finally:
             label = route_label(self.routes(), scope)
             self.metrics.requests.labels(label, str(status)).inc()
-            self.metrics.request_duration.labels(label).observe(time.perf_counter() - started)
+            self.metrics.request_duration.labels(label, str(status)).observe(time.perf_counter() - started)
             if status >= 400:
                 self.metrics.failures.labels(error_type or f"http_{status}").inc()
 

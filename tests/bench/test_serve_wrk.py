@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.serve_wrk import lua, ok_share, parse_pass_series, parse_wrk, pass_figures, wrk_command
+from bench.serve_wrk import (
+    app_ok_latency,
+    lua,
+    ok_share,
+    parse_pass_series,
+    parse_wrk,
+    pass_figures,
+    wrk_command,
+)
 from serve.metrics import Metrics
 
 
@@ -37,6 +45,28 @@ def test_pass_figures_come_from_the_difference_of_two_readings() -> None:
         "pass_share": 0.008,
         "queue_ms_per_input": 1.0,
     }
+
+
+def _requests(durations: dict[tuple[str, str], list[float]]) -> str:
+    metrics = Metrics()
+    for (route, status), seconds in durations.items():
+        for value in seconds:
+            metrics.request_duration.labels(route, status).observe(value)
+    return metrics.render()[0].decode()
+
+
+def test_the_200s_in_app_quantiles_leave_out_the_refusals_and_what_came_before() -> None:
+    """Of the /fill-mask 200s answered between two readings: 98 took under 25 ms and 2 took 0.3 s
+    (the 0.5 s bucket); the readings' fast 429s and another route's slow 200s are not theirs."""
+    earlier = {("/fill-mask", "200"): [2.0] * 50, ("/fill-mask", "429"): [0.0005] * 10}
+    later = {
+        ("/fill-mask", "200"): [2.0] * 50 + [0.02] * 98 + [0.3] * 2,
+        ("/fill-mask", "429"): [0.0005] * 10_000,
+        ("/metrics", "200"): [4.0] * 100,
+    }
+    assert app_ok_latency(_requests(earlier), _requests(later)) == {"p50": 25.0, "p99": 500.0}
+    assert app_ok_latency("", _requests(later)) == {"p50": 25.0, "p99": 2500.0}
+    assert app_ok_latency("", "") == {"p50": None, "p99": None}
 
 
 def test_no_figures_without_two_readings_or_without_passes() -> None:

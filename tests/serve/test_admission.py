@@ -132,6 +132,10 @@ def test_requests_beyond_the_concurrency_limit_get_an_overloaded_429_at_once(tin
         assert http.get("/health").status_code == 200
         metrics = http.get("/metrics").text
         assert 'error_type="overloaded"' in metrics
+        # Refused before routing, yet counted under their route (not "unmatched"), apart from the 200s.
+        assert sample(metrics, "microbert_requests_total", route="/fill-mask", status="429") == 2
+        timed = sample(metrics, "microbert_request_duration_seconds_count", route="/fill-mask", status="429")
+        assert timed == 2
         # Sent on the same connection at once, not after the first refusal's Retry-After: held first.
         assert sample(metrics, "microbert_requests_held_total") == 1
         release.set()

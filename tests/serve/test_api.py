@@ -266,12 +266,14 @@ def test_metrics_count_what_happened(tiny_artifact: Path) -> None:
     assert sample(text, "microbert_requests_total", route="unmatched", status="404") == 1
     assert sample(text, "microbert_request_failures_total", error_type="no_mask") == 1
     assert sample(text, "microbert_request_failures_total", error_type="validation_error") == 1
-    assert sample(text, "microbert_request_duration_seconds_count", route="/fill-mask") == 6
+    assert sample(text, "microbert_request_duration_seconds_count", route="/fill-mask", status="200") == 4
+    assert sample(text, "microbert_request_duration_seconds_count", route="/fill-mask", status="422") == 1
     assert sample(text, "microbert_input_tokens_count") == 5  # inputs that reached the queue
     assert sample(text, "microbert_queue_duration_seconds_count") == 5
     assert sample(text, "microbert_batch_size_inputs_sum") == 5
     assert 1 <= sample(text, "microbert_inference_duration_seconds_count") <= 5
-    assert sample(text, "microbert_request_duration_seconds_bucket", route="/fill-mask", le="0.001") <= 6
+    ok = {"route": "/fill-mask", "status": "200"}
+    assert sample(text, "microbert_request_duration_seconds_bucket", le="0.001", **ok) <= 4
     assert sample(text, "microbert_queue_depth_inputs") == 0
     assert sample(text, "microbert_model_info", artifact=str(tiny_artifact), step="7", device="cpu") == 1
 
