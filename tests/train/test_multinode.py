@@ -353,6 +353,10 @@ def _sshd(tmp: Path) -> tuple[subprocess.Popen, Path]:
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {ssh_dir / 'host_key'}\nPidFile {ssh_dir / 'pid'}\n"
         f"AuthorizedKeysFile {ssh_dir / 'authorized_keys'}\nPermitRootLogin yes\nStrictModes no\n"
         "UsePAM no\nPasswordAuthentication no\n"
+        # The nodes' sessions get this PATH, as the nodes of a cluster built from one image do: with
+        # sshd's own, DeepSpeed's CPU op was built by another `ninja` there than in every other
+        # test, and each switch rebuilt it (~45 s; tests/conftest.py).
+        f'SetEnv PATH="{os.environ.get("PATH", "")}"\n'
     )
     Path("/run/sshd").mkdir(exist_ok=True)
     sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
