@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.records import append_records, commit
 from bench.serve_bench import TEXT, make_run
@@ -376,18 +377,17 @@ def complete_pass_series(text: str) -> dict[str, float] | None:
     return values if len(values) == len(_PASS_SERIES) else None
 
 
-_OK_SERIES = 'microbert_request_duration_seconds_bucket{le="'
-_OK_LABELS = '",route="/fill-mask",status="200"}'
-
-
 def ok_duration_buckets(text: str) -> dict[float, float]:
     """The 200s' in-app time histogram of POST /fill-mask (upper bound in s -> cumulative count)."""
-    buckets = {}
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name.startswith(_OK_SERIES) and name.endswith(_OK_LABELS):
-            bound = name[len(_OK_SERIES) : -len(_OK_LABELS)]
-            buckets[float(bound)] = float(value)
+    wanted = {"route": "/fill-mask", "status": "200"}
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "microbert_request_duration_seconds":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name.endswith("_bucket") and all(labels.get(k) == v for k, v in wanted.items()):
+                buckets[float(labels["le"])] = float(sample.value)
     return buckets
 
 

@@ -26,14 +26,15 @@ from serve.metrics import Metrics
 log = logging.getLogger("microbert.serve")
 
 
-def route_label(routes: Sequence[BaseRoute], scope: Scope) -> str:
+def route_label(routes: Callable[[], Sequence[BaseRoute]], scope: Scope) -> str:
     """The route's path template: every route the app has (`/docs`, mounted static files, …) gets its
-    own label, and any other path shares "unmatched", so a scanner cannot grow the metrics without bound."""
+    own label, and any other path shares "unmatched", so a scanner cannot grow the metrics without bound.
+    `routes` is only called for a request that was answered before routing (404, 413, 429)."""
     route = scope.get("route")
     if route is not None and getattr(route, "path", None):
         return str(route.path)
     path = scope.get("path", "")
-    for candidate in routes:
+    for candidate in routes():
         if isinstance(candidate, Mount):
             if path == candidate.path or path.startswith(candidate.path.rstrip("/") + "/"):
                 return candidate.path or "/"
@@ -68,7 +69,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            label = route_label(self.routes(), scope)
+            label = route_label(self.routes, scope)
             self.metrics.requests.labels(label, str(status)).inc()
             self.metrics.request_duration.labels(label, str(status)).observe(time.perf_counter() - started)
             if status >= 400:
