@@ -107,8 +107,8 @@ def test_a_connection_resting_after_a_429_is_not_reused_once_the_server_may_have
 ) -> None:
     """The server's keep-alive timer runs from its answer, through the client's Retry-After rest: a
     connection that rested 0.3 s on a server that closes idle connections after 0.3 s must not carry
-    the next arrival (counting its idleness from the end of the rest wrote into closed connections:
-    spurious `error:ConnectionError`s in the overload records of 2 cores)."""
+    the next arrival (a client that wrote into closed connections reported spurious
+    `error:ConnectionError`s in the overload records of 2 cores)."""
     monkeypatch.setattr("bench.serve_open_loop._KEEP_ALIVE_S", 0.25)
     server = SlowServer(delay_s=0.05, retry_ms=300, keep_alive_s=0.3)
     try:
@@ -119,6 +119,16 @@ def test_a_connection_resting_after_a_429_is_not_reused_once_the_server_may_have
     assert set(summary["statuses"]) == {"200", "429"}, summary
     assert summary["arrivals"] == 20 and summary["not_sent"] == 0
     assert summary["send_lag_ms"]["p99"] is not None and summary["send_lag_ms"]["p99"] < 100
+
+
+def test_an_arrival_unanswered_at_the_end_is_counted_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bench.serve_open_loop._GRACE_S", 0.3)
+    server = SlowServer(delay_s=3)
+    try:
+        summary = run_open_loop("127.0.0.1", server.port, rate=5, duration_s=1, max_connections=64).summary()
+    finally:
+        server.stop()
+    assert summary["arrivals"] == 5 and summary["statuses"] == {"error:unanswered_at_end": 5}, summary
 
 
 def test_only_loopback() -> None:
