@@ -20,7 +20,10 @@ the client shares the server's CPU. An arrival still unanswered 10 s after the l
 `error:unanswered_at_end`.
 
 `--processes N` splits the rate over N processes (one Python process sends several thousand
-requests a second). Loopback only; at most 60 s, 100,000 requests/s and 16,384 connections.
+requests a second). To 127.0.0.1, process i connects from 127.0.0.(i+1): one pair of addresses has
+~28,000 ephemeral ports, and a polite client at 4× a GPU's rate needs more connections than that
+(most of them resting on a Retry-After). Loopback only; at most 60 s, 100,000 requests/s and
+65,536 connections.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ MAX_RATE = 100_000.0
 # A connection idle longer than this is not reused: uvicorn closes keep-alive connections after 5 s
 # idle, and a request written into a connection it is closing fails on the client's side.
 _KEEP_ALIVE_S = 4.0
-MAX_CONNECTIONS = 16_384
+MAX_CONNECTIONS = 65_536
 _GRACE_S = 10.0  # how long answers are awaited after the last arrival is due
 
 
@@ -175,8 +178,9 @@ class _Client:
     or is counted `not_sent`."""
 
     def __init__(self, host: str, port: int, request: bytes, rate: float, duration_s: float,
-                 max_connections: int):  # fmt: skip
+                 max_connections: int, source: str | None = None):  # fmt: skip
         self.host, self.port, self.request = host, port, request
+        self.local_addr = (source, 0) if source is not None else None
         self.rate, self.duration_s, self.max_connections = rate, duration_s, max_connections
         self.result = OpenLoopResult(rate=rate, duration_s=duration_s)
         self.loop = asyncio.get_running_loop()
@@ -223,7 +227,9 @@ class _Client:
 
     async def _open_and_send(self, due: float) -> None:
         try:
-            _, connection = await self.loop.create_connection(lambda: _Connection(self), self.host, self.port)
+            _, connection = await self.loop.create_connection(
+                lambda: _Connection(self), self.host, self.port, local_addr=self.local_addr
+            )
         except OSError as exc:
             self.result.statuses[f"error:{type(exc).__name__}"] += 1
             self.open_count -= 1
@@ -274,14 +280,17 @@ class _Client:
         return self.result
 
 
-async def _run(host: str, port: int, request: bytes, rate: float, duration_s: float, max_connections: int
-               ) -> OpenLoopResult:  # fmt: skip
-    return await _Client(host, port, request, rate, duration_s, max_connections).run()
+async def _run(host: str, port: int, request: bytes, rate: float, duration_s: float, max_connections: int,
+               source: str | None) -> OpenLoopResult:  # fmt: skip
+    return await _Client(host, port, request, rate, duration_s, max_connections, source).run()
 
 
-def _process(host: str, port: int, request: bytes, rate: float, duration_s: float, connections: int
-             ) -> OpenLoopResult:  # fmt: skip
-    return _run_loop(_run(host, port, request, rate, duration_s, connections))
+def _process(host: str, port: int, request: bytes, rate: float, duration_s: float, connections: int,
+             index: int) -> OpenLoopResult:  # fmt: skip
+    # Linux answers for all of 127.0.0.0/8 on the loopback device: each process gets a source
+    # address of its own, and with it a range of ephemeral ports of its own.
+    source = f"127.0.0.{index % 254 + 1}" if host == "127.0.0.1" else None
+    return _run_loop(_run(host, port, request, rate, duration_s, connections, source))
 
 
 def run_open_loop(
@@ -307,10 +316,10 @@ def run_open_loop(
     share = (host, port, request, rate / processes, duration_s, max(1, max_connections // processes))
     total = OpenLoopResult(rate=rate, duration_s=duration_s)
     if processes == 1:
-        total.merge(_process(*share))
+        total.merge(_process(*share, 0))
     else:
         with ProcessPoolExecutor(processes) as pool:
-            for part in [pool.submit(_process, *share) for _ in range(processes)]:
+            for part in [pool.submit(_process, *share, i) for i in range(processes)]:
                 total.merge(part.result())
     return total
 

@@ -18,6 +18,7 @@ class SlowServer:
 
     def __init__(self, delay_s: float, retry_ms: int = 300, keep_alive_s: float = 5.0):
         self.delay_s, self.requests, self.connections = delay_s, 0, 0
+        self.peers: set[str] = set()  # the clients' addresses
         self.retry_ms, self.keep_alive_s = retry_ms, keep_alive_s
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -34,6 +35,7 @@ class SlowServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.peers.add(writer.get_extra_info("peername")[0])
         try:
             while True:
                 length = 0
@@ -129,6 +131,13 @@ def test_an_arrival_unanswered_at_the_end_is_counted_not_dropped(monkeypatch: py
     finally:
         server.stop()
     assert summary["arrivals"] == 5 and summary["statuses"] == {"error:unanswered_at_end": 5}, summary
+
+
+def test_each_process_connects_from_an_address_of_its_own(slow_server: SlowServer) -> None:
+    """One pair of loopback addresses has ~28,000 ephemeral ports; a process an address lifts that."""
+    result = run_open_loop("127.0.0.1", slow_server.port, rate=40, duration_s=1, processes=2)
+    assert result.arrivals == 40 and result.not_sent == 0
+    assert slow_server.peers == {"127.0.0.1", "127.0.0.2"}
 
 
 def test_only_loopback() -> None:
