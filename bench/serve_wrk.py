@@ -143,6 +143,31 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+# The kernel's counters of connections it could not queue for accept(): a connect that overflows
+# the listen backlog is dropped, and the client's SYN retry after 1, 3, 7 s is what a max latency
+# of seconds is made of. `nstat` reads the same counters; not every host has it.
+TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPTimeouts", "TCPAbortOnData")
+
+
+def tcp_counters(text: str | None = None) -> dict[str, int]:
+    """`TCP_COUNTERS` from /proc/net/netstat (or `text` in its format: a `TcpExt:` line of names,
+    then one of values). Counters since boot: subtract two readings. {} where there is none."""
+    if text is None:
+        try:
+            text = Path("/proc/net/netstat").read_text()
+        except OSError:
+            return {}
+    rows = [line.split() for line in text.splitlines() if line.startswith("TcpExt:")]
+    if len(rows) != 2:
+        return {}
+    values = dict(zip(rows[0][1:], rows[1][1:], strict=False))
+    return {name: int(values[name]) for name in TCP_COUNTERS if name in values}
+
+
+def counter_deltas(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before[name] for name in after if name in before}
+
+
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -198,7 +223,7 @@ def _role(pid: int, root: int) -> str:
     return "workers" if b"multiprocessing" in cmdline or b"uvicorn" in cmdline else "other"
 
 
-def rss_by_role(pid: int) -> dict[str, float]:
+def rss_by_role(pid: int) -> dict[str, float | list[int]]:
     """The tree's RSS (MiB) and threads by role: the parent (microbert-serve), the model process,
     the HTTP workers (summed), so that growth can be placed."""
     rss: dict[str, float] = {}
@@ -594,7 +619,7 @@ class _RssSampler:
     def __init__(self, pid: int, every_s: float) -> None:
         self.pid, self.every_s = pid, every_s
         self.samples: list[tuple[float, float]] = []
-        self.roles: list[tuple[float, dict[str, float]]] = []
+        self.roles: list[tuple[float, dict[str, float | list[int]]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -646,7 +671,7 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
         asyncio.run(run_load("127.0.0.1", 8430, concurrency=64, duration_s=2, text=TEXT))  # warm-up
         rss_before, roles_before = rss_mib(pid), rss_by_role(pid)
         metrics_before, counted_at = metrics_text(server.url), time.monotonic()
-        before = load_average()
+        before, tcp_before = load_average(), tcp_counters()
         with _RssSampler(pid, every_s=max(1.0, args.overload / 12)) as rss_curve:
             wrk = None
             if use_wrk:
@@ -679,6 +704,7 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
                 wrk_out = wrk.communicate(timeout=args.overload + 60)[0]
         rss_after, roles_after = rss_mib(pid), rss_by_role(pid)
         metrics_after, counted_s = metrics_text(server.url), time.monotonic() - counted_at
+        tcp_after = tcp_counters()
         alive = server.process.poll() is None
     finally:
         server.stop()
@@ -739,6 +765,8 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
         "rss_by_role_after": roles_after,
         "rss_by_role_curve": rss_curve.roles,
         "server_alive_after": alive,
+        # The whole host's counters over the run (loopback: the server's listen queue overflowing)
+        "tcp_counters": counter_deltas(tcp_before, tcp_after),
         "load_average_before": before,
         "load_average_after": load_average(),
     }

@@ -13,11 +13,13 @@ import pytest
 
 from bench.serve_wrk import (
     app_ok_latency,
+    counter_deltas,
     lua,
     ok_share,
     parse_pass_series,
     parse_wrk,
     pass_figures,
+    tcp_counters,
     wrk_command,
 )
 from serve.metrics import Metrics
@@ -156,3 +158,22 @@ def test_wrk_runs_the_scripts_and_counts_every_answer(tmp_path: Path, backoff: b
     assert set(statuses) == {"200", "429"} and sum(statuses.values()) >= result["requests"] > 0
     assert statuses["429"] / sum(statuses.values()) == pytest.approx(1 / 3, abs=0.02)
     assert result["max_ms"] is not None
+
+
+def test_listen_overflows_are_read_from_the_kernels_table_and_subtracted() -> None:
+    def table(overflows: int, drops: int) -> str:
+        return (
+            "TcpExt: SyncookiesSent ListenOverflows ListenDrops TCPTimeouts TCPAbortOnData\n"
+            f"TcpExt: 0 {overflows} {drops} 7 2\n"
+            "IpExt: InNoRoutes InOctets\nIpExt: 0 123\n"
+        )
+
+    before, after = tcp_counters(table(10, 12)), tcp_counters(table(5_584, 5_590))
+    assert before == {"ListenOverflows": 10, "ListenDrops": 12, "TCPTimeouts": 7, "TCPAbortOnData": 2}
+    assert counter_deltas(before, after) == {
+        "ListenOverflows": 5_574, "ListenDrops": 5_578, "TCPTimeouts": 0, "TCPAbortOnData": 0,
+    }  # fmt: skip
+    assert tcp_counters("no such table") == {}
+    assert counter_deltas({}, after) == {}
+    live = tcp_counters()  # this machine's: every Linux kernel has the four
+    assert set(live) == {"ListenOverflows", "ListenDrops", "TCPTimeouts", "TCPAbortOnData"}
