@@ -47,9 +47,10 @@ class Settings(BaseSettings):
         default=1, description="HTTP processes; auto: from the cores (serve.cli.auto_workers)"
     )
     reuse_port: bool = Field(
-        default=False,
+        default=True,
         description="with several HTTP workers, each accepts on a socket of its own (SO_REUSEPORT, "
-        "Linux), so the kernel spreads connections evenly; off: one shared socket, as uvicorn does",
+        "Linux), so the kernel spreads connections evenly and each worker has a listen queue of its "
+        "own; false: one shared socket, as uvicorn does",
     )
     model_process: Literal["auto", "on", "off"] = Field(
         default="auto",

@@ -17,9 +17,15 @@ the socket each worker is given. The parent binds the address first without list
 checks it is free (a clear error rather than workers failing one after another) and holds it for
 the workers, but a socket that does not listen takes no connections.
 
-Where SO_REUSEPORT does not spread connections (not Linux), and by default (`reuse_port`, off: on
-2 cores it measured neither faster nor slower, BENCHMARKS.md), the workers share one socket, as
-uvicorn's do.
+Each socket also has a listen queue of its own: N workers queue N × 2,048 connections the kernel has
+completed and no worker has accepted yet, where one shared socket queues 2,048. On a 16-core GPU host
+at 4× the sustainable rate (8 workers, 16,384 client connections) the shared socket's queue overflowed
+141,206 times (SYNs dropped, connects retried after 1, 3, 7 … s, 932 connections reset) and the
+workers' sockets none (BENCHMARKS.md, session 14). The cost: a worker restarted by SIGHUP closes its
+socket, and connections still waiting in its queue are reset, unless the kernel moves them to the
+other workers (`net.ipv4.tcp_migrate_req = 1`, Linux 5.14 and later; `migrate_hint` says so in the
+log). Where SO_REUSEPORT does not spread connections (not Linux), or `reuse_port` is off, the workers
+share one socket, as uvicorn's do.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("microbert.serve")
@@ -80,7 +87,27 @@ class WorkerSocket:
         return reuseport_socket, (self.host, self.port)
 
 
-def run_workers(config: Any, workers: int, reuse_port: bool = False) -> int:
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def migrate_hint(setting: Path = MIGRATE_REQ) -> str | None:
+    """A line for the log where the kernel resets, rather than moves, the connections waiting in the
+    queue of a worker's socket when that worker stops (a SIGHUP restart); None where it moves them
+    or has no such setting (before Linux 5.14, or not Linux: nothing to be done there)."""
+    try:
+        value = setting.read_text().strip()
+    except OSError:
+        return None
+    if value != "0":
+        return None
+    return (
+        "a worker restarted by SIGHUP resets the connections waiting in its socket's queue; "
+        "`sysctl -w net.ipv4.tcp_migrate_req=1` (root, or docker run --sysctl) moves them to the other "
+        "workers, and MICROBERT_REUSE_PORT=false shares one socket instead"
+    )
+
+
+def run_workers(config: Any, workers: int, reuse_port: bool = True) -> int:
     """Serve `config` (an app import string) with `workers` uvicorn workers, each on a socket of its
     own where the system balances them and `reuse_port` asks for it, else on one shared socket;
     1, with a message, when the address is taken."""
@@ -104,6 +131,9 @@ def run_workers(config: Any, workers: int, reuse_port: bool = False) -> int:
         "%d HTTP workers on http://%s:%d, each accepting on its own socket (SO_REUSEPORT) (press CTRL+C "
         "to quit)", workers, config.host, port,
     )  # fmt: skip
+    hint = migrate_hint()
+    if hint:
+        log.info("%s", hint)
     try:
         Multiprocess(config, sockets=[WorkerSocket(config.host, port)]).run()  # type: ignore[list-item]
     finally:

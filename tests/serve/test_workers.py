@@ -1,5 +1,6 @@
-"""HTTP workers on sockets of their own (serve/workers.py, MICROBERT_REUSE_PORT=true): the kernel
-spreads connections over them; and an address already taken is refused with a message, not a
+"""HTTP workers on sockets of their own (serve/workers.py, MICROBERT_REUSE_PORT, on by default): the
+kernel spreads connections over them; the log says how to keep a restart from resetting the
+connections queued at a worker; and an address already taken is refused with a message, not a
 traceback, with or without them."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from serve.workers import BALANCED, WorkerSocket, reserve
+from serve.workers import BALANCED, WorkerSocket, migrate_hint, reserve
 from tests.serve.conftest import REPO, free_port, tmp_cwd
 from tests.serve.test_api import TEXT
 
@@ -56,6 +57,18 @@ def test_each_unpickled_worker_socket_is_a_listener_of_its_own_on_one_port() -> 
         for listener in listeners:
             listener.close()
         reserved.close()
+
+
+def test_the_log_says_how_a_restart_keeps_the_queued_connections_where_the_kernel_would_reset_them(
+    tmp_path: Path,
+) -> None:
+    setting = tmp_path / "tcp_migrate_req"
+    setting.write_text("0\n")
+    hint = migrate_hint(setting)
+    assert hint is not None and "net.ipv4.tcp_migrate_req=1" in hint and "MICROBERT_REUSE_PORT=false" in hint
+    setting.write_text("1\n")
+    assert migrate_hint(setting) is None
+    assert migrate_hint(tmp_path / "absent") is None  # before Linux 5.14: no such setting, no advice
 
 
 def test_the_reserved_address_takes_no_connections() -> None:
@@ -147,7 +160,7 @@ def _workers(parent: int) -> list[int]:
 def test_a_burst_of_connections_is_spread_over_the_workers(start_server: Any, run_dir: Path) -> None:
     """Two listening sockets, one in each worker, and a burst of connections answered by both.
     (uvicorn's one shared socket gave 890 of wrk's 1,024 connections to one of two busy workers.)"""
-    server = start_server(run_dir, workers=2, env={"MICROBERT_REUSE_PORT": "true"})
+    server = start_server(run_dir, workers=2)  # the default: a socket each
     workers = _workers(server.process.pid)
     assert len(workers) == 2, workers
     # /ready answers once one worker serves; the other may still be loading its model.
@@ -155,6 +168,7 @@ def test_a_burst_of_connections_is_spread_over_the_workers(start_server: Any, ru
     while server.log_path.read_text().count("Application startup complete") < 2:
         assert time.monotonic() < deadline, "the second worker never listened"
         time.sleep(0.1)
+    assert "each accepting on its own socket (SO_REUSEPORT)" in server.log_path.read_text()
     # Each worker listens on a socket of its own (uvicorn's workers would share one).
     listening = _listening(server.port)
     assert len(listening) == 2 and all(len(_sockets(pid) & listening) == 1 for pid in workers)
