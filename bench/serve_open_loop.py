@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import sys
 import time
@@ -95,6 +96,10 @@ class OpenLoopResult:
                 "p50": ms(0.5),
                 "p99": ms(0.99),
                 "max": round(ordered[-1] * 1000, 1) if ordered else None,
+                # beside the server's own counts (bench/serve_wrk.py app_ok_ms_at_most): slow
+                # answers the server did not see as slow waited before it read them
+                "over_1s": len(ordered) - bisect.bisect_right(ordered, 1.0),
+                "over_10s": len(ordered) - bisect.bisect_right(ordered, 10.0),
             },
             "send_lag_ms": {"p50": ms(0.5, lags), "p99": ms(0.99, lags)},
         }

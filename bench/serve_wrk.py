@@ -427,7 +427,9 @@ def metrics_text(url: str) -> str:
 def app_ok_latency(before: str, after: str) -> dict[str, float | None]:
     """Quantiles of the time the 200s spent inside the server between two /metrics readings, as
     the upper bound of the histogram bucket each falls in (ms): what the server's own queue and
-    passes cost, apart from the wait in unread sockets and the client's lateness."""
+    passes cost, apart from the wait in unread sockets and the client's lateness. `max` is the
+    slowest one's bucket (None beyond the last finite bound), and `over_1s` / `over_10s` count the
+    200s that took longer: whether a client's answers of seconds were slow inside the server."""
     start, end = ok_duration_buckets(before), ok_duration_buckets(after)
     counts = sorted((bound, end[bound] - start.get(bound, 0.0)) for bound in end)
     total = counts[-1][1] if counts else 0.0
@@ -438,7 +440,16 @@ def app_ok_latency(before: str, after: str) -> dict[str, float | None]:
                 return None if bound == float("inf") else round(bound * 1000, 1)
         return None
 
-    return {"p50": at_most(0.5), "p99": at_most(0.99)}
+    def over(seconds: float) -> float:
+        return total - dict(counts).get(seconds, total)
+
+    return {
+        "p50": at_most(0.5),
+        "p99": at_most(0.99),
+        "max": at_most(1.0),
+        "over_1s": over(1.0),
+        "over_10s": over(10.0),
+    }
 
 
 def pass_figures(
@@ -718,6 +729,9 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
         record["open_loop"] = {
             key: summary[key] for key in ("rate", "arrivals", "not_sent", "connections_opened", "send_lag_ms")
         }
+        record["open_loop"].update(
+            ok_over_1s=summary["latency_ok_ms"]["over_1s"], ok_over_10s=summary["latency_ok_ms"]["over_10s"]
+        )
     if use_wrk:
         parsed = parse_wrk(wrk_out) if "Requests/sec" in wrk_out else {"statuses": {}}
         record["wrk"] = {key: parsed.get(key) for key in ("statuses", "requests_per_second", "p50_ms",

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.serve_open_loop import run_open_loop
+from bench.serve_open_loop import OpenLoopResult, run_open_loop
 
 
 class SlowServer:
@@ -143,3 +143,10 @@ def test_each_process_connects_from_an_address_of_its_own(slow_server: SlowServe
 def test_only_loopback() -> None:
     with pytest.raises(ValueError, match="loopback"):
         run_open_loop("192.0.2.1", 80, rate=1, duration_s=1)
+
+
+def test_slow_answers_are_counted_beside_the_quantiles() -> None:
+    result = OpenLoopResult(rate=100.0, duration_s=1.0)
+    result.latencies_ok_s = [0.02] * 97 + [1.0, 2.5, 51.0]  # 1.0 s exactly is not over 1 s
+    latency = result.summary()["latency_ok_ms"]
+    assert latency == {"p50": 20.0, "p99": 51_000.0, "max": 51_000.0, "over_1s": 2, "over_10s": 1}

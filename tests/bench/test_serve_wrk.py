@@ -66,9 +66,17 @@ def test_the_200s_in_app_quantiles_leave_out_the_refusals_and_what_came_before()
         ("/fill-mask", "429"): [0.0005] * 10_000,
         ("/metrics", "200"): [4.0] * 100,
     }
-    assert app_ok_latency(_requests(earlier), _requests(later)) == {"p50": 25.0, "p99": 500.0}
-    assert app_ok_latency("", _requests(later)) == {"p50": 25.0, "p99": 2500.0}
-    assert app_ok_latency("", "") == {"p50": None, "p99": None}
+    assert app_ok_latency(_requests(earlier), _requests(later)) == {
+        "p50": 25.0, "p99": 500.0, "max": 500.0, "over_1s": 0, "over_10s": 0,
+    }  # fmt: skip
+    assert app_ok_latency("", _requests(later)) == {
+        "p50": 25.0, "p99": 2500.0, "max": 2500.0, "over_1s": 50, "over_10s": 0,
+    }  # fmt: skip
+    parked = {("/fill-mask", "200"): [0.02] * 98 + [12.0, 45.0]}  # one beyond the last bound (30 s)
+    assert app_ok_latency("", _requests(parked)) == {
+        "p50": 25.0, "p99": 30_000.0, "max": None, "over_1s": 2, "over_10s": 2,
+    }  # fmt: skip
+    assert app_ok_latency("", "") == {"p50": None, "p99": None, "max": None, "over_1s": 0, "over_10s": 0}
 
 
 def test_no_figures_without_two_readings_or_without_passes() -> None:
