@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from serve import allocator
 from serve.settings import Settings
-from serve.workers import run_workers
+from serve.workers import run_workers, wants_reuse_port
 
 log = logging.getLogger("microbert.serve")
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MICROBERT_MODEL_SOCKET"] = socket_path
         settings = Settings()
     try:
-        code = _run_uvicorn(settings, workers, args)
+        code = _run_uvicorn(settings, workers, args, wants_reuse_port(settings.reuse_port, shared))
         _exit_now_if_abandoned(code)
         return code
     finally:
@@ -225,7 +225,7 @@ def _exit_now_if_abandoned(code: int) -> None:
         os._exit(code)
 
 
-def _run_uvicorn(settings: Settings, workers: int, args: argparse.Namespace) -> int:
+def _run_uvicorn(settings: Settings, workers: int, args: argparse.Namespace, reuse_port: bool) -> int:
     import uvicorn
 
     # uvicorn re-raises the SIGTERM it handled once shut down; with the default handler that would kill
@@ -247,7 +247,7 @@ def _run_uvicorn(settings: Settings, workers: int, args: argparse.Namespace) -> 
             timeout_worker_healthcheck=120,
             **common,
         )
-        return run_workers(config, workers, settings.reuse_port)
+        return run_workers(config, workers, reuse_port)
     else:
         from serve.app import create_app
 

@@ -46,11 +46,12 @@ class Settings(BaseSettings):
     workers: int | Literal["auto"] = Field(
         default=1, description="HTTP processes; auto: from the cores (serve.cli.auto_workers)"
     )
-    reuse_port: bool = Field(
-        default=True,
+    reuse_port: bool | Literal["auto"] = Field(
+        default="auto",
         description="with several HTTP workers, each accepts on a socket of its own (SO_REUSEPORT, "
         "Linux), so the kernel spreads connections evenly and each worker has a listen queue of its "
-        "own; false: one shared socket, as uvicorn does",
+        "own; false: one shared socket, as uvicorn does; auto: own sockets where a model process serves "
+        "the workers (serve.workers.wants_reuse_port)",
     )
     model_process: Literal["auto", "on", "off"] = Field(
         default="auto",

@@ -19,13 +19,19 @@ the workers, but a socket that does not listen takes no connections.
 
 Each socket also has a listen queue of its own: N workers queue N × 2,048 connections the kernel has
 completed and no worker has accepted yet, where one shared socket queues 2,048. On a 16-core GPU host
-at 4× the sustainable rate (8 workers, 16,384 client connections) the shared socket's queue overflowed
-141,206 times (SYNs dropped, connects retried after 1, 3, 7 … s, 932 connections reset) and the
-workers' sockets none (BENCHMARKS.md, session 14). The cost: a worker restarted by SIGHUP closes its
-socket, and connections still waiting in its queue are reset, unless the kernel moves them to the
-other workers (`net.ipv4.tcp_migrate_req = 1`, Linux 5.14 and later; `migrate_hint` says so in the
-log). Where SO_REUSEPORT does not spread connections (not Linux), or `reuse_port` is off, the workers
-share one socket, as uvicorn's do.
+at 4× the sustainable rate (8 workers and a model process, 16,384 client connections) the shared
+socket's queue overflowed 141,206 times (SYNs dropped, connects retried after 1, 3, 7 … s, 932
+connections reset) and the workers' sockets none (BENCHMARKS.md, session 14). On 2 cores (2 workers,
+each with its own model, the flood's client on the same cores) the shared socket answered more 200s
+under the same flood (median 524 a second against 127; 195–567 against 125–355 over three runs each,
+on a noisy box), its client falling less behind. So
+`reuse_port` "auto" gives workers their own sockets where a model process serves them (the GPU
+layout), not otherwise (`wants_reuse_port`).
+
+The cost: a worker restarted by SIGHUP closes its socket, and connections still waiting in its queue
+are reset, unless the kernel moves them to the other workers (`net.ipv4.tcp_migrate_req = 1`, Linux
+5.14 and later; `migrate_hint` says so in the log). Where SO_REUSEPORT does not spread connections
+(not Linux), or `reuse_port` is off, the workers share one socket, as uvicorn's do.
 """
 
 from __future__ import annotations
@@ -88,6 +94,12 @@ class WorkerSocket:
 
 
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def wants_reuse_port(setting: bool | str, model_process: bool) -> bool:
+    """Whether the HTTP workers get sockets of their own: as set, or for "auto" where a model
+    process serves them (measured better there under overload, worse on 2 cores without one)."""
+    return model_process if setting == "auto" else bool(setting)
 
 
 def migrate_hint(setting: Path = MIGRATE_REQ) -> str | None:

@@ -1,7 +1,7 @@
-"""HTTP workers on sockets of their own (serve/workers.py, MICROBERT_REUSE_PORT, on by default): the
-kernel spreads connections over them; the log says how to keep a restart from resetting the
-connections queued at a worker; and an address already taken is refused with a message, not a
-traceback, with or without them."""
+"""HTTP workers on sockets of their own (serve/workers.py, MICROBERT_REUSE_PORT; "auto": where a model
+process serves them): the kernel spreads connections over them; the log says how to keep a restart
+from resetting the connections queued at a worker; and an address already taken is refused with a
+message, not a traceback, with or without them."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from serve.workers import BALANCED, WorkerSocket, migrate_hint, reserve
+from serve.workers import BALANCED, WorkerSocket, migrate_hint, reserve, wants_reuse_port
 from tests.serve.conftest import REPO, free_port, tmp_cwd
 from tests.serve.test_api import TEXT
 
@@ -69,6 +69,13 @@ def test_the_log_says_how_a_restart_keeps_the_queued_connections_where_the_kerne
     setting.write_text("1\n")
     assert migrate_hint(setting) is None
     assert migrate_hint(tmp_path / "absent") is None  # before Linux 5.14: no such setting, no advice
+
+
+def test_auto_gives_sockets_of_their_own_only_to_workers_a_model_process_serves() -> None:
+    assert wants_reuse_port("auto", model_process=True) is True
+    assert wants_reuse_port("auto", model_process=False) is False  # 2 cores: measured worse there
+    assert wants_reuse_port(True, model_process=False) is True
+    assert wants_reuse_port(False, model_process=True) is False
 
 
 def test_the_reserved_address_takes_no_connections() -> None:
@@ -160,7 +167,8 @@ def _workers(parent: int) -> list[int]:
 def test_a_burst_of_connections_is_spread_over_the_workers(start_server: Any, run_dir: Path) -> None:
     """Two listening sockets, one in each worker, and a burst of connections answered by both.
     (uvicorn's one shared socket gave 890 of wrk's 1,024 connections to one of two busy workers.)"""
-    server = start_server(run_dir, workers=2)  # the default: a socket each
+    # "auto" with a model process (the GPU layout, run on a CPU): a socket each
+    server = start_server(run_dir, workers=2, env={"MICROBERT_MODEL_PROCESS": "on"})
     workers = _workers(server.process.pid)
     assert len(workers) == 2, workers
     # /ready answers once one worker serves; the other may still be loading its model.
