@@ -440,8 +440,10 @@ def app_ok_latency(before: str, after: str) -> dict[str, float | None]:
                 return None if bound == float("inf") else round(bound * 1000, 1)
         return None
 
+    at_bound = dict(counts)
+
     def over(seconds: float) -> float:
-        return total - dict(counts).get(seconds, total)
+        return total - at_bound.get(seconds, total)
 
     return {
         "p50": at_most(0.5),

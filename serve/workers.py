@@ -119,7 +119,7 @@ def migrate_hint(setting: Path = MIGRATE_REQ) -> str | None:
     )
 
 
-def run_workers(config: Any, workers: int, reuse_port: bool = True) -> int:
+def run_workers(config: Any, workers: int, reuse_port: bool) -> int:
     """Serve `config` (an app import string) with `workers` uvicorn workers, each on a socket of its
     own where the system balances them and `reuse_port` asks for it, else on one shared socket;
     1, with a message, when the address is taken."""

@@ -175,6 +175,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(start_server: Any, run_
 
 def test_workers_share_one_metrics_view(start_server: Any, run_dir: Path) -> None:
     server = start_server(run_dir, workers=2)
+    # MICROBERT_REUSE_PORT=auto without a model process (2 cores measured worse with a socket each)
+    assert "SO_REUSEPORT" not in server.log_path.read_text()
     with httpx.Client() as http:  # new connections, so both workers take some
         pids = set()
         for _ in range(30):
