@@ -52,6 +52,8 @@ MAX_RATE = 100_000.0
 _KEEP_ALIVE_S = 4.0
 MAX_CONNECTIONS = 65_536
 _GRACE_S = 10.0  # how long answers are awaited after the last arrival is due
+_SLOW_S = 1.0  # a 200 slower than this is described one by one (OpenLoopResult.slow_ok)
+_SLOWEST_KEPT = 12
 
 
 @dataclass
@@ -66,6 +68,12 @@ class OpenLoopResult:
     # How late each sent arrival left this client (its due time to its turn on the event loop):
     # a client on the server's cores falls behind, and that lateness is in the 200s' latencies.
     send_lags_s: list[float] = field(default_factory=list)
+    # How long each new connection took to connect, and for each 200 slower than `_SLOW_S`: its due
+    # time into the run, its latency, whether it was its connection's first request, and that
+    # connection's connect time. Whether answers of tens of seconds waited for a connection, waited
+    # on a connection the server had, or came all at once, is read here.
+    connect_s: list[float] = field(default_factory=list)
+    slow_ok: list[tuple[float, float, bool, float]] = field(default_factory=list)
 
     def merge(self, other: OpenLoopResult) -> None:
         self.arrivals += other.arrivals
@@ -74,10 +82,14 @@ class OpenLoopResult:
         self.statuses.update(other.statuses)
         self.latencies_ok_s += other.latencies_ok_s
         self.send_lags_s += other.send_lags_s
+        self.connect_s += other.connect_s
+        self.slow_ok += other.slow_ok
 
     def summary(self) -> dict[str, Any]:
         ordered = sorted(self.latencies_ok_s)
         lags = sorted(self.send_lags_s)
+        connects = sorted(self.connect_s)
+        slow = sorted(self.slow_ok, key=lambda item: item[1], reverse=True)
 
         def ms(q: float, values: list[float] = ordered) -> float | None:
             if not values:
@@ -101,7 +113,19 @@ class OpenLoopResult:
                 "over_1s": len(ordered) - bisect.bisect_right(ordered, 1.0),
                 "over_10s": len(ordered) - bisect.bisect_right(ordered, 10.0),
             },
-            "send_lag_ms": {"p50": ms(0.5, lags), "p99": ms(0.99, lags)},
+            "send_lag_ms": {"p50": ms(0.5, lags), "p99": ms(0.99, lags), "max": ms(1.0, lags)},
+            "connect_ms": {"p50": ms(0.5, connects), "p99": ms(0.99, connects), "max": ms(1.0, connects)},
+            "slow_ok": {
+                "count": len(slow),
+                "on_new_connections": sum(1 for item in slow if item[2]),
+                "first_due_s": round(min(item[0] for item in slow), 2) if slow else None,
+                "last_due_s": round(max(item[0] for item in slow), 2) if slow else None,
+                # the slowest few: [due s into the run, latency ms, on a new connection, its connect ms]
+                "slowest": [
+                    [round(at, 2), round(latency * 1000, 1), fresh, round(connect * 1000, 1)]
+                    for at, latency, fresh, connect in slow[:_SLOWEST_KEPT]
+                ],
+            },
         }
 
 
@@ -129,6 +153,8 @@ class _Connection(asyncio.Protocol):
         self.due = 0.0  # the due time of the arrival it carries
         self.answered = 0.0  # when its last answer came: the server's keep-alive timer runs from here
         self.busy = self.closed = False
+        self.requests = 0  # sent on this connection so far
+        self.connect_s = 0.0  # how long it took to connect
         self._need = -1  # bytes of the whole answer, once its head is in
         self._status, self._retry_s = "", 0.0
 
@@ -138,6 +164,7 @@ class _Connection(asyncio.Protocol):
     def send(self, request: bytes, due: float) -> None:
         assert self.transport is not None
         self.due, self.busy = due, True
+        self.requests += 1
         self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
@@ -192,6 +219,7 @@ class _Client:
         self.idle: deque[_Connection] = deque()  # in the order they became free
         self.connections: list[_Connection] = []
         self.open_count = self.in_flight = 0
+        self.start = 0.0  # when the first arrival was due
         self._opening: set[asyncio.Task[None]] = set()
 
     def answered(self, connection: _Connection, status: str, retry_s: float) -> None:
@@ -199,7 +227,12 @@ class _Client:
         connection.answered = now = time.perf_counter()
         self.result.statuses[status] += 1
         if status == "200":
-            self.result.latencies_ok_s.append(now - connection.due)
+            latency = now - connection.due
+            self.result.latencies_ok_s.append(latency)
+            if latency > _SLOW_S:
+                fresh = connection.requests == 1
+                slow = (connection.due - self.start, latency, fresh, connection.connect_s)
+                self.result.slow_ok.append(slow)
         if status == "429" and retry_s > 0:  # polite: this connection comes back when told
             self.loop.call_later(retry_s, self._rested, connection)
         else:
@@ -231,6 +264,7 @@ class _Client:
         return None
 
     async def _open_and_send(self, due: float) -> None:
+        started = time.perf_counter()
         try:
             _, connection = await self.loop.create_connection(
                 lambda: _Connection(self), self.host, self.port, local_addr=self.local_addr
@@ -241,6 +275,8 @@ class _Client:
             self.in_flight -= 1
             return
         self.result.connections_opened += 1
+        connection.connect_s = time.perf_counter() - started
+        self.result.connect_s.append(connection.connect_s)
         self.connections.append(connection)
         connection.send(self.request, due)
 
@@ -262,7 +298,7 @@ class _Client:
 
     async def run(self) -> OpenLoopResult:
         # Times from time.perf_counter, not the loop's clock: uvloop's counts whole milliseconds.
-        start = time.perf_counter()
+        start = self.start = time.perf_counter()
         total = int(self.rate * self.duration_s)
         sent = 0
         while sent < total:

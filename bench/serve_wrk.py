@@ -402,18 +402,23 @@ def complete_pass_series(text: str) -> dict[str, float] | None:
     return values if len(values) == len(_PASS_SERIES) else None
 
 
-def ok_duration_buckets(text: str) -> dict[float, float]:
-    """The 200s' in-app time histogram of POST /fill-mask (upper bound in s -> cumulative count)."""
-    wanted = {"route": "/fill-mask", "status": "200"}
+def histogram_buckets(text: str, family_name: str, **wanted: str) -> dict[float, float]:
+    """One histogram's series in a Prometheus exposition (upper bound in s -> cumulative count),
+    of the samples with the `wanted` labels."""
     buckets: dict[float, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "microbert_request_duration_seconds":
+        if family.name != family_name:
             continue
         for sample in family.samples:
             labels = sample.labels
             if sample.name.endswith("_bucket") and all(labels.get(k) == v for k, v in wanted.items()):
                 buckets[float(labels["le"])] = float(sample.value)
     return buckets
+
+
+def ok_duration_buckets(text: str) -> dict[float, float]:
+    """The 200s' in-app time histogram of POST /fill-mask (upper bound in s -> cumulative count)."""
+    return histogram_buckets(text, "microbert_request_duration_seconds", route="/fill-mask", status="200")
 
 
 def metrics_text(url: str) -> str:
@@ -424,13 +429,9 @@ def metrics_text(url: str) -> str:
         return ""
 
 
-def app_ok_latency(before: str, after: str) -> dict[str, float | None]:
-    """Quantiles of the time the 200s spent inside the server between two /metrics readings, as
-    the upper bound of the histogram bucket each falls in (ms): what the server's own queue and
-    passes cost, apart from the wait in unread sockets and the client's lateness. `max` is the
-    slowest one's bucket (None beyond the last finite bound), and `over_1s` / `over_10s` count the
-    200s that took longer: whether a client's answers of seconds were slow inside the server."""
-    start, end = ok_duration_buckets(before), ok_duration_buckets(after)
+def bucket_quantiles(start: dict[float, float], end: dict[float, float]) -> dict[str, float | None]:
+    """p50, p99 and max of the observations between two readings of one histogram, each as the upper
+    bound of its bucket (ms; None beyond the last finite bound), and how many were over 1 s and 10 s."""
     counts = sorted((bound, end[bound] - start.get(bound, 0.0)) for bound in end)
     total = counts[-1][1] if counts else 0.0
 
@@ -452,6 +453,22 @@ def app_ok_latency(before: str, after: str) -> dict[str, float | None]:
         "over_1s": over(1.0),
         "over_10s": over(10.0),
     }
+
+
+def app_ok_latency(before: str, after: str) -> dict[str, float | None]:
+    """Quantiles of the time the 200s spent inside the server between two /metrics readings
+    (`bucket_quantiles`): what the server's own queue and passes cost, apart from the wait in unread
+    sockets and the client's lateness. `over_1s` / `over_10s` say whether a client's answers of
+    seconds were slow inside the server."""
+    return bucket_quantiles(ok_duration_buckets(before), ok_duration_buckets(after))
+
+
+def event_loop_lag(before: str, after: str) -> dict[str, float | None]:
+    """Quantiles of the HTTP workers' event-loop lag between two /metrics readings (all workers'
+    ticks together): the wait of a request that has arrived before a worker reads it, the part of a
+    client's latency that `app_ok_latency` does not see."""
+    family = "microbert_event_loop_lag_seconds"
+    return bucket_quantiles(histogram_buckets(before, family), histogram_buckets(after, family))
 
 
 def pass_figures(
@@ -729,7 +746,8 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
     record: dict[str, Any] = {}
     if open_loop:
         record["open_loop"] = {
-            key: summary[key] for key in ("rate", "arrivals", "not_sent", "connections_opened", "send_lag_ms")
+            key: summary[key]
+            for key in ("rate", "arrivals", "not_sent", "connections_opened", "send_lag_ms", "connect_ms", "slow_ok")
         }
         record["open_loop"].update(
             ok_over_1s=summary["latency_ok_ms"]["over_1s"], ok_over_10s=summary["latency_ok_ms"]["over_10s"]
@@ -772,6 +790,8 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
         # The same 200s' time inside the server (histogram bucket bounds): the rest of p99_ms is
         # the wait before a worker read the request, and the client's own lateness.
         "app_ok_ms_at_most": app_ok_latency(metrics_before, metrics_after),
+        # How late the HTTP workers' event loops ran (bucket bounds): the wait before a worker read
+        "event_loop_lag_ms_at_most": event_loop_lag(metrics_before, metrics_after),
         **pass_figures(complete_pass_series(metrics_before), complete_pass_series(metrics_after), counted_s),
         **record,
         "rss_mib_before": rss_before,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from serve.errors import install_error_handlers
-from serve.metrics import Metrics
+from serve.metrics import Metrics, watch_event_loop
 from serve.middleware import (
     BodyLimitMiddleware,
     CatchAllMiddleware,
@@ -34,9 +35,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await service.start()
         settle_heap()
         app.state.service = service
+        lag = asyncio.create_task(watch_event_loop(app_metrics.event_loop_lag), name="microbert-loop-lag")
         try:
             yield
         finally:  # uvicorn has stopped accepting and finished in-flight requests by now
+            lag.cancel()
             await service.stop()
 
     app = FastAPI(title="MicroBERT fill-mask", version=health.VERSION, lifespan=lifespan)

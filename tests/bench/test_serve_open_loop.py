@@ -150,3 +150,19 @@ def test_slow_answers_are_counted_beside_the_quantiles() -> None:
     result.latencies_ok_s = [0.02] * 97 + [1.0, 2.5, 51.0]  # 1.0 s exactly is not over 1 s
     latency = result.summary()["latency_ok_ms"]
     assert latency == {"p50": 20.0, "p99": 51_000.0, "max": 51_000.0, "over_1s": 2, "over_10s": 1}
+
+
+def test_slow_answers_are_described_one_by_one() -> None:
+    """Answers of 1.2 s to 20 arrivals in the first second: every 200 is slow, each on the new
+    connection it opened (none is free again before the last arrival), due within the first second."""
+    server = SlowServer(delay_s=1.2)
+    try:
+        summary = run_open_loop("127.0.0.1", server.port, rate=20, duration_s=1, max_connections=64).summary()
+    finally:
+        server.stop()
+    slow = summary["slow_ok"]
+    assert summary["statuses"]["200"] == slow["count"] == 14  # 20 arrivals, every third refused
+    assert slow["on_new_connections"] == 14 and summary["connections_opened"] == 20
+    assert 0 <= slow["first_due_s"] <= slow["last_due_s"] < 1.0
+    assert len(slow["slowest"]) == 12 and all(1200 <= row[1] < 3000 and row[2] for row in slow["slowest"])
+    assert summary["connect_ms"]["max"] is not None and summary["connect_ms"]["max"] < 1000

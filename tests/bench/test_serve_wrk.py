@@ -14,6 +14,7 @@ import pytest
 from bench.serve_wrk import (
     app_ok_latency,
     counter_deltas,
+    event_loop_lag,
     lua,
     ok_share,
     parse_pass_series,
@@ -77,6 +78,21 @@ def test_the_200s_in_app_quantiles_leave_out_the_refusals_and_what_came_before()
         "p50": 25.0, "p99": 30_000.0, "max": None, "over_1s": 2, "over_10s": 2,
     }  # fmt: skip
     assert app_ok_latency("", "") == {"p50": None, "p99": None, "max": None, "over_1s": 0, "over_10s": 0}
+
+
+def test_event_loop_lag_quantiles_are_those_of_the_ticks_between_the_readings() -> None:
+    """The workers' late timers between two readings, apart from those before the first, and not
+    confused with the request-duration histogram's buckets."""
+    before, after = Metrics(), Metrics()
+    for metrics, ticks in ((before, [3.0] * 10), (after, [3.0] * 10 + [0.0005] * 97 + [0.2, 0.2, 1.5])):
+        for value in ticks:
+            metrics.event_loop_lag.observe(value)
+        metrics.request_duration.labels("/fill-mask", "200").observe(20.0)
+    text_before, text_after = before.render()[0].decode(), after.render()[0].decode()
+    assert event_loop_lag(text_before, text_after) == {
+        "p50": 1.0, "p99": 250.0, "max": 2500.0, "over_1s": 1, "over_10s": 0,
+    }  # fmt: skip
+    assert event_loop_lag("", "") == {"p50": None, "p99": None, "max": None, "over_1s": 0, "over_10s": 0}
 
 
 def test_no_figures_without_two_readings_or_without_passes() -> None:

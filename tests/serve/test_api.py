@@ -259,6 +259,7 @@ def test_metrics_count_what_happened(tiny_artifact: Path) -> None:
         assert c.post("/fill-mask", json={"inputs": "no mask"}).status_code == 400
         assert c.post("/fill-mask", json={"inputs": 3}).status_code == 422
         assert c.get("/nope").status_code == 404
+        time.sleep(0.25)  # at least one tick of the event-loop lag watch
         text = c.get("/metrics").text
     assert sample(text, "microbert_requests_total", route="/fill-mask", status="200") == 4
     assert sample(text, "microbert_requests_total", route="/fill-mask", status="400") == 1
@@ -275,6 +276,7 @@ def test_metrics_count_what_happened(tiny_artifact: Path) -> None:
     ok = {"route": "/fill-mask", "status": "200"}
     assert sample(text, "microbert_request_duration_seconds_bucket", le="0.001", **ok) <= 4
     assert sample(text, "microbert_queue_depth_inputs") == 0
+    assert sample(text, "microbert_event_loop_lag_seconds_count") >= 1  # the lifespan watches its loop
     assert sample(text, "microbert_model_info", artifact=str(tiny_artifact), step="7", device="cpu") == 1
 
 

@@ -1,10 +1,15 @@
-"""`observe_many`: the same series as one `observe` per value, whichever bucket each lands in."""
+"""`observe_many`: the same series as one `observe` per value, whichever bucket each lands in;
+`watch_event_loop`: a stalled loop shows as a late timer."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
+
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from serve.metrics import DURATION_BUCKETS, TOKEN_BUCKETS, observe_many
+from serve.metrics import DURATION_BUCKETS, TOKEN_BUCKETS, observe_many, watch_event_loop
 
 
 def _pair(buckets: tuple[float, ...]) -> tuple[CollectorRegistry, Histogram, CollectorRegistry, Histogram]:
@@ -30,3 +35,25 @@ def test_observe_many_writes_what_one_observe_per_value_writes() -> None:
         observe_many(h_many, [])  # nothing: no change
         assert generate_latest(many) == generate_latest(one)
         assert f"h_count {float(len(values))}".encode() in generate_latest(one)  # all counted
+
+
+def test_event_loop_lag_is_the_time_the_loop_was_kept_from_a_timer() -> None:
+    """A loop blocked for 0.3 s (as by a flood of refusals) shows as one late timer of about 0.3 s;
+    the other ticks are on time."""
+    registry = CollectorRegistry()
+    lag = Histogram("lag", "help", buckets=DURATION_BUCKETS, registry=registry)
+
+    async def run() -> None:
+        watch = asyncio.create_task(watch_event_loop(lag, every_s=0.02))
+        await asyncio.sleep(0.1)
+        time.sleep(0.3)  # the loop is kept busy: the watcher's timer cannot fire
+        await asyncio.sleep(0.1)
+        watch.cancel()
+
+    asyncio.run(run())
+    text = generate_latest(registry).decode()
+    count = float(re.search(r"^lag_count (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    under_quarter = float(re.search(r'^lag_bucket\{le="0.25"\} (\S+)$', text, re.M).group(1))  # type: ignore[union-attr]
+    assert count >= 5  # it kept watching after the stall
+    assert count - under_quarter == 1  # exactly the one tick the stall delayed was late by > 0.25 s
+    assert float(re.search(r"^lag_sum (\S+)$", text, re.M).group(1)) < 0.5  # type: ignore[union-attr]
