@@ -74,7 +74,7 @@ for r in map(json.loads, sys.stdin):
     print(json.dumps(r), file=open(os.environ["OUT"] + "/overload.jsonl", "a"))
     print("  ok/s", r["sentences_per_second"], "offered/s", r["offered_per_second"], r["statuses"], r.get("open_loop", ""),
           "p50", r["p50_ms"], "p99", r["p99_ms"], "max", r["max_ms"], "wrk", r.get("wrk"))
-    print("  in server (bucket bounds)", r.get("app_ok_ms_at_most"), "kernel", r.get("tcp_counters"))
+    print("  in server (bucket bounds)", r.get("app_ok_ms_at_most"), "loop lag", r.get("event_loop_lag_ms_at_most"), "kernel", r.get("tcp_counters"))
     print("  rss before", r["rss_by_role_before"], "after", r["rss_by_role_after"])
     print("  curve", [(t, {k: v for k, v in roles.items() if not k.endswith("threads")}) for t, roles in r["rss_by_role_curve"]])'
   if [ -f "$OUT/work/overload-server.log" ]; then
