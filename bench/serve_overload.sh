@@ -8,7 +8,7 @@
 # (the same, waiting each 429's Retry-After) or python (1,024 bench/serve_load.py clients alone);
 # CLIENT:N for N connections instead of 1,024; open:M for bench/serve_open_loop.py's arrivals at M
 # times the sustainable rate measured first, whatever the server answers (OVERLOAD_OPEN_PROCESSES
-# processes, default 4; at most OVERLOAD_OPEN_CONNECTIONS connections, default 8,192).
+# processes, default 4; at most OVERLOAD_OPEN_CONNECTIONS connections, default 8,192; open:M@N: N).
 # Each run: a random-weight artifact of the preset's shape (bert-base: bf16 on the GPU),
 # --workers auto, 256 inputs a pass, a queue of 256 inputs. Records (with "variant") go to
 # $OUT/overload.jsonl; each run's server log (with its CUDA graph captures) to $OUT/NAME-server.log.
@@ -53,9 +53,12 @@ for variant in "$@"; do
   read -r name client seconds envs <<<"$variant"
   clients=1024 open_flags=()
   case $client in
-    open:*)  # open:M: arrivals at M × the sustainable rate measured above, whatever the server answers
-      rate=$(python3 -c "print(round(${client#open:} * $sustainable))")
-      client=open clients=${OVERLOAD_OPEN_CONNECTIONS:-8192}
+    open:*)  # open:M[@N]: arrivals at M × the sustainable rate measured above, whatever the server
+      # answers, on at most N connections (default OVERLOAD_OPEN_CONNECTIONS)
+      spec=${client#open:}; multiple=${spec%%@*}; clients=${OVERLOAD_OPEN_CONNECTIONS:-8192}
+      [ "$spec" != "$multiple" ] && clients=${spec#*@}
+      rate=$(python3 -c "print(round($multiple * $sustainable))")
+      client=open
       open_flags=(--overload-rate "$rate" --overload-processes "${OVERLOAD_OPEN_PROCESSES:-4}") ;;
     *:*) clients=${client#*:} client=${client%%:*} ;;
   esac
