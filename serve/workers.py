@@ -1,9 +1,9 @@
 """Several HTTP workers on one port, each accepting on a listening socket of its own (SO_REUSEPORT).
 
-uvicorn's `--workers N` binds one socket in the parent and every worker accepts from it. Whichever
-worker's event loop wakes first accepts every connection waiting (libuv accepts until the queue is
-empty), so a burst of new connections lands on one or two workers and stays there for as long as
-the clients keep their connections alive. Measured on 2 cores under `wrk -c1024`: one worker held
+uvicorn's `--workers N` binds one socket in the parent and every worker accepts from it, one
+connection each time its event loop wakes on it (libuv's rule, serve.accept): the workers whose loops
+turn fastest take most of a burst of new connections, and keep them for as long as the clients keep
+their connections alive. Measured on 2 cores under `wrk -c1024`: one worker held
 890 connections and the other 135 (bench/NOTES.md, session 10, with a model process); on a 16-core
 GPU host with 8 workers, session 9 saw one worker grow by 0.9 GB in a run whose slowest answers
 took seconds, and a per-worker limit refuse 101,522 requests at 256 connections: signs of connections
@@ -28,6 +28,9 @@ on a noisy box), its client falling less behind. So
 `reuse_port` "auto" gives workers their own sockets where a model process serves them (the GPU
 layout), not otherwise (`wants_reuse_port`).
 
+Each worker also accepts every connection waiting on its socket when it wakes (serve.accept), where
+uvloop would take one a turn of the event loop: with a socket to itself, nobody else would take them.
+
 The cost: a worker restarted by SIGHUP closes its socket, and connections still waiting in its queue
 are reset, unless the kernel moves them to the other workers (`net.ipv4.tcp_migrate_req = 1`, Linux
 5.14 and later; `migrate_hint` says so in the log). Where SO_REUSEPORT does not spread connections
@@ -41,6 +44,8 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
+
+from serve import accept
 
 log = logging.getLogger("microbert.serve")
 
@@ -139,9 +144,12 @@ def run_workers(config: Any, workers: int, reuse_port: bool) -> int:
         Multiprocess(config, sockets=[reserved]).run()
         return 0
     port = reserved.getsockname()[1]  # the port the kernel chose, when 0 was asked for
+    # A worker with a socket of its own drains its queue at each wake (serve.accept: uvloop takes one
+    # connection a turn of the loop, and a burst would wait in the queue for tens of seconds).
+    config.loop = accept.LOOP
     log.info(
-        "%d HTTP workers on http://%s:%d, each accepting on its own socket (SO_REUSEPORT) (press CTRL+C "
-        "to quit)", workers, config.host, port,
+        "%d HTTP workers on http://%s:%d, each accepting on its own socket (SO_REUSEPORT), all the "
+        "connections waiting at each wake (press CTRL+C to quit)", workers, config.host, port,
     )  # fmt: skip
     hint = migrate_hint()
     if hint:

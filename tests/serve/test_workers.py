@@ -176,7 +176,9 @@ def test_a_burst_of_connections_is_spread_over_the_workers(start_server: Any, ru
     while server.log_path.read_text().count("Application startup complete") < 2:
         assert time.monotonic() < deadline, "the second worker never listened"
         time.sleep(0.1)
-    assert "each accepting on its own socket (SO_REUSEPORT)" in server.log_path.read_text()
+    assert "each accepting on its own socket (SO_REUSEPORT), all the connections waiting" in (
+        server.log_path.read_text()
+    )
     # Each worker listens on a socket of its own (uvicorn's workers would share one).
     listening = _listening(server.port)
     assert len(listening) == 2 and all(len(_sockets(pid) & listening) == 1 for pid in workers)
