@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import threading
 import time
@@ -131,3 +132,58 @@ def test_without_a_socket_the_loop_is_uvloops_own() -> None:
         assert loop.run_until_complete(run())
     finally:
         loop.close()
+
+
+class _RunsOutOfDescriptorsOnce:
+    """A listening socket whose first accept() fails as when the process has no descriptor left."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.failed = sock, False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+
+def test_out_of_descriptors_pauses_accepting_then_takes_the_waiting_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """EMFILE is logged once and accepting resumes after a pause (the kernel keeps the connection
+    queued meanwhile): no spin on the error, no connection lost."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    flaky = _RunsOutOfDescriptorsOnce(listener)
+    loop = new_event_loop()
+
+    class Protocol(_Counting):
+        made = 0
+
+    async def run() -> tuple[int, float]:
+        server = GreedyServer(loop, flaky, Protocol, backlog=16)  # type: ignore[arg-type]
+        started = time.monotonic()
+        client = socket.create_connection(("127.0.0.1", port))
+        while Protocol.made == 0 and time.monotonic() - started < 5:
+            await asyncio.sleep(0.01)
+        taken_after = time.monotonic() - started
+        client.close()
+        server.close()
+        await server.wait_closed()
+        return Protocol.made, taken_after
+
+    with caplog.at_level("ERROR", logger="microbert.serve"):
+        try:
+            made, taken_after = loop.run_until_complete(run())
+        finally:
+            listener.close()
+            loop.close()
+    assert flaky.failed and made == 1
+    assert 0.05 <= taken_after < 2  # after the pause, not at once and not never
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot accept connections (Too many open files): pausing 0.1 s"
+    ]
