@@ -747,8 +747,10 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
     if open_loop:
         record["open_loop"] = {
             key: summary[key]
-            for key in ("rate", "arrivals", "not_sent", "connections_opened", "send_lag_ms", "connect_ms", "slow_ok")
-        }
+            for key in (
+                "rate", "arrivals", "not_sent", "connections_opened", "send_lag_ms", "connect_ms", "slow_ok",
+            )
+        }  # fmt: skip
         record["open_loop"].update(
             ok_over_1s=summary["latency_ok_ms"]["over_1s"], ok_over_10s=summary["latency_ok_ms"]["over_10s"]
         )
