@@ -81,7 +81,8 @@ class GreedyServer(asyncio.AbstractServer):
                 self._loop.call_later(_PAUSE_S, self._watch)
                 return
             connection.setblocking(False)
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if connection.family in (socket.AF_INET, socket.AF_INET6):  # not on a Unix socket
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = self._loop.create_task(
                 self._loop.connect_accepted_socket(self._protocol_factory, connection)
             )

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +188,34 @@ def test_out_of_descriptors_pauses_accepting_then_takes_the_waiting_connection(
     assert [r.getMessage() for r in caplog.records] == [
         "cannot accept connections (Too many open files): pausing 0.1 s"
     ]
+
+
+def test_a_unix_socket_is_served_too(tmp_path: Path) -> None:
+    """`uvicorn --uds` hands over a Unix socket: no TCP option is set on its connections."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "serve.sock"))
+    loop = new_event_loop()
+
+    class Upper(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data.upper())  # type: ignore[attr-defined]
+
+    async def run() -> bytes:
+        server = await loop.create_server(Upper, sock=listener, backlog=8)
+        assert isinstance(server, GreedyServer)
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "serve.sock"))
+        writer.write(b"mask")
+        answer = await asyncio.wait_for(reader.readexactly(4), 5)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return answer
+
+    try:
+        assert loop.run_until_complete(run()) == b"MASK"
+    finally:
+        listener.close()
+        loop.close()
