@@ -47,8 +47,12 @@ except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
     from asyncio import run as _run_loop  # type: ignore[assignment]
 
 MAX_RATE = 100_000.0
-# A connection idle longer than this is not reused: uvicorn closes keep-alive connections after 5 s
-# idle, and a request written into a connection it is closing fails on the client's side.
+# A connection whose last request left longer ago than this is not reused: uvicorn closes a keep-alive
+# connection 5 s after it sent its last answer, and a request written into a connection it is closing
+# fails on the client's side. Reckoned from the request, which left before the answer did, not from
+# when the answer was read: a client whose loop runs seconds behind (2 cores, the flood's client on
+# the server's cores) reads answers late, and reckoned from those reads it wrote into connections
+# uvicorn had closed, counted as the server's `error:ConnectionError`s.
 _KEEP_ALIVE_S = 4.0
 MAX_CONNECTIONS = 65_536
 _GRACE_S = 10.0  # how long answers are awaited after the last arrival is due
@@ -151,7 +155,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.due = 0.0  # the due time of the arrival it carries
-        self.answered = 0.0  # when its last answer came: the server's keep-alive timer runs from here
+        self.sent = 0.0  # when its last request left: the server's keep-alive timer starts after this
         self.busy = self.closed = False
         self.requests = 0  # sent on this connection so far
         self.connect_s = 0.0  # how long it took to connect
@@ -163,7 +167,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, request: bytes, due: float) -> None:
         assert self.transport is not None
-        self.due, self.busy = due, True
+        self.due, self.busy, self.sent = due, True, time.perf_counter()
         self.requests += 1
         self.transport.write(request)
 
@@ -224,7 +228,7 @@ class _Client:
 
     def answered(self, connection: _Connection, status: str, retry_s: float) -> None:
         self.in_flight -= 1
-        connection.answered = now = time.perf_counter()
+        now = time.perf_counter()
         self.result.statuses[status] += 1
         if status == "200":
             latency = now - connection.due
@@ -252,13 +256,13 @@ class _Client:
     def _take_idle(self, now: float) -> _Connection | None:
         """The most recently freed idle connection whose keep-alive the server has not run out."""
         keep_alive_s = _KEEP_ALIVE_S
-        while self.idle and now - self.idle[0].answered > keep_alive_s:  # the server may be closing it
+        while self.idle and now - self.idle[0].sent > keep_alive_s:  # the server may be closing it
             self._retire(self.idle.popleft())
         while self.idle:
             connection = self.idle.pop()
             if connection.closed:
                 continue
-            if now - connection.answered <= keep_alive_s:
+            if now - connection.sent <= keep_alive_s:
                 return connection
             self._retire(connection)
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -166,3 +167,31 @@ def test_slow_answers_are_described_one_by_one() -> None:
     assert 0 <= slow["first_due_s"] <= slow["last_due_s"] < 1.0
     assert len(slow["slowest"]) == 12 and all(1200 <= row[1] < 3000 and row[2] for row in slow["slowest"])
     assert summary["connect_ms"]["max"] is not None and summary["connect_ms"]["max"] < 1000
+
+
+def test_keep_alive_is_reckoned_from_when_the_request_left_not_from_a_late_read() -> None:
+    """A client behind on its loop reads an answer long after the server sent it; the server's 5 s run
+    from its send. Of two idle connections answered 0.1 s ago by the client's clock, the one whose
+    request left 4.5 s ago (the server may have closed it) is retired, the other (1 s ago) is reused."""
+    from bench.serve_open_loop import _Client, _Connection
+
+    class Transport:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    async def run() -> None:
+        client = _Client("127.0.0.1", 9, b"", rate=1.0, duration_s=1.0, max_connections=4)
+        now = time.perf_counter()
+        stale, fresh = _Connection(client), _Connection(client)
+        for connection, left_s_ago in ((stale, 4.5), (fresh, 1.0)):
+            connection.transport = Transport()  # type: ignore[assignment]
+            connection.sent = now - left_s_ago
+            client.open_count += 1
+        client.idle.extend([fresh, stale])  # the stale one freed last: the first one tried
+        assert client._take_idle(now) is fresh
+        assert stale.closed and stale.transport.closed  # type: ignore[union-attr]
+        assert client.open_count == 1
+
+    asyncio.run(run())
