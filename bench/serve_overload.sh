@@ -17,6 +17,11 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"  # thousands of connect
 export OUT=${OUT:-/tmp/serve-overload} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 preset=${OVERLOAD_PRESET:-bert-base}; threads=${OVERLOAD_THREADS:-4}; workers=${OVERLOAD_WORKERS:-auto}
+# OVERLOAD_SERVER_CPUS=0-9 [OVERLOAD_CLIENT_CPUS=10-15]: the server on those CPUs, wrk and the Python
+# clients on the others, so that the client's CPU is not taken from the server (and --workers auto
+# counts the server's CPUs only). The sustainable rate is measured with the same split.
+cpu_flags=()
+[ -n "${OVERLOAD_SERVER_CPUS:-}" ] && cpu_flags=(--server-cpus "$OVERLOAD_SERVER_CPUS" --client-cpus "${OVERLOAD_CLIENT_CPUS:-}")
 . bench/device_env.sh  # $wrk; on the GPU machine, the carried wheels and wrk
 export PYTHONPATH=$PWD:/tmp/site
 run=/tmp/serve-overload-run-$preset
@@ -37,7 +42,7 @@ else
   mkdir -p "$OUT/work"
   OUT=$OUT/work timeout 150 python3 -m bench.serve_wrk --model-dir "$run" --preset "$preset" --wrk "$wrk" \
     --threads "$threads" --duration 10 --connections 64,256 --modes single --impls microbert --workers "$workers" \
-    --env MICROBERT_MAX_BATCH_SIZE=256 2>&1 | grep '^{' | python3 -c '
+    --env MICROBERT_MAX_BATCH_SIZE=256 "${cpu_flags[@]}" 2>&1 | grep '^{' | python3 -c '
 import json, os, sys
 for r in map(json.loads, sys.stdin):
     r["variant"] = "sustainable" if r["concurrency"] == 256 else "warm-up"
@@ -69,7 +74,7 @@ for variant in "$@"; do
   OUT=$OUT/work timeout $((seconds + 150)) python3 -m bench.serve_wrk --model-dir "$run" --preset "$preset" \
     --wrk "$wrk" --threads "$threads" --impls "" --workers "$workers" --overload "$seconds" \
     --overload-clients "$clients" --overload-queue 256 --overload-client "$client" "${open_flags[@]}" \
-    "${env_flags[@]}" 2>&1 \
+    "${env_flags[@]}" "${cpu_flags[@]}" 2>&1 \
     | grep '^{' | VARIANT=$name python3 -c '
 import json, os, sys
 for r in map(json.loads, sys.stdin):

@@ -259,13 +259,36 @@ def _socket_count(pid: int) -> int:
     return count
 
 
+def parse_cpus(text: str) -> set[int]:
+    """CPU numbers as `taskset -c` writes them: "0-7", "8-15,31", "3"."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    if not cpus:
+        raise ValueError(f"no CPU in {text!r}")
+    return cpus
+
+
+# The host's cores, read before `--client-cpus` narrows this process (and its children) to some of them.
+HOST_CORES = len(os.sched_getaffinity(0))
+
+
 class Server:
-    def __init__(self, command: list[str], env: dict[str, str], port: int, log: Path):
+    """The server under test, on `cpus` when given (its workers and model process inherit them): with
+    the load generator on the other cores, what the server answers is not set by what the client
+    takes from it (on a 16-core GPU host, eight client processes beside the server fell seconds
+    behind at 65,536 connections: BENCHMARKS.md, session 15)."""
+
+    def __init__(
+        self, command: list[str], env: dict[str, str], port: int, log: Path, cpus: set[int] | None = None
+    ):
         self.url = f"http://127.0.0.1:{port}"
         self.log = log.open("w")
         self.process = subprocess.Popen(
-            command, env={**os.environ, **env}, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT
-        )
+            command, env={**os.environ, **env}, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )  # fmt: skip
         wait_ready(self.url, self.process)
 
     def stop(self) -> None:
@@ -301,7 +324,8 @@ def base_record(args: argparse.Namespace, device: str) -> dict[str, Any]:
         "shape": args.preset,
         "device": device,
         "gpus": 1 if torch.cuda.is_available() else 0,
-        "cpu_cores": len(os.sched_getaffinity(0)),
+        "cpu_cores": HOST_CORES,
+        **({"server_cpus": args.server_cpus, "client_cpus": args.client_cpus} if args.server_cpus else {}),
         "torch": torch.__version__,
         "commit": commit(),
         "date": dt.date.today().isoformat(),
@@ -517,7 +541,7 @@ def bench_http(
     for n, impl in enumerate(args.impls.split(",")):
         port = 8420 + n
         command, env = server_command(impl, run, artifact, port, args)
-        server = Server(command, env, port, folder / f"{impl}.log")
+        server = Server(command, env, port, folder / f"{impl}.log", cpus=args.server_cpu_set)
         try:
             for mode in args.modes.split(","):
                 sentences, tokens = len(requests[mode]), request_tokens(artifact, requests[mode])
@@ -689,7 +713,7 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
     queue = args.overload_queue
     command, env = server_command("microbert", run, run, 8430, args)
     env["MICROBERT_MAX_QUEUE"] = str(queue)
-    server = Server(command, env, 8430, folder / "overload-server.log")
+    server = Server(command, env, 8430, folder / "overload-server.log", cpus=args.server_cpu_set)
     use_wrk = args.overload_client.startswith("wrk")
     open_loop = args.overload_client == "open"
     if open_loop and not args.overload_rate:
@@ -854,6 +878,11 @@ def main() -> int:
     )
     parser.add_argument("--model-dir", type=Path, help="serve this run folder instead of a random-weight one")
     parser.add_argument(
+        "--server-cpus", default="", help="run the server on these CPUs (taskset's form: 0-7); the clients "
+        "(wrk, the Python load generators) then run on the others, or on --client-cpus",
+    )  # fmt: skip
+    parser.add_argument("--client-cpus", default="", help="with --server-cpus: the clients' CPUs")
+    parser.add_argument(
         "--smoke", action="store_true", help="2 s runs at 16 connections (a check, not a figure)"
     )
     args = parser.parse_args()
@@ -865,6 +894,18 @@ def main() -> int:
         )
         args.texts = min(args.texts, 512)
     args.connections = [int(c) for c in args.connections.split(",") if c]
+    try:
+        args.server_cpu_set = parse_cpus(args.server_cpus) if args.server_cpus else None
+        clients = parse_cpus(args.client_cpus) if args.client_cpus else set()
+    except ValueError:
+        cpus = f"{args.server_cpus!r} / {args.client_cpus!r}"
+        raise SystemExit(f"--server-cpus/--client-cpus take taskset's form (0-7,12), not {cpus}") from None
+    if args.server_cpu_set:
+        clients = clients or os.sched_getaffinity(0) - args.server_cpu_set
+        if not clients or clients & args.server_cpu_set:
+            raise SystemExit(f"--client-cpus must be CPUs apart from --server-cpus {args.server_cpus}")
+        args.client_cpus = ",".join(map(str, sorted(clients)))
+        os.sched_setaffinity(0, clients)  # this process's clients (wrk, the Python ones) inherit it
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,7 @@ from bench.serve_wrk import (
     event_loop_lag,
     lua,
     ok_share,
+    parse_cpus,
     parse_pass_series,
     parse_wrk,
     pass_figures,
@@ -201,3 +202,11 @@ def test_listen_overflows_are_read_from_the_kernels_table_and_subtracted() -> No
     assert counter_deltas({}, after) == {}
     live = tcp_counters()  # this machine's: every Linux kernel has the four
     assert set(live) == {"ListenOverflows", "ListenDrops", "TCPTimeouts", "TCPAbortOnData"}
+
+
+def test_cpu_lists_in_tasksets_form() -> None:
+    assert parse_cpus("0-3,8") == {0, 1, 2, 3, 8}
+    assert parse_cpus("5") == {5}
+    for bad in ("", "a-b", "3-x"):
+        with pytest.raises(ValueError):
+            parse_cpus(bad)
