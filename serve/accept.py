@@ -35,6 +35,7 @@ ACCEPT_BATCH = 256
 # Out of file descriptors or memory: accepting again at once would spin; the kernel keeps the
 # connections queued meanwhile (asyncio's loop waits a second; the HTTP workers' answers take ms).
 _PAUSE_S = 0.1
+_LOG_EVERY_S = 10.0  # a lasting shortage is said once in this long, not at every pause
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -51,6 +52,7 @@ class GreedyServer(asyncio.AbstractServer):
         self._loop, self._sock, self._protocol_factory = loop, sock, protocol_factory
         self._handing: set[asyncio.Task[Any]] = set()  # connections being handed to the loop
         self._serving = self._closed = False
+        self._said_at = -_LOG_EVERY_S  # when a shortage was last logged (loop time)
         sock.setblocking(False)
         sock.listen(backlog)
         self._watch()
@@ -76,7 +78,9 @@ class GreedyServer(asyncio.AbstractServer):
             except OSError as exc:
                 if exc.errno not in _RESOURCE_ERRORS:
                     raise
-                log.error("cannot accept connections (%s): pausing %.1f s", exc.strerror, _PAUSE_S)
+                if self._loop.time() - self._said_at >= _LOG_EVERY_S:
+                    self._said_at = self._loop.time()
+                    log.error("cannot accept connections (%s): pausing %.1f s", exc.strerror, _PAUSE_S)
                 self._unwatch()
                 self._loop.call_later(_PAUSE_S, self._watch)
                 return
