@@ -83,25 +83,33 @@ def test_a_busy_loop_takes_a_burst_of_connections_at_once() -> None:
     )
 
 
-def test_the_greedy_loop_serves_a_socket_handed_to_it_and_stops_on_close() -> None:
-    """A connection taken by the greedy server carries HTTP-like traffic both ways (uvloop owns it);
-    after close() the socket is no longer watched."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
+class _Upper(asyncio.Protocol):
+    """Answers each chunk with it in capitals."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data.upper())  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_the_greedy_loop_serves_a_socket_handed_to_it_and_stops_on_close(family: str, tmp_path: Path) -> None:
+    """A connection taken by the greedy server carries traffic both ways (uvloop owns it); after
+    close() the socket is no longer watched. A Unix socket (`uvicorn --uds`) too: no TCP option is
+    set on its connections."""
+    path = str(tmp_path / "serve.sock")
+    listener = socket.socket(socket.AF_UNIX) if family == "unix" else socket.socket()
+    listener.bind(path if family == "unix" else ("127.0.0.1", 0))
     loop = new_event_loop()
 
-    class Echo(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-
-        def data_received(self, data: bytes) -> None:
-            self.transport.write(data.upper())  # type: ignore[attr-defined]
-
     async def run() -> tuple[bytes, bool]:
-        server = await loop.create_server(Echo, sock=listener, backlog=16)
+        server = await loop.create_server(_Upper, sock=listener, backlog=16)
         assert isinstance(server, GreedyServer) and server.is_serving()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if family == "unix":
+            reader, writer = await asyncio.open_unix_connection(path)
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
         writer.write(b"fill-mask")
         answer = await asyncio.wait_for(reader.readexactly(9), 5)
         writer.close()
@@ -189,34 +197,3 @@ def test_out_of_descriptors_pauses_accepting_then_takes_the_waiting_connection(
     assert [r.getMessage() for r in caplog.records] == [
         "cannot accept connections (Too many open files): pausing 0.1 s"
     ]
-
-
-def test_a_unix_socket_is_served_too(tmp_path: Path) -> None:
-    """`uvicorn --uds` hands over a Unix socket: no TCP option is set on its connections."""
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(tmp_path / "serve.sock"))
-    loop = new_event_loop()
-
-    class Upper(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-
-        def data_received(self, data: bytes) -> None:
-            self.transport.write(data.upper())  # type: ignore[attr-defined]
-
-    async def run() -> bytes:
-        server = await loop.create_server(Upper, sock=listener, backlog=8)
-        assert isinstance(server, GreedyServer)
-        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "serve.sock"))
-        writer.write(b"mask")
-        answer = await asyncio.wait_for(reader.readexactly(4), 5)
-        writer.close()
-        server.close()
-        await server.wait_closed()
-        return answer
-
-    try:
-        assert loop.run_until_complete(run()) == b"MASK"
-    finally:
-        listener.close()
-        loop.close()
