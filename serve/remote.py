@@ -181,6 +181,9 @@ class RemoteModel:
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._artifact: _Artifact | None = None
+        # One build of an artifact's tokenizer and formatter at a time (0.2 s of the GIL and ~12 MiB
+        # for a bert-base vocabulary): the requests that find it missing or stale wait for that one.
+        self._loading = asyncio.Lock()
         self._mask_token: str | None = None
         self._backlog = _Backlog(f"HTTP worker {os.getpid()} → model process")
 
@@ -188,6 +191,10 @@ class RemoteModel:
         self._task = asyncio.create_task(self._run(), name="microbert-model-connection")
         with contextlib.suppress(asyncio.TimeoutError):  # the model process may still be starting
             await asyncio.wait_for(self._connected.wait(), 30)
+        # Warm: the served artifact's tokenizer now, not under the first requests. A model still
+        # loading answers not_ready; the first request then loads it.
+        with contextlib.suppress(ServiceError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._served(), 30)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -262,19 +269,26 @@ class RemoteModel:
         return self._mask_token
 
     async def _served(self, encoding: tuple[str, int, str] | None = None) -> _Artifact:
-        """The artifact the model process serves (asked for when not known or `encoding` differs)."""
+        """The artifact the model process serves (asked for when not known or `encoding` differs).
+
+        Built once however many requests ask at once: after a reload every request in flight finds
+        its tokenization stale, and under a flood a cold worker has its whole admission limit of
+        them; each building its own held the event loop for 30 s (bench/NOTES.md, session 16)."""
         if encoding is None and self._artifact is not None:
             return self._artifact
-        if encoding is None:
-            encoding = await self._call("encoding")
-        path, max_length, mask_token = encoding
-        artifact = self._artifact
-        if artifact is None or (artifact.path, artifact.encoder.max_length) != (path, max_length):
-            # A new artifact: its tokenizer, once (tens of ms, off the event loop), then kept.
-            artifact = await asyncio.to_thread(_Artifact, path, max_length, mask_token)
-            self._artifact = artifact
-        self._mask_token = mask_token
-        return artifact
+        async with self._loading:
+            if encoding is None:
+                if self._artifact is not None:  # built while this request waited
+                    return self._artifact
+                encoding = await self._call("encoding")
+            path, max_length, mask_token = encoding
+            artifact = self._artifact
+            if artifact is None or (artifact.path, artifact.encoder.max_length) != (path, max_length):
+                # A new artifact: its tokenizer, once (tens of ms, off the event loop), then kept.
+                artifact = await asyncio.to_thread(_Artifact, path, max_length, mask_token)
+                self._artifact = artifact
+            self._mask_token = mask_token
+            return artifact
 
     async def infer(
         self,

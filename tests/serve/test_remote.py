@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from microbert.predict import FillMaskPredictor, GroupOutput, InputGroup
+from serve import remote
 from serve.metrics import Metrics
 from serve.remote import (
     ModelServer,
+    RemoteModel,
     _frame,
     _pack_inputs,
     _pack_outputs,
@@ -26,7 +28,7 @@ from serve.remote import (
     _unpack_outputs,
 )
 from serve.service import ModelService
-from tests.serve.conftest import make_settings
+from tests.serve.conftest import add_step, make_settings
 
 TEXTS = ["the king [MASK] the land .", "a [MASK] day and a [MASK] night", "[MASK] ."]
 
@@ -207,3 +209,50 @@ def test_outputs_of_inputs_with_several_or_no_masks_split_back(masks: list[int])
     assert [len(o.scores) for o in back] == masks
     for x, y in zip(back, parts, strict=True):
         assert np.array_equal(x.scores, y.scores) and np.array_equal(x.token_ids, y.token_ids)
+
+
+def test_a_worker_loads_each_served_artifact_once_however_many_requests_ask(
+    tmp_path: Path, run_dir: Path, tiny_tokenizer: Any, tiny_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HTTP worker's tokenizer and formatter for the served artifact are built once: at start
+    when the model is ready, and after a reload by the first request that finds it stale, while
+    the others wait for that one. Each request building its own (a bert-base vocabulary: 0.2 s of
+    the GIL and ~12 MiB) held a worker's event loop for 30 s and grew it by 3 GB when a flood's
+    first burst found it cold (bench/NOTES.md, session 16)."""
+    built: list[str] = []
+
+    class CountedArtifact(remote._Artifact):
+        def __init__(self, path: str, max_length: int, mask_token: str):
+            built.append(path)
+            super().__init__(path, max_length, mask_token)
+
+    monkeypatch.setattr(remote, "_Artifact", CountedArtifact)
+
+    async def flood(model: RemoteModel) -> list[Any]:
+        return await asyncio.gather(
+            *(model.infer([TEXTS[0]], 2, None, False, 30.0) for _ in range(16)), return_exceptions=True
+        )
+
+    async def main() -> None:
+        service = ModelService(make_settings(run_dir), Metrics())
+        await service.start()
+        server = ModelServer(service, str(tmp_path / "model.sock"))
+        await server.start()
+        model = RemoteModel(make_settings(run_dir, model_socket=server.path))
+        try:
+            await model.start()
+            assert [Path(p).name for p in built] == ["step-7"]  # warm before the first request
+            answers = await flood(model)
+            assert all(not isinstance(a, BaseException) for a in answers), answers
+            add_step(run_dir, tiny_tokenizer, tiny_config, step=8, seed=8)
+            assert await service.reload(reason="test")
+            answers = await flood(model)  # each finds its tokenization stale; one loads step 8
+            assert all(not isinstance(a, BaseException) for a in answers), answers
+            assert {Path(path).name for _, path, _ in answers} == {"step-8"}
+            assert [Path(p).name for p in built] == ["step-7", "step-8"]
+        finally:
+            await model.stop()
+            await server.close(1.0)
+            await service.stop()
+
+    asyncio.run(main())
