@@ -78,6 +78,11 @@ class OpenLoopResult:
     # on a connection the server had, or came all at once, is read here.
     connect_s: list[float] = field(default_factory=list)
     slow_ok: list[tuple[float, float, bool, float]] = field(default_factory=list)
+    # What each 429 said: its kind (x-error-type: the HTTP worker's `overloaded`, the model queue's
+    # `queue_full`) and its wait (Retry-After-Ms), which sets how soon a polite client comes back,
+    # and so how many refusals the server spends its CPU on.
+    refusals: Counter[str] = field(default_factory=Counter)
+    retry_after_s: list[float] = field(default_factory=list)
 
     def merge(self, other: OpenLoopResult) -> None:
         self.arrivals += other.arrivals
@@ -88,12 +93,15 @@ class OpenLoopResult:
         self.send_lags_s += other.send_lags_s
         self.connect_s += other.connect_s
         self.slow_ok += other.slow_ok
+        self.refusals.update(other.refusals)
+        self.retry_after_s += other.retry_after_s
 
     def summary(self) -> dict[str, Any]:
         ordered = sorted(self.latencies_ok_s)
         lags = sorted(self.send_lags_s)
         connects = sorted(self.connect_s)
         slow = sorted(self.slow_ok, key=lambda item: item[1], reverse=True)
+        waits = sorted(self.retry_after_s)
 
         def ms(q: float, values: list[float] = ordered) -> float | None:
             if not values:
@@ -119,6 +127,13 @@ class OpenLoopResult:
             },
             "send_lag_ms": {"p50": ms(0.5, lags), "p99": ms(0.99, lags), "max": ms(1.0, lags)},
             "connect_ms": {"p50": ms(0.5, connects), "p99": ms(0.99, connects), "max": ms(1.0, connects)},
+            "refusals": dict(self.refusals),
+            "retry_after_ms": {
+                "p10": ms(0.1, waits),
+                "p50": ms(0.5, waits),
+                "p90": ms(0.9, waits),
+                "max": ms(1.0, waits),
+            },
             "slow_ok": {
                 "count": len(slow),
                 "on_new_connections": sum(1 for item in slow if item[2]),
@@ -160,7 +175,7 @@ class _Connection(asyncio.Protocol):
         self.requests = 0  # sent on this connection so far
         self.connect_s = 0.0  # how long it took to connect
         self._need = -1  # bytes of the whole answer, once its head is in
-        self._status, self._retry_s = "", 0.0
+        self._status, self._retry_s, self._refusal = "", 0.0, ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -185,11 +200,13 @@ class _Connection(asyncio.Protocol):
             retry_ms = _header(head, b"retry-after-ms")
             self._status = head[9:12].decode()
             self._retry_s = int(retry_ms) / 1000 if retry_ms and retry_ms.isdigit() else 0.0
+            if self._status == "429":
+                self._refusal = (_header(head, b"x-error-type") or b"none").decode()
             self._need = end + 4 + int(length)
         if len(self.buffer) >= self._need:
             del self.buffer[: self._need]
             self._need, self.busy = -1, False
-            self.client.answered(self, self._status, self._retry_s)
+            self.client.answered(self, self._status, self._retry_s, self._refusal)
 
     def abort(self, error: str) -> None:
         if self.busy:
@@ -226,7 +243,7 @@ class _Client:
         self.start = 0.0  # when the first arrival was due
         self._opening: set[asyncio.Task[None]] = set()
 
-    def answered(self, connection: _Connection, status: str, retry_s: float) -> None:
+    def answered(self, connection: _Connection, status: str, retry_s: float, refusal: str) -> None:
         self.in_flight -= 1
         now = time.perf_counter()
         self.result.statuses[status] += 1
@@ -237,6 +254,9 @@ class _Client:
                 fresh = connection.requests == 1
                 slow = (connection.due - self.start, latency, fresh, connection.connect_s)
                 self.result.slow_ok.append(slow)
+        if status == "429":
+            self.result.refusals[refusal] += 1
+            self.result.retry_after_s.append(retry_s)
         if status == "429" and retry_s > 0:  # polite: this connection comes back when told
             self.loop.call_later(retry_s, self._rested, connection)
         else:

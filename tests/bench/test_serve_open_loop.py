@@ -59,7 +59,7 @@ class SlowServer:
                 await asyncio.sleep(self.delay_s)
                 if refuse:
                     head = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\n"
-                    head += f"Retry-After-Ms: {self.retry_ms}\r\n".encode()
+                    head += f"Retry-After-Ms: {self.retry_ms}\r\nX-Error-Type: overloaded\r\n".encode()
                 else:
                     head = b"HTTP/1.1 200 OK\r\n"
                 writer.write(head + b"Content-Length: 2\r\n\r\n{}")
@@ -97,6 +97,9 @@ def test_arrivals_keep_their_rate_while_the_server_takes_its_time(slow_server: S
     assert summary["statuses"]["429"] == 400 // 3  # every third
     assert 40 <= summary["connections_opened"] <= 150, summary
     assert 190 <= summary["latency_ok_ms"]["p50"] < 400
+    # what the 429s told: their kind (x-error-type) and their waits, which the rests followed
+    assert summary["refusals"] == {"overloaded": 400 // 3}
+    assert summary["retry_after_ms"] == {"p10": 300.0, "p50": 300.0, "p90": 300.0, "max": 300.0}
 
 
 def test_arrivals_beyond_the_connection_limit_are_counted_not_sent(slow_server: SlowServer) -> None:
