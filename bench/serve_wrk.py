@@ -773,6 +773,7 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
             key: summary[key]
             for key in (
                 "rate", "arrivals", "not_sent", "connections_opened", "send_lag_ms", "connect_ms", "slow_ok",
+                "refusals", "retry_after_ms",
             )
         }  # fmt: skip
         record["open_loop"].update(
