@@ -86,11 +86,16 @@ class ConcurrencyLimitMiddleware:
     behind at most `limit - 1` others. Health, metrics and the page are never limited.
 
     Retry-After(-Ms) is set so that clients that honour it come back about as fast as this worker
-    frees places: every `_WINDOW_S` it is scaled by the square root of refusals over completions
-    in that window (refused clients come back once per wait, so more refusals than completions
-    mean they come back too soon), never below the time an admitted request has lately spent here,
-    never above `_MAX_RETRY_S` (a client waiting longer than uvicorn's keep-alive timeout, 5 s,
-    would find its connection closed).
+    frees places: every `_WINDOW_S` it becomes the time this worker takes, at the rate it completed
+    requests in that window, to serve the clients already told to wait and not yet back (a refused
+    client is told to come back after those), never below the time an admitted request has lately
+    spent here, never above `_MAX_RETRY_S` (a client waiting longer than uvicorn's keep-alive
+    timeout, 5 s, would find its connection closed). Refusals every wait, not a feedback on them:
+    the waits of a window come back windows later, and a wait scaled by each window's refusals over
+    completions swung between a tenth of a second and the cap, in phase with the crowds it had sent
+    away (Retry-After p10 380 ms, p50 1.4 s under a steady 4x flood on 2 cores), so refused
+    clients came back too soon and the workers spent their CPU refusing them (bench/NOTES.md,
+    session 16).
 
     A client that ignores the wait is held to it: a request that comes on a connection before the
     Retry-After of that connection's last 429 (this middleware's, or the model queue's `queue_full`)
@@ -123,7 +128,7 @@ class ConcurrencyLimitMiddleware:
         self.turnover_s = 0.05  # time an admitted request spends here (moving average)
         self.retry_s = self.turnover_s
         self._window_start = time.perf_counter()
-        self._completed = self._refused = 0
+        self._completed = 0
         # Until when each connection (client address and port) was told to wait by a 429.
         self._told: dict[tuple[str, int], float] = {}
         self.held = 0  # requests that came before their connection's wait was over, and waited here
@@ -153,7 +158,6 @@ class ConcurrencyLimitMiddleware:
                 self.metrics.requests_held.inc()
             await asyncio.sleep(min(told - now, self._MAX_RETRY_S))
         if self.in_flight >= self.limit:
-            self._refused += 1
             now = self._last_refusal = time.perf_counter()
             self._adapt(now)
             if client is not None:
@@ -189,14 +193,18 @@ class ConcurrencyLimitMiddleware:
     def _adapt(self, now: float) -> None:
         if now - self._window_start < self._WINDOW_S:
             return
-        # Connections told to wait that have not come back (closed, or polite): forget them.
+        # Connections told to wait whose wait is over and that have not come back (closed, or
+        # polite and not yet sent): forget them. The others are the clients still resting.
         self._told = {client: until for client, until in self._told.items() if until > now}
-        if self._refused == 0:
+        completions_per_s = self._completed / (now - self._window_start)
+        if not self._told:
             self.retry_s = self.turnover_s
+        elif completions_per_s <= 0:
+            self.retry_s = self._MAX_RETRY_S  # nothing completes: as long as a client can wait
         else:
-            scaled = self.retry_s * math.sqrt(self._refused / max(1, self._completed))
-            self.retry_s = min(self._MAX_RETRY_S, max(self.turnover_s, scaled))
-        self._window_start, self._completed, self._refused = now, 0, 0
+            serve_resting_s = len(self._told) / completions_per_s
+            self.retry_s = min(self._MAX_RETRY_S, max(self.turnover_s, serve_resting_s))
+        self._window_start, self._completed = now, 0
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The answer's body and fixed headers are made once (error_response's shape); only the
