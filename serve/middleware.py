@@ -90,12 +90,12 @@ class ConcurrencyLimitMiddleware:
     requests in that window, to serve the clients already told to wait and not yet back (a refused
     client is told to come back after those), never below the time an admitted request has lately
     spent here, never above `_MAX_RETRY_S` (a client waiting longer than uvicorn's keep-alive
-    timeout, 5 s, would find its connection closed). Refusals every wait, not a feedback on them:
-    the waits of a window come back windows later, and a wait scaled by each window's refusals over
-    completions swung between a tenth of a second and the cap, in phase with the crowds it had sent
-    away (Retry-After p10 380 ms, p50 1.4 s under a steady 4x flood on 2 cores), so refused
-    clients came back too soon and the workers spent their CPU refusing them (bench/NOTES.md,
-    session 16).
+    timeout, 5 s, would find its connection closed). It is read from the clients resting, not fed
+    back from refusals: the waits of a window come back windows later, and a wait scaled by each
+    window's refusals over completions swung between a tenth of a second and the cap, in phase with
+    the crowds it had sent away (Retry-After p10 380 ms, p50 1.4 s under a steady 4x flood on 2
+    cores), so refused clients came back too soon and the workers spent their CPU refusing them
+    (bench/NOTES.md, session 16).
 
     A client that ignores the wait is held to it: a request that comes on a connection before the
     Retry-After of that connection's last 429 (this middleware's, or the model queue's `queue_full`)

@@ -273,7 +273,8 @@ class RemoteModel:
 
         Built once however many requests ask at once: after a reload every request in flight finds
         its tokenization stale, and under a flood a cold worker has its whole admission limit of
-        them; each building its own held the event loop for 30 s (bench/NOTES.md, session 16)."""
+        them; each building its own is what lay behind a worker's loop stalled over 10 s and grown
+        by ~2 GB on a GPU host (bench/NOTES.md, session 16)."""
         if encoding is None and self._artifact is not None:
             return self._artifact
         async with self._loading:

@@ -217,8 +217,8 @@ def test_a_worker_loads_each_served_artifact_once_however_many_requests_ask(
     """An HTTP worker's tokenizer and formatter for the served artifact are built once: at start
     when the model is ready, and after a reload by the first request that finds it stale, while
     the others wait for that one. Each request building its own (a bert-base vocabulary: 0.2 s of
-    the GIL and ~12 MiB) held a worker's event loop for 30 s and grew it by 3 GB when a flood's
-    first burst found it cold (bench/NOTES.md, session 16)."""
+    the GIL and ~12 MiB) is what lay behind a worker's loop stalled over 10 s and grown by ~2 GB
+    when a flood's first burst found it cold (bench/NOTES.md, session 16)."""
     built: list[str] = []
 
     class CountedArtifact(remote._Artifact):
