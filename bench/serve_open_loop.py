@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from bench.serve_load import DEFAULT_TEXT, LOOPBACK, MAX_DURATION_S
+from serve.settings import Settings
 
 try:  # the load generator's own CPU is part of what a 2-core run measures: the faster loop if present
     from uvloop import run as _run_loop
@@ -47,13 +48,14 @@ except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
     from asyncio import run as _run_loop  # type: ignore[assignment]
 
 MAX_RATE = 100_000.0
-# A connection whose last request left longer ago than this is not reused: uvicorn closes a keep-alive
-# connection 5 s after it sent its last answer, and a request written into a connection it is closing
-# fails on the client's side. Reckoned from the request, which left before the answer did, not from
-# when the answer was read: a client whose loop runs seconds behind (2 cores, the flood's client on
-# the server's cores) reads answers late, and reckoned from those reads it wrote into connections
-# uvicorn had closed, counted as the server's `error:ConnectionError`s.
-_KEEP_ALIVE_S = 4.0
+# A connection whose last request left longer ago than this is not reused: the server closes a
+# keep-alive connection `keep_alive_s` after it sent its last answer (its default here, less a
+# second), and a request written into a connection it is closing fails on the client's side.
+# Reckoned from the request, which left before the answer did, not from when the answer was read: a
+# client whose loop runs seconds behind (2 cores, the flood's client on the server's cores) reads
+# answers late, and reckoned from those reads it wrote into connections uvicorn had closed, counted
+# as the server's `error:ConnectionError`s.
+_KEEP_ALIVE_S = Settings.model_fields["keep_alive_s"].default - 1.0
 MAX_CONNECTIONS = 65_536
 _GRACE_S = 10.0  # how long answers are awaited after the last arrival is due
 _SLOW_S = 1.0  # a 200 slower than this is described one by one (OpenLoopResult.slow_ok)

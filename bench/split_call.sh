@@ -7,7 +7,8 @@
 #   bash bench/split_call.sh ["NAME open:M[@N] SECONDS [ENV=value ...]" ...]
 # (default: 4× at 16,384 and at 49,152 connections; jemalloc as the allocator in every run). The
 # sustainable rate is measured once, first; every run is offered the same arrivals.
-# SPLIT_BEFORE=TREE: the first variant again with the tree in .ab/TREE, right after it.
+# SPLIT_BEFORE=TREE: the first variant again with the tree in .ab/TREE, right after it (with this
+# tree's bench/, or its own with SPLIT_BEFORE_BENCH=own).
 set -uo pipefail
 export OUT=${OUT:-/tmp/split-call}
 je=${SPLIT_ALLOCATOR:-/tmp/wrk/usr/lib/x86_64-linux-gnu/libjemalloc.so.2}  # unpacked from .deb
@@ -26,7 +27,10 @@ import json, os
 print([r for r in map(json.loads, open(os.environ["OUT"] + "/overload.jsonl")) if r["variant"] == "sustainable"][-1]["sentences_per_second"])')
     if [ -n "${SPLIT_BEFORE:-}" ]; then
       tree=.ab/$SPLIT_BEFORE
-      rm -rf "$tree/bench" && cp -r bench "$tree/bench" && ln -sfn "$PWD/.deb" "$tree/.deb" && ln -sfn "$PWD/.whl" "$tree/.whl"
+      # This tree's bench in the other tree, unless SPLIT_BEFORE_BENCH=own (a client that must match
+      # its own server: the keep-alive it assumes is the server's setting since session 17).
+      [ "${SPLIT_BEFORE_BENCH:-}" = own ] || { rm -rf "$tree/bench" && cp -r bench "$tree/bench"; }
+      ln -sfn "$PWD/.deb" "$tree/.deb" && ln -sfn "$PWD/.whl" "$tree/.whl"
       read -r name rest <<<"$variant"
       (cd "$tree" && timeout 200 bash bench/serve_overload.sh "before-$name $rest MICROBERT_ALLOCATOR=$je" 2>&1 | show)
     fi

@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ConcurrencyLimitMiddleware,
         limit=settings.concurrent_requests_per_worker,
         total=settings.concurrent_requests,
+        max_retry_s=settings.max_retry_s,
         metrics=app_metrics,
     )
     # The routers' own routes too: FastAPI's app.routes holds an included router as one entry with

@@ -237,6 +237,7 @@ def _run_uvicorn(settings: Settings, workers: int, args: argparse.Namespace, reu
         "log_level": args.log_level,
         "access_log": args.access_log,
         "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+        "timeout_keep_alive": settings.keep_alive_s,
     }
     if workers > 1:
         # SIGHUP to this parent restarts the workers one at a time; each serves only once loaded.

@@ -89,13 +89,15 @@ class ConcurrencyLimitMiddleware:
     frees places: every `_WINDOW_S` it becomes the time this worker takes, at the rate it completed
     requests in that window, to serve the clients already told to wait and not yet back (a refused
     client is told to come back after those), never below the time an admitted request has lately
-    spent here, never above `_MAX_RETRY_S` (a client waiting longer than uvicorn's keep-alive
-    timeout, 5 s, would find its connection closed). It is read from the clients resting, not fed
-    back from refusals: the waits of a window come back windows later, and a wait scaled by each
-    window's refusals over completions swung between a tenth of a second and the cap, in phase with
-    the crowds it had sent away (Retry-After p10 380 ms, p50 1.4 s under a steady 4x flood on 2
-    cores), so refused clients came back too soon and the workers spent their CPU refusing them
-    (bench/NOTES.md, session 16).
+    spent here, never above `max_retry_s` (half the server's keep-alive: a client that waited
+    longer would find its connection closed). With uvicorn's 5 s keep-alive the cap was 2 s, and
+    under a steady 4x flood every wait was the cap (bench/NOTES.md, session 16): the clients came
+    back before the worker could serve those ahead of them, to be refused again. The wait is read
+    from the clients resting, not fed back from refusals: the waits of a window come back windows
+    later, and a wait scaled by each window's refusals over completions swung between a tenth of a
+    second and the cap, in phase with the crowds it had sent away (Retry-After p10 380 ms, p50
+    1.4 s under a steady 4x flood on 2 cores), so refused clients came back too soon and the
+    workers spent their CPU refusing them (bench/NOTES.md, session 16).
 
     A client that ignores the wait is held to it: a request that comes on a connection before the
     Retry-After of that connection's last 429 (this middleware's, or the model queue's `queue_full`)
@@ -111,18 +113,19 @@ class ConcurrencyLimitMiddleware:
     """
 
     _WINDOW_S = 0.5
-    _MAX_RETRY_S = 2.0
 
     def __init__(
         self,
         app: ASGIApp,
         limit: int,
         total: int,
+        max_retry_s: float,
         metrics: Metrics | None = None,
         paths: tuple[str, ...] = ("/fill-mask",),
     ):
         self.app = app
         self.limit, self.total, self.paths = limit, total, paths
+        self.max_retry_s = max_retry_s
         self.metrics = metrics
         self.in_flight = 0
         self.turnover_s = 0.05  # time an admitted request spends here (moving average)
@@ -156,7 +159,7 @@ class ConcurrencyLimitMiddleware:
             self.held += 1
             if self.metrics is not None:
                 self.metrics.requests_held.inc()
-            await asyncio.sleep(min(told - now, self._MAX_RETRY_S))
+            await asyncio.sleep(min(told - now, self.max_retry_s))
         if self.in_flight >= self.limit:
             now = self._last_refusal = time.perf_counter()
             self._adapt(now)
@@ -200,10 +203,10 @@ class ConcurrencyLimitMiddleware:
         if not self._told:
             self.retry_s = self.turnover_s
         elif completions_per_s <= 0:
-            self.retry_s = self._MAX_RETRY_S  # nothing completes: as long as a client can wait
+            self.retry_s = self.max_retry_s  # nothing completes: as long as a client can wait
         else:
             serve_resting_s = len(self._told) / completions_per_s
-            self.retry_s = min(self._MAX_RETRY_S, max(self.turnover_s, serve_resting_s))
+            self.retry_s = min(self.max_retry_s, max(self.turnover_s, serve_resting_s))
         self._window_start, self._completed = now, 0
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -109,6 +109,14 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         default=10.0, gt=0, description="a request not answered by then is abandoned: 503"
     )
+    keep_alive_s: int = Field(
+        default=15,
+        ge=2,
+        le=600,
+        description="how long an idle keep-alive connection stays open (uvicorn's timeout_keep_alive); "
+        "a 429 asks a client to wait at most half of it, so that a polite client's retry finds its "
+        "connection still open",
+    )
     shutdown_timeout_s: float = Field(
         default=10.0, ge=0, description="after SIGTERM, how long in-flight requests may take"
     )
@@ -147,6 +155,13 @@ class Settings(BaseSettings):
     @property
     def _worker_count(self) -> int:
         return self.workers if isinstance(self.workers, int) else 1
+
+    @property
+    def max_retry_s(self) -> float:
+        """The longest wait a 429 asks for: half the keep-alive, so a client that waits it and a loop
+        turn more still finds its connection open (a request written into a connection the server is
+        closing fails on the client's side)."""
+        return self.keep_alive_s / 2
 
     @property
     def queue_tokens(self) -> int:

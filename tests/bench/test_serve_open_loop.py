@@ -173,10 +173,14 @@ def test_slow_answers_are_described_one_by_one() -> None:
 
 
 def test_keep_alive_is_reckoned_from_when_the_request_left_not_from_a_late_read() -> None:
-    """A client behind on its loop reads an answer long after the server sent it; the server's 5 s run
-    from its send. Of two idle connections answered 0.1 s ago by the client's clock, the one whose
-    request left 4.5 s ago (the server may have closed it) is retired, the other (1 s ago) is reused."""
+    """A client behind on its loop reads an answer long after the server sent it; the server's
+    keep-alive runs from its send. Of two idle connections answered 0.1 s ago by the client's clock,
+    the one whose request left half a second short of the server's keep-alive ago (the server may
+    have closed it) is retired, the other (1 s ago) is reused."""
     from bench.serve_open_loop import _Client, _Connection
+    from serve.settings import Settings
+
+    keep_alive_s = Settings.model_fields["keep_alive_s"].default
 
     class Transport:
         closed = False
@@ -188,7 +192,7 @@ def test_keep_alive_is_reckoned_from_when_the_request_left_not_from_a_late_read(
         client = _Client("127.0.0.1", 9, b"", rate=1.0, duration_s=1.0, max_connections=4)
         now = time.perf_counter()
         stale, fresh = _Connection(client), _Connection(client)
-        for connection, left_s_ago in ((stale, 4.5), (fresh, 1.0)):
+        for connection, left_s_ago in ((stale, keep_alive_s - 0.5), (fresh, 1.0)):
             connection.transport = Transport()  # type: ignore[assignment]
             connection.sent = now - left_s_ago
             client.open_count += 1

@@ -51,7 +51,7 @@ def test_the_wait_a_refusal_asks_for_is_the_time_to_serve_the_clients_already_wa
     next refused client waits 1 s, behind them. Never above the cap, never below the time a request
     spends inside; nobody resting: that time; nothing completing: the cap. What the window refused
     does not enter (the wait scaled by refusals over completions oscillated: bench/NOTES.md)."""
-    limiter = ConcurrencyLimitMiddleware(_answer, limit=1, total=1)
+    limiter = ConcurrencyLimitMiddleware(_answer, limit=1, total=1, max_retry_s=2.0)
     limiter.turnover_s = limiter.retry_s = 0.1
     window = ConcurrencyLimitMiddleware._WINDOW_S
 
@@ -67,8 +67,8 @@ def test_the_wait_a_refusal_asks_for_is_the_time_to_serve_the_clients_already_wa
     assert window_of(100, 50) == pytest.approx(1.0)
     assert window_of(10, 50) == pytest.approx(0.1)  # 0.1 s to serve them: the turnover
     assert window_of(5, 50) == pytest.approx(limiter.turnover_s)  # never below the turnover
-    assert window_of(10_000, 50) == ConcurrencyLimitMiddleware._MAX_RETRY_S
-    assert window_of(3, 0) == ConcurrencyLimitMiddleware._MAX_RETRY_S
+    assert window_of(10_000, 50) == limiter.max_retry_s
+    assert window_of(3, 0) == limiter.max_retry_s
     assert window_of(0, 0) == pytest.approx(limiter.turnover_s)
     limiter._told = {("127.0.0.1", 1): limiter._window_start + 100.0}
     limiter._completed = 1
@@ -95,7 +95,7 @@ async def _timed(app: Any, client: tuple[str, int]) -> tuple[int, float]:
 def test_a_request_sent_before_its_connections_retry_after_is_over_is_held_until_it_is() -> None:
     """A connection refused with a wait of 0.2 s that re-sends at once waits here for that time, then is
     served; another connection, and the same one once it waited as told, are not held."""
-    limiter = ConcurrencyLimitMiddleware(_answer, limit=1, total=1)
+    limiter = ConcurrencyLimitMiddleware(_answer, limit=1, total=1, max_retry_s=2.0)
     limiter.turnover_s = limiter.retry_s = 0.2
     impolite, other, polite = ("127.0.0.1", 40001), ("127.0.0.1", 40002), ("127.0.0.1", 40003)
 
@@ -121,7 +121,7 @@ def test_the_wait_of_the_models_queue_full_429_holds_the_connections_next_reques
         await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    limiter = ConcurrencyLimitMiddleware(queue_full, limit=8, total=8)
+    limiter = ConcurrencyLimitMiddleware(queue_full, limit=8, total=8, max_retry_s=2.0)
     client = ("127.0.0.1", 40004)
 
     async def scenario() -> list[tuple[int, float]]:
@@ -133,7 +133,7 @@ def test_the_wait_of_the_models_queue_full_429_holds_the_connections_next_reques
 
 
 def test_waits_of_connections_that_did_not_come_back_are_forgotten() -> None:
-    limiter = ConcurrencyLimitMiddleware(_answer, limit=1, total=1)
+    limiter = ConcurrencyLimitMiddleware(_answer, limit=1, total=1, max_retry_s=2.0)
     now = limiter._window_start
     limiter._told = {("127.0.0.1", port): now + 0.1 * (port % 2) for port in range(1000)}
     limiter._adapt(now + ConcurrencyLimitMiddleware._WINDOW_S)  # a window later: all are over
@@ -154,7 +154,7 @@ def test_a_client_gone_before_its_body_is_counted_as_disconnected_not_as_a_500()
 def test_no_hold_once_the_worker_has_stopped_refusing() -> None:
     """Behind a proxy a refused connection may carry another client's request next: it is held only
     while the worker is still refusing."""
-    limiter = ConcurrencyLimitMiddleware(_answer, limit=1, total=1)
+    limiter = ConcurrencyLimitMiddleware(_answer, limit=1, total=1, max_retry_s=2.0)
     limiter.turnover_s = limiter.retry_s = 2.0  # a long wait, still running below
     client = ("127.0.0.1", 40005)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -171,6 +172,28 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(start_server: Any, run_
     assert server.stop() == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health", timeout=2)
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_setting(start_server: Any, run_dir: Path) -> None:
+    """MICROBERT_KEEP_ALIVE_S reaches uvicorn: at 2 s an idle keep-alive connection is closed between
+    1.5 and 4 s after its answer (uvicorn's own 5 s would keep it open). A 429's longest wait is half
+    of it, so a polite client's retry is written into a connection the server still holds."""
+    server = start_server(run_dir, env={"MICROBERT_KEEP_ALIVE_S": "2"})
+    body = b'{"inputs": "the [MASK] sat."}'
+    request = (
+        f"POST /fill-mask HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(request)
+        answer = connection.makefile("rb")
+        assert answer.readline().startswith(b"HTTP/1.1 200")
+        headers = dict(line.rstrip(b"\r\n").split(b": ", 1) for line in iter(answer.readline, b"\r\n"))
+        answer.read(int(headers[b"content-length"]))  # the whole answer (headers and body come apart)
+        answered = time.monotonic()
+        connection.settimeout(4.0)
+        assert connection.recv(1) == b""  # closed by the server, not timed out here
+        assert 1.5 <= time.monotonic() - answered < 4.0
 
 
 def test_workers_share_one_metrics_view(start_server: Any, run_dir: Path) -> None:
