@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -23,6 +24,20 @@ def commit() -> str:
         ["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, cwd=REPO
     )
     return out.stdout.strip() or "unknown"
+
+
+def cpu_model() -> str:
+    """The host's processor, as the kernel names it: a figure of the HTTP workers (Python on the
+    CPU) depends on it as much as on the count of cores (bench/NOTES.md, session 17: two 16-core
+    GPU hosts sustained 8,700 and 12,600 requests/s on 8 of their cores)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def append_records(records: list[dict], device: str) -> None:

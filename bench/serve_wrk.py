@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.records import append_records, commit
+from bench.records import append_records, commit, cpu_model
 from bench.serve_bench import TEXT, make_run
 from bench.serve_load import LoadResult, run_load
 from bench.serve_open_loop import OpenLoopResult, run_open_loop
@@ -325,6 +325,7 @@ def base_record(args: argparse.Namespace, device: str) -> dict[str, Any]:
         "device": device,
         "gpus": 1 if torch.cuda.is_available() else 0,
         "cpu_cores": HOST_CORES,
+        "cpu_model": cpu_model(),
         **({"server_cpus": args.server_cpus, "client_cpus": args.client_cpus} if args.server_cpus else {}),
         "torch": torch.__version__,
         "commit": commit(),

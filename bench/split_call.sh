@@ -15,14 +15,15 @@ je=${SPLIT_ALLOCATOR:-/tmp/wrk/usr/lib/x86_64-linux-gnu/libjemalloc.so.2}  # unp
 export OVERLOAD_SERVER_CPUS=${OVERLOAD_SERVER_CPUS:-0-7} OVERLOAD_CLIENT_CPUS=${OVERLOAD_CLIENT_CPUS:-8-15}
 export OVERLOAD_OPEN_PROCESSES=8 OVERLOAD_OPEN_CONNECTIONS=16384
 [ $# -gt 0 ] || set -- "split-16k open:4 60" "split-49k open:4@49152 60"
-nproc; nvidia-smi --query-gpu=name --format=csv,noheader; sysctl net.core.somaxconn
+nproc; grep -m1 "model name" /proc/cpuinfo; nvidia-smi --query-gpu=name --format=csv,noheader
+sysctl net.core.somaxconn
 show() { grep -v curve | cut -c1-3000; }
 first=1
 for variant in "$@"; do
   if [ $first = 1 ]; then
     timeout 250 bash bench/serve_overload.sh "$variant MICROBERT_ALLOCATOR=$je" 2>&1 | show
     export OVERLOAD_SUSTAINABLE
-    OVERLOAD_SUSTAINABLE=$(python3 -c '
+    [ -n "${OVERLOAD_SUSTAINABLE:-}" ] || OVERLOAD_SUSTAINABLE=$(python3 -c '
 import json, os
 print([r for r in map(json.loads, open(os.environ["OUT"] + "/overload.jsonl")) if r["variant"] == "sustainable"][-1]["sentences_per_second"])')
     if [ -n "${SPLIT_BEFORE:-}" ]; then
