@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"microbert-serve: {problem}", file=sys.stderr)
         return 2
     log.info("%s", allocator_line)
+    log.info("%s", raise_open_files_limit())
 
     workers, shared, how = _plan(settings)
     log.info("%s", how)
@@ -213,6 +215,32 @@ def main(argv: list[str] | None = None) -> int:
         if model_process is not None:
             _stop_model_process(model_process, settings.shutdown_timeout_s + 2)
             shutil.rmtree(Path(socket_path).parent, ignore_errors=True)
+
+
+# The soft limit is raised at most this far where the hard one is unlimited (the kernel's own
+# fs.nr_open defaults to 1,048,576, and setrlimit above it fails).
+_OPEN_FILES_CAP = 1 << 20
+
+
+def raise_open_files_limit() -> str:
+    """Raise this process's soft limit of open files to its hard limit (the workers and the model
+    process inherit it), and say what it is.
+
+    Every client connection is a file descriptor, held until `keep_alive_s` after its last answer
+    (15 s): a flood of clients, or many polite ones resting on 429s, holds thousands. Soft limits of
+    1,024 are common (systemd's default, many shells) while the hard limit is far higher; at the
+    soft limit a worker stops accepting (serve.accept pauses on EMFILE) and clients wait in the
+    kernel's queue. nginx's `worker_rlimit_nofile` is the same idea, left there to the operator.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _OPEN_FILES_CAP if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            return f"open files: at most {soft} (raising it to {target} failed: {exc})"
+        return f"open files: at most {target} (soft limit raised from {soft})"
+    return f"open files: at most {soft}"
 
 
 def _exit_now_if_abandoned(code: int) -> None:
