@@ -103,7 +103,12 @@ def test_requests_beyond_the_concurrency_limit_get_an_overloaded_429_at_once(tin
     metrics still answer, and once the two are done the next request is served."""
     app = create_app(
         make_settings(
-            tiny_artifact, max_concurrent_requests=2, max_batch_size=1, max_wait_ms=0, max_body_bytes=4096
+            tiny_artifact,
+            max_concurrent_requests=2,
+            max_batch_size=1,
+            max_wait_ms=0,
+            max_body_bytes=4096,
+            keep_alive_s=4,
         )
     )
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
@@ -122,6 +127,7 @@ def test_requests_beyond_the_concurrency_limit_get_an_overloaded_429_at_once(tin
         for sender in senders:
             sender.start()
         limiter = _limiter(app)
+        assert limiter.max_retry_s == 2.0  # half the keep-alive: a polite client's connection is still open
         _wait(lambda: limiter.in_flight == 2, "two requests were not admitted")
         refused = http.post("/fill-mask", json={"inputs": TEXT})
         assert_error(refused, 429, "overloaded")
