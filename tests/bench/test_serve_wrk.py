@@ -140,14 +140,16 @@ def test_the_scripts_count_statuses_and_only_the_backoff_one_waits() -> None:
 
 
 class _SometimesFull(BaseHTTPRequestHandler):
-    """Every third POST is a 429 with Retry-After-Ms: 1."""
+    """Every third POST is a 429 with Retry-After-Ms: 1 (counted under a lock: one thread a connection)."""
 
     count = 0
+    lock = threading.Lock()
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
-        _SometimesFull.count += 1
-        full = _SometimesFull.count % 3 == 0
+        with _SometimesFull.lock:
+            _SometimesFull.count += 1
+            full = _SometimesFull.count % 3 == 0
         self.send_response(429 if full else 200)
         if full:
             self.send_header("Retry-After-Ms", "1")
@@ -163,8 +165,10 @@ class _SometimesFull(BaseHTTPRequestHandler):
 @pytest.mark.parametrize("backoff", [True, False])
 def test_wrk_runs_the_scripts_and_counts_every_answer(tmp_path: Path, backoff: bool) -> None:
     """A real wrk against a server that refuses every third request: the script's counts add up to
-    wrk's own request count, a third of them 429."""
+    wrk's own request count, a third of them 429 (give or take the answers still in flight on its two
+    connections when it stopped: a run on a busy machine may count only a handful)."""
     _SometimesFull.protocol_version = "HTTP/1.1"
+    _SometimesFull.count = 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), _SometimesFull)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -181,7 +185,7 @@ def test_wrk_runs_the_scripts_and_counts_every_answer(tmp_path: Path, backoff: b
     result = parse_wrk(out)
     statuses = result["statuses"]
     assert set(statuses) == {"200", "429"} and sum(statuses.values()) >= result["requests"] > 0
-    assert statuses["429"] / sum(statuses.values()) == pytest.approx(1 / 3, abs=0.02)
+    assert abs(statuses["429"] - sum(statuses.values()) / 3) <= 2, statuses
     assert result["max_ms"] is not None
 
 
