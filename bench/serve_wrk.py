@@ -773,8 +773,8 @@ def bench_overload(args: argparse.Namespace, run: Path, folder: Path, device: st
         record["open_loop"] = {
             key: summary[key]
             for key in (
-                "rate", "arrivals", "not_sent", "connections_opened", "send_lag_ms", "connect_ms", "slow_ok",
-                "refusals", "retry_after_ms",
+                "rate", "arrivals", "not_sent", "connections_opened", "latency_ok_open_ms", "send_lag_ms",
+                "connect_ms", "slow_ok", "refusals", "retry_after_ms",
             )
         }  # fmt: skip
         record["open_loop"].update(

@@ -97,6 +97,9 @@ def test_arrivals_keep_their_rate_while_the_server_takes_its_time(slow_server: S
     assert summary["statuses"]["429"] == 400 // 3  # every third
     assert 40 <= summary["connections_opened"] <= 150, summary
     assert 190 <= summary["latency_ok_ms"]["p50"] < 400
+    # the 200s on connections already open: some, not all (each connection's first answer is left out)
+    on_open = summary["latency_ok_open_ms"]
+    assert 0 < on_open["count"] < summary["statuses"]["200"] and 190 <= on_open["p50"] < 400, on_open
     # what the 429s told: their kind (x-error-type) and their waits, which the rests followed
     assert summary["refusals"] == {"overloaded": 400 // 3}
     assert summary["retry_after_ms"] == {"p10": 300.0, "p50": 300.0, "p90": 300.0, "max": 300.0}
@@ -156,6 +159,20 @@ def test_slow_answers_are_counted_beside_the_quantiles() -> None:
     assert latency == {"p50": 20.0, "p99": 51_000.0, "max": 51_000.0, "over_1s": 2, "over_10s": 1}
 
 
+def test_the_answers_on_open_connections_are_summarised_apart_and_merged() -> None:
+    """A flood's first seconds (connects in SYN retries) set the whole p99; the 200s sent on
+    connections already open say what the server's queue did."""
+    first = OpenLoopResult(rate=100.0, duration_s=1.0)
+    first.latencies_ok_s = [0.02] * 98 + [3.0, 3.1]  # the two slow ones waited for their connects
+    first.latencies_ok_open_s = [0.02] * 98
+    second = OpenLoopResult(rate=100.0, duration_s=1.0)
+    second.latencies_ok_open_s = [0.05, 0.06]
+    first.merge(second)
+    summary = first.summary()
+    assert summary["latency_ok_ms"]["p99"] == 3_100.0
+    assert summary["latency_ok_open_ms"] == {"count": 100, "p50": 20.0, "p99": 60.0, "max": 60.0}
+
+
 def test_slow_answers_are_described_one_by_one() -> None:
     """Answers of 1.2 s to 20 arrivals in the first second: every 200 is slow, each on the new
     connection it opened (none is free again before the last arrival), due within the first second."""
@@ -170,6 +187,8 @@ def test_slow_answers_are_described_one_by_one() -> None:
     assert 0 <= slow["first_due_s"] <= slow["last_due_s"] < 1.0
     assert len(slow["slowest"]) == 12 and all(1200 <= row[1] < 3000 and row[2] for row in slow["slowest"])
     assert summary["connect_ms"]["max"] is not None and summary["connect_ms"]["max"] < 1000
+    # every 200 was its connection's first: none counts among the answers on open connections
+    assert summary["latency_ok_open_ms"] == {"count": 0, "p50": None, "p99": None, "max": None}
 
 
 def test_keep_alive_is_reckoned_from_when_the_request_left_not_from_a_late_read() -> None:
