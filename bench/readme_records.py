@@ -79,13 +79,16 @@ def _row_key(r: Record) -> tuple:
 
 
 def serve_cpu_rows(records: list[Record]) -> list[Record]:
-    """The rule: newest `wrk` record per (shape, server, settings, request, connections) on 2 cores."""
+    """The rule: newest `wrk` record per (shape, server, settings, request, connections) on 2 cores,
+    for the table's two requests. An overload run is not a row of it (its wrk floods the server with
+    1,024 connections and counts refusals apart; BENCHMARKS.md reports those)."""
     wrk = [
         r
         for r in records
         if r.get("bench") == "serve"
         and r.get("device") == "cpu"
         and r.get("cpu_cores") == 2
+        and r.get("mode") in ("single", "batch32")
         and str(r.get("load_generator", "")).startswith("wrk")
     ]
 

@@ -20,3 +20,10 @@ def test_one_fast_run_does_not_meet_the_target_when_the_repeats_do_not():
 def test_repeats_whose_median_passes_meet_it_and_older_commits_do_not_count():
     text = " ".join(serve_cpu([_run(900, commit="old0000"), _run(1690), _run(1725), _run(1704)]).split())
     assert "is met" in text and "3 runs at commit abc1234: 1,690–1,725/s, median 1,704/s" in text
+
+
+def test_an_overload_run_is_not_a_row_of_the_table():
+    flood = {**_run(1083), "mode": "overload", "concurrency": 1024, "load_generator": "wrk -t1 -c1024"}
+    text = serve_cpu([_run(1720), flood])
+    assert "overload" not in text and "| 1024 |" not in text
+    assert "1,720" in text
