@@ -78,6 +78,10 @@ def _row_key(r: Record) -> tuple:
     return r.get("shape"), r.get("impl"), settings, r.get("mode"), r.get("concurrency")
 
 
+# The table's requests (serve_wrk's modes), in its order, as its rows name them.
+_REQUESTS = {"single": "single", "batch32": "32 inputs"}
+
+
 def serve_cpu_rows(records: list[Record]) -> list[Record]:
     """The rule: newest `wrk` record per (shape, server, settings, request, connections) on 2 cores,
     for the table's two requests. An overload run is not a row of it (its wrk floods the server with
@@ -88,19 +92,19 @@ def serve_cpu_rows(records: list[Record]) -> list[Record]:
         if r.get("bench") == "serve"
         and r.get("device") == "cpu"
         and r.get("cpu_cores") == 2
-        and r.get("mode") in ("single", "batch32")
+        and r.get("mode") in _REQUESTS
         and str(r.get("load_generator", "")).startswith("wrk")
     ]
 
     rows = _newest(wrk, _row_key)
-    order = {"single": 0, "batch32": 1}
+    order = list(_REQUESTS)
     return sorted(
         rows,
         key=lambda r: (
             r["impl"] == "hf_pipeline_fastapi",
             r["impl"],
             sorted((r.get("settings") or {}).items()),
-            order.get(r["mode"], 2),
+            order.index(r["mode"]),
             r["concurrency"],
         ),
     )
@@ -136,7 +140,7 @@ def serve_cpu(records: list[Record]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        request = {"single": "single", "batch32": "32 inputs"}.get(r["mode"], str(r["mode"]))
+        request = _REQUESTS[r["mode"]]
         request += " †" if "Retry-After" in str(r.get("load_generator", "")) else ""
         refused = f"{r['non_2xx']:,} of {r['requests']:,}" if r.get("non_2xx") else "0"
         cells = [
