@@ -28,6 +28,10 @@ the server's RSS before, during and after, by process (parent, HTTP workers, mod
 Every result is a record `{"bench": "serve", "impl", "mode", "concurrency", "sentences_per_second",
 "p50_ms", "p99_ms", ...}` appended through bench/records.py to bench/results/ (and $OUT), with the
 load average of the machine before and after it (a shared machine makes figures noisy: say so).
+An HTTP record also says where the cores went: `cpu_ms_per_request`, the CPU milliseconds per 2xx
+answer of each process role's main thread (`workers_loop`: the event loops), of its other threads
+(`workers_threads`: the model thread and the tokenizer's pool; `model_threads` with a model
+process), of wrk (`client`) and in all (`total`), read from /proc around the run.
 `--smoke`: 2 s runs at 16 connections, for checking the script end to end on a CPU.
 """
 
@@ -40,6 +44,7 @@ import datetime as dt
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -257,6 +262,52 @@ def _socket_count(pid: int) -> int:
         with contextlib.suppress(OSError):
             count += os.readlink(fd).startswith("socket:")
     return count
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) the server's threads have used, by part: each process role's
+    main thread (`<role>_loop`: an HTTP worker's event loop) and its other threads
+    (`<role>_threads`: the model thread, the tokenizer's pool). Read from /proc, not sampled, so
+    the parts add up to what the server took from the cores."""
+    parts: dict[str, float] = {}
+    for process in _tree(pid):
+        role = _role(process, pid)
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{process}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                stat = Path(f"/proc/{process}/task/{tid}/stat").read_text()
+            except OSError:
+                continue  # the thread ended meanwhile
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; utime, stime: 14, 15
+            key = f"{role}_loop" if tid == process else f"{role}_threads"
+            parts[key] = parts.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / _TICKS
+    return parts
+
+
+def cpu_ms_per_request(
+    before: dict[str, float], after: dict[str, float], client_s: float, requests: int
+) -> dict[str, float]:
+    """Milliseconds of CPU per answered request, by part (`thread_cpu_seconds`' two readings) and for
+    the load generator (`client_s`), with their total: where the cores went, per request."""
+    if requests <= 0:
+        return {}
+    spent = {key: after[key] - before.get(key, 0.0) for key in after}
+    spent["client"] = client_s
+    figures = {key: round(seconds / requests * 1000, 3) for key, seconds in sorted(spent.items())}
+    figures["total"] = round(sum(spent.values()) / requests * 1000, 3)
+    return figures
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that have exited (wrk, once it is waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def parse_cpus(text: str) -> set[int]:
@@ -555,7 +606,14 @@ def bench_http(
                     before = load_average()
                     spy = start_py_spy(args, server, folder / f"py-spy-{impl}-{mode}-{connections}.txt")
                     counted = pass_series(server.url), time.monotonic()
+                    cpu_before, client_before = thread_cpu_seconds(server.process.pid), children_cpu_seconds()
                     result = run_wrk(args.wrk, server.url, script, connections, args.duration, args.threads)
+                    cpu = cpu_ms_per_request(
+                        cpu_before,
+                        thread_cpu_seconds(server.process.pid),
+                        children_cpu_seconds() - client_before,
+                        int((result.get("requests") or 0) * ok_share(result)),
+                    )
                     passes = pass_figures(counted[0], pass_series(server.url), time.monotonic() - counted[1])
                     finish_py_spy(spy)
                     record = {
@@ -575,6 +633,7 @@ def bench_http(
                         ),
                         **result,
                         **passes,
+                        "cpu_ms_per_request": cpu,
                         "load_average_before": before,
                         "load_average_after": load_average(),
                     }

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from bench.serve_wrk import (
     app_ok_latency,
     counter_deltas,
+    cpu_ms_per_request,
     event_loop_lag,
     lua,
     ok_share,
@@ -22,6 +25,7 @@ from bench.serve_wrk import (
     parse_wrk,
     pass_figures,
     tcp_counters,
+    thread_cpu_seconds,
     wrk_command,
 )
 from serve.metrics import Metrics
@@ -214,3 +218,49 @@ def test_cpu_lists_in_tasksets_form() -> None:
     for bad in ("", "a-b", "3-x"):
         with pytest.raises(ValueError):
             parse_cpus(bad)
+
+
+def test_thread_cpu_is_read_per_thread_and_split_by_the_main_thread(tmp_path: Path) -> None:
+    """A process that burns a CPU second in a second thread (which then sleeps, so that /proc still
+    lists it) while its main thread sleeps: the reading puts that second under `_threads`, not
+    `_loop` (the split the record's figures rest on)."""
+    ready = tmp_path / "ready"
+    script = (
+        "import pathlib, sys, threading, time\n"
+        "def burn():\n"
+        "    end = time.thread_time() + 1.0\n"
+        "    while time.thread_time() < end: pass\n"
+        "    time.sleep(60)\n"
+        "t = threading.Thread(target=burn)\n"
+        "pathlib.Path(sys.argv[1]).touch(); time.sleep(0.5); t.start(); t.join()\n"
+    )
+    burner = subprocess.Popen([sys.executable, "-c", script, str(ready)])
+    try:
+        while not ready.exists():
+            time.sleep(0.05)
+        before = thread_cpu_seconds(burner.pid)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            after = thread_cpu_seconds(burner.pid)
+            if after.get("parent_threads", 0.0) - before.get("parent_threads", 0.0) >= 0.95:
+                break
+            time.sleep(0.1)
+        assert after["parent_threads"] - before.get("parent_threads", 0.0) >= 0.95
+        assert after["parent_loop"] - before["parent_loop"] < 0.3
+    finally:
+        burner.kill()
+        burner.wait()
+
+
+def test_cpu_per_request_is_each_parts_difference_over_the_answers() -> None:
+    before = {"workers_loop": 10.0, "workers_threads": 20.0}
+    after = {"workers_loop": 16.0, "workers_threads": 30.0, "model_threads": 2.0}  # a part born meanwhile
+    figures = cpu_ms_per_request(before, after, client_s=0.5, requests=10_000)
+    assert figures == {
+        "client": 0.05,
+        "model_threads": 0.2,
+        "workers_loop": 0.6,
+        "workers_threads": 1.0,
+        "total": 1.85,
+    }
+    assert cpu_ms_per_request(before, after, 0.5, 0) == {}
