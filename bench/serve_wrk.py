@@ -310,6 +310,22 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class MidwaySockets(threading.Thread):
+    """The HTTP workers' connection counts halfway through a run (`value`, most first, after `join`):
+    how wrk's connections were shared out. Workers that share one listening socket take them in
+    turns, unevenly, and a worker holding most of them does most of the work on its core alone."""
+
+    def __init__(self, pid: int, duration: float):
+        super().__init__(daemon=True)
+        self.pid, self.delay = pid, duration / 2
+        self.value: list[int] = []
+        self.start()
+
+    def run(self) -> None:
+        time.sleep(self.delay)
+        self.value = list(rss_by_role(self.pid)["worker_sockets"])  # type: ignore[arg-type]
+
+
 def parse_cpus(text: str) -> set[int]:
     """CPU numbers as `taskset -c` writes them: "0-7", "8-15,31", "3"."""
     cpus: set[int] = set()
@@ -607,7 +623,9 @@ def bench_http(
                     spy = start_py_spy(args, server, folder / f"py-spy-{impl}-{mode}-{connections}.txt")
                     counted = pass_series(server.url), time.monotonic()
                     cpu_before, client_before = thread_cpu_seconds(server.process.pid), children_cpu_seconds()
+                    sockets = MidwaySockets(server.process.pid, args.duration)
                     result = run_wrk(args.wrk, server.url, script, connections, args.duration, args.threads)
+                    sockets.join()
                     cpu = cpu_ms_per_request(
                         cpu_before,
                         thread_cpu_seconds(server.process.pid),
@@ -634,6 +652,7 @@ def bench_http(
                         **result,
                         **passes,
                         "cpu_ms_per_request": cpu,
+                        "worker_sockets": sockets.value,
                         "load_average_before": before,
                         "load_average_after": load_average(),
                     }
