@@ -47,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (fill_mask, health, metrics, page):
         app.include_router(module.router)
+    if settings.fast_path:
+        app.add_middleware(fill_mask.FillMaskFastPath, fastapi_app=app)  # innermost of ours
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(
