@@ -82,21 +82,24 @@ def _row_key(r: Record) -> tuple:
 _REQUESTS = {"single": "single", "batch32": "32 inputs"}
 
 
-def serve_cpu_rows(records: list[Record]) -> list[Record]:
-    """The rule: newest `wrk` record per (shape, server, settings, request, connections) on 2 cores,
-    for the table's two requests. An overload run is not a row of it (its wrk floods the server with
-    1,024 connections and counts refusals apart; BENCHMARKS.md reports those)."""
-    wrk = [
-        r
-        for r in records
-        if r.get("bench") == "serve"
+def _in_table(r: Record) -> bool:
+    """A `wrk` run of one of the table's requests with the server and wrk sharing the 2 cores. Not
+    an overload run (its wrk floods the server with 1,024 connections and counts refusals apart), nor
+    one with the server pinned to some of the cores (`server_cpus`: the overload script's
+    sustainable-rate runs); BENCHMARKS.md reports those."""
+    return (
+        r.get("bench") == "serve"
         and r.get("device") == "cpu"
         and r.get("cpu_cores") == 2
         and r.get("mode") in _REQUESTS
         and str(r.get("load_generator", "")).startswith("wrk")
-    ]
+        and not r.get("server_cpus")
+    )
 
-    rows = _newest(wrk, _row_key)
+
+def serve_cpu_rows(records: list[Record]) -> list[Record]:
+    """The rule: newest `_in_table` record per (shape, server, settings, request, connections)."""
+    rows = _newest([r for r in records if _in_table(r)], _row_key)
     order = list(_REQUESTS)
     return sorted(
         rows,
@@ -112,7 +115,7 @@ def serve_cpu_rows(records: list[Record]) -> list[Record]:
 
 def serve_cpu(records: list[Record]) -> str:
     rows = serve_cpu_rows(records)
-    every_run = [r for r in records if r.get("bench") == "serve" and r.get("device") == "cpu"]
+    every_run = [r for r in records if _in_table(r)]
     if not rows:
         return "No 2-core `wrk` serving run is recorded in `bench/results/`; see BENCHMARKS.md."
     load = [x for r in rows for x in (r["load_average_before"], r["load_average_after"])]

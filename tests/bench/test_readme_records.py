@@ -27,3 +27,10 @@ def test_an_overload_run_is_not_a_row_of_the_table():
     text = serve_cpu([_run(1720), flood])
     assert "overload" not in text and "| 1024 |" not in text
     assert "1,720" in text
+
+
+def test_a_run_with_the_server_on_some_of_the_cores_is_not_a_row_nor_a_repeat():
+    """The overload script's sustainable-rate runs pin the server to one core (`server_cpus`)."""
+    pinned = {**_run(700), "server_cpus": "1", "client_cpus": "0"}
+    text = " ".join(serve_cpu([_run(1720), _run(1690), pinned]).split())
+    assert "| 700 |" not in text and "2 runs at commit abc1234: 1,690–1,720/s" in text
