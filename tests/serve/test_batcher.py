@@ -83,3 +83,47 @@ def test_a_request_larger_than_a_pass_is_cut_into_parts_and_counted_by_its_input
         assert np.allclose(want.scores, out.scores, atol=1e-6)
     batch_sizes = metrics.batch_size.collect()[0].samples
     assert next(s.value for s in batch_sizes if s.name.endswith("_sum")) == 5
+
+
+class _SlowPredictor(FillMaskPredictor):
+    """The predictor, with each CPU pass taking at least 30 ms (a fixed cost, as a CPU pass has)."""
+
+    def launch_groups(self, groups):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(0.03)
+        return super().launch_groups(groups)
+
+
+async def _pass_sizes(predictor: FillMaskPredictor, max_wait_s: float) -> list[int]:
+    """One input every 4 ms for 0.6 s (about 8 arrive during each 30 ms pass): the inputs of each pass."""
+    metrics = Metrics()
+    batcher = Batcher(
+        max_batch_size=24, max_batch_tokens=1 << 16, max_wait_s=max_wait_s, max_queue_tokens=1 << 20,
+        metrics=metrics,
+    )  # fmt: skip
+    batcher.start()
+    sizes: list[int] = []
+    observe = metrics.batch_size.observe
+    metrics.batch_size.observe = lambda n: (sizes.append(int(n)), observe(n))[1]  # type: ignore[method-assign]
+    try:
+        group = predictor.encoder.encode_group([TEXTS[0]])
+        futures = []
+        for _ in range(150):
+            futures += batcher.submit(predictor, group)
+            await asyncio.sleep(0.004)
+        await asyncio.gather(*futures)
+    finally:
+        await batcher.stop()
+    return sizes
+
+
+def test_on_a_cpu_a_pass_waits_for_the_inputs_due_after_the_last_one(tiny_artifact):
+    """Without the wait, each pass takes what arrived during the one before (~8 here); with it, the
+    batcher waits for those due next, up to `max_wait_s`, and passes fill to the batch size."""
+    predictor = _SlowPredictor.from_pretrained(tiny_artifact)
+    eager = asyncio.run(_pass_sizes(predictor, max_wait_s=0))
+    waiting = asyncio.run(_pass_sizes(predictor, max_wait_s=0.2))
+    assert sum(eager) == sum(waiting) == 150
+    assert np.median(eager[2:]) <= 12  # pass after pass, what came meanwhile
+    assert np.median(waiting[2:]) >= 20  # near the batch size of 24
