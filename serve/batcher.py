@@ -10,15 +10,11 @@ of `max_batch_tokens` padded tokens per forward pass, as text-embeddings-inferen
 `/health`, `/ready` and new requests while the model computes. Under load the queue fills while a
 pass runs, so batches form with no waiting at all; when the batcher wakes from idle it waits for
 company only as long as the recent arrival rate says another input is due within `max_wait_s` (an
-adaptive wait: a lone client pays no delay). On a CPU, where a pass's fixed cost is a large share
-of it, the batcher waits so after each pass too while fewer than a full batch are queued: the
-clients whose answers just went out send their next requests, and the next pass takes them as well
-(a closed loop otherwise settles into two half-sized cohorts that alternate). A full queue is
-refused at once (429, saying how long the model needs to drain the excess at the rate it has been
-draining the queue) rather than letting latency grow without bound. Each entry remembers the
-predictor that tokenized it, so during a model reload a batch never mixes two tokenizers. The
-futures resolve to the model's raw output; formatting is the caller's (off the model thread, in
-parallel with the next pass).
+adaptive wait: a lone client pays no delay). A full queue is refused at once (429, saying how long
+the model needs to drain the excess at the rate it has been draining the queue) rather than letting
+latency grow without bound. Each entry remembers the predictor that tokenized it, so during a model
+reload a batch never mixes two tokenizers. The futures resolve to the model's raw output;
+formatting is the caller's (off the model thread, in parallel with the next pass).
 
 On a GPU the passes are pipelined: each batch is launched (`FillMaskPredictor.launch` queues its
 whole step on the device and returns) before the previous one is collected, so the next batch is
@@ -304,8 +300,7 @@ class Batcher:
         return item
 
     async def _wait_for_company(self) -> None:
-        """Before a pass that would start short of a full batch (just woken from idle, or on a CPU
-        just after a pass): wait for more inputs only while the arrival rate says they are due."""
+        """Just woke from idle: wait for more inputs only while the arrival rate says they are due."""
         if self.max_wait_s <= 0:
             return
         missing = self.max_batch_size - self._queued_inputs
@@ -334,8 +329,6 @@ class Batcher:
             self._in_flight = launched
             if launched is not None and launched.pending.done is None:  # a CPU: already computed
                 await self._finish()
-                if self._queue:  # answers just went out; their clients' next requests are due
-                    await self._wait_for_company()
 
     async def _launch(self, batch: list[_Item]) -> _Pass | None:
         """Queue a batch's pass in the model thread; None (its futures failed) if that raised."""

@@ -46,7 +46,7 @@ from microbert.predict import (
 from serve.batcher import Batcher, QueueFullError
 from serve.errors import ServiceError, not_ready, retry_after
 from serve.metrics import Metrics
-from serve.settings import Settings, max_wait_s
+from serve.settings import Settings
 
 log = logging.getLogger("microbert.serve")
 
@@ -176,7 +176,7 @@ class ModelService:
         self.batcher = Batcher(
             max_batch_size=s.max_batch_size,
             max_batch_tokens=s.max_batch_tokens,
-            max_wait_s=max_wait_s(s.max_wait_ms, self.device),
+            max_wait_s=s.max_wait_ms / 1000,
             max_queue_tokens=s.queue_tokens,
             max_queue=s.max_queue,
             metrics=self.metrics,

@@ -27,22 +27,6 @@ QUEUE_PASSES = 4
 CONCURRENT_PER_WORKER = 256
 
 
-# How long the batcher waits for company by default (`max_wait_ms`). On a GPU passes are pipelined
-# and cheap to start, so only an idle batcher waits, briefly. On a CPU a pass has a large fixed
-# cost (bert-tiny, one thread: 4.1 ms for one input, 12.5-14 ms for 16), and after a pass the
-# batcher waits for the requests its answers are about to bring back: passes of ~30 inputs instead
-# of ~16, ~10% less of the cores a request (bench/NOTES.md, session 19).
-GPU_MAX_WAIT_MS = 2.0
-CPU_MAX_WAIT_MS = 10.0
-
-
-def max_wait_s(setting_ms: float | None, device: str) -> float:
-    """`max_wait_ms` as set, else the default of the device the model runs on, in seconds."""
-    if setting_ms is None:
-        setting_ms = CPU_MAX_WAIT_MS if device == "cpu" else GPU_MAX_WAIT_MS
-    return setting_ms / 1000
-
-
 class Settings(BaseSettings):
     """What `microbert-serve` and `create_app` need; validated once, at start-up."""
 
@@ -91,13 +75,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         default=16384, ge=1, description="padded tokens per forward pass (inputs × longest)"
     )
-    max_wait_ms: float | None = Field(
-        default=None,
-        ge=0,
-        le=1000,
-        description="how long the batcher waits to fill a pass, and only while the recent arrival rate "
-        "says more inputs are due by then: when idle, and on a CPU also after a pass that left less than "
-        f"a full batch queued; default {GPU_MAX_WAIT_MS:g} on a GPU, {CPU_MAX_WAIT_MS:g} on a CPU",
+    max_wait_ms: float = Field(
+        default=2.0, ge=0, le=1000, description="how long an idle batcher waits to fill a batch"
     )
     max_queue_tokens: int | None = Field(
         default=None,
