@@ -266,16 +266,19 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body_sent = False
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, replaying([body], receive), send)
 
-        async def replay() -> Message:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # after the body: waits for the disconnect, as the server's does
 
-        await self.app(scope, replay, send)
+def replaying(messages: list[Message], receive: Receive) -> Receive:
+    """A `receive` that gives `messages` (what was already read: the body, whole) first, then the
+    server's own: after the body, that waits for the disconnect, as the server's does."""
+    pending = list(messages)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replay
 
 
 class CatchAllMiddleware:

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from microbert.predict import mask_count
 from serve.deps import AuthorizedServiceDep, require_api_key
 from serve.errors import ServiceError
+from serve.middleware import replaying
 from serve.schemas import ErrorBody, FillMaskRequest, FillMaskResponse
 from serve.service import Backend, timed_out
 from serve.settings import Settings
@@ -241,12 +242,7 @@ async def _read_body(receive: Receive) -> tuple[bytes | None, Receive]:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             break
-    body = b"".join(chunks) if messages[-1]["type"] == "http.request" else None
-    replayed: list[Message] = (
-        [{"type": "http.request", "body": body, "more_body": False}] if body is not None else messages
-    )
-
-    async def replay() -> Message:
-        return replayed.pop(0) if replayed else await receive()
-
-    return body, replay
+    if messages[-1]["type"] != "http.request":
+        return None, replaying(messages, receive)
+    body = b"".join(chunks)
+    return body, replaying([{"type": "http.request", "body": body, "more_body": False}], receive)
