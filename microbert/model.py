@@ -8,7 +8,9 @@ Two departures from `transformers`, both for speed and neither visible in the we
 - with labels, the MLM head (a d×V matmul, the largest in small models) runs only on the masked
   positions, as in MosaicBERT and ModernBERT;
 - without labels, `positions` restricts the head to the positions asked for (the fill-mask
-  predictor asks for the [MASK] positions only).
+  predictor asks for the [MASK] positions only), and the last layer too: every position is still a
+  key and a value there, but its queries, projection, feed-forward and norms run on those rows
+  alone (in bert-tiny that is ~40% of the encoder's work on a one-mask sentence).
 
 Shapes in comments: B batch, T sequence length, d hidden size, nh heads, hs head size, V vocab,
 M masked positions in the batch.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -97,6 +99,27 @@ class BertSelfAttention(nn.Module):
         )  # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, d)
 
+    def attend_from(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """`forward(x, attn_mask)[rows, cols]`, (M, d), with queries at those positions only: keys
+        and values for every position of the rows asked for, one query each."""
+        B, T, d = x.shape
+        nh, M = self.num_heads, rows.shape[0]
+        q = F.linear(x[rows, cols], self.query.weight, self.query.bias).view(M, nh, 1, d // nh)
+        weight = torch.cat((self.key.weight, self.value.weight))  # (2d, d)
+        bias = torch.cat((self.key.bias, self.value.bias))  # (2d,)
+        kv = F.linear(x, weight, bias).view(B, T, 2, nh, d // nh).index_select(0, rows)  # (M, T, 2, nh, hs)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (M, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if attn_mask is None else attn_mask.index_select(0, rows),
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )  # (M, nh, 1, hs)
+        return y.reshape(M, d)
+
 
 class BertSelfOutput(nn.Module):
     """Projection, dropout, residual, LayerNorm (post-LN)."""
@@ -142,16 +165,36 @@ class BertLayer(nn.Module):
         x = self.attention(x, attn_mask)  # (B, T, d)
         return self.output(self.intermediate(x), x)  # (B, T, d)
 
+    def forward_at(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor
+    ) -> torch.Tensor:
+        """`forward(x, attn_mask)[rows, cols]`, (M, d): everything after the keys and values runs
+        on the M positions only."""
+        attention = self.attention
+        y = attention.output(attention.self.attend_from(x, attn_mask, rows, cols), x[rows, cols])  # (M, d)
+        return self.output(self.intermediate(y), y)  # (M, d)
+
 
 class BertEncoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        for layer in self.layer:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """(B, T, d); with `positions` (rows, cols), only those positions' outputs, (M, d)."""
+        layers = cast("list[BertLayer]", list(self.layer))
+        if positions is None or not layers:
+            for layer in layers:
+                x = layer(x, attn_mask)
+            return x if positions is None else x[positions]
+        for layer in layers[:-1]:
             x = layer(x, attn_mask)
-        return x
+        return layers[-1].forward_at(x, attn_mask, *positions)
 
 
 class BertModel(nn.Module):
@@ -167,12 +210,14 @@ class BertModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        positions: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """(B, T, d); with `positions` (rows, cols), only those positions' outputs, (M, d)."""
         attn_mask = None
         if attention_mask is not None:
             # (B, T) 1 = token, 0 = padding -> (B, 1, 1, T) True where a key may be attended to.
             attn_mask = attention_mask[:, None, None, :].to(torch.bool)
-        return self.encoder(self.embeddings(input_ids, token_type_ids), attn_mask)  # (B, T, d)
+        return self.encoder(self.embeddings(input_ids, token_type_ids), attn_mask, positions)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -305,6 +350,13 @@ class BertForMaskedLM(nn.Module):
         that Bernoulli masking exceeds with odds below 1e-9; masked positions past it would be left
         out of the loss, and `num_masked` counts them all so a caller can tell.
         """
+        if labels is None and positions is not None:
+            if isinstance(positions, torch.Tensor):  # a (B, T) boolean mask: its indices, row-major
+                rows, cols = positions.nonzero(as_tuple=True)
+            else:
+                rows, cols = positions
+            hidden = self.bert(input_ids, attention_mask, token_type_ids, positions=(rows, cols))  # (M, d)
+            return MaskedLMOutput(loss=None, logits=self.cls(hidden))
         hidden = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, d)
         if labels is not None and masked_slots is not None:
             flat_labels = labels.reshape(-1)  # (B*T,)
@@ -323,8 +375,6 @@ class BertForMaskedLM(nn.Module):
             targets = flat_labels.index_select(0, selected)
             loss = F.cross_entropy(logits.float(), targets)
             return MaskedLMOutput(loss=loss, logits=logits, num_masked=selected.new_tensor(len(selected)))
-        if positions is not None:
-            hidden = hidden[positions]  # (M, d)
         return MaskedLMOutput(loss=None, logits=self.cls(hidden))
 
 

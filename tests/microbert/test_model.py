@@ -93,6 +93,30 @@ def test_positions_restrict_the_head():
     assert torch.allclose(some, full[rows, cols], atol=1e-6)
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_positions_match_transformers_with_the_last_layer_on_those_rows_only(layers):
+    """The last layer runs its queries, projection and feed-forward on the asked positions alone
+    (every position still a key and a value): the logits are transformers' at those positions, for
+    any number of positions per row, rows asked twice or not at all, padded rows, and a mask."""
+    config = ModelConfig(**{**CONFIG.to_dict(), "num_hidden_layers": layers})
+    ours, hf = _pair(config)
+    input_ids, attention_mask, token_type_ids = _batch()
+    rows, cols = torch.tensor([0, 0, 0, 2, 2]), torch.tensor([0, 9, 19, 1, 4])  # row 1 not asked
+    seen: list[int] = []
+    last = ours.bert.encoder.layer[-1].intermediate.dense
+    handle = last.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        want = hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        got = ours(input_ids, attention_mask, token_type_ids, positions=(rows, cols)).logits
+        chosen = torch.zeros_like(attention_mask, dtype=torch.bool)
+        chosen[rows, cols] = True
+        by_mask = ours(input_ids, attention_mask, token_type_ids, positions=chosen).logits
+    handle.remove()
+    assert seen == [5, 5]  # (M, d) in the last layer's feed-forward, never (B, T, d)
+    assert (got - want[rows, cols]).abs().max() < 1e-4
+    assert torch.equal(by_mask, got)  # a boolean mask is the same positions, row-major
+
+
 def test_gradients_flow_and_decoder_stays_tied():
     ours, _ = _pair()
     ours.train()
