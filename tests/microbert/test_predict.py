@@ -185,13 +185,16 @@ def test_a_decoder_that_is_not_piecewise_decodes_each_candidate(tiny_tokenizer):
     assert [[c["sequence"] for c in per_mask] for per_mask in result] == expected
 
 
+@pytest.mark.parametrize("rows", [2, 37, 300])
 @pytest.mark.parametrize("k", [1, 5, 8])
-def test_blockwise_top_k_equals_torch_topk(k):
-    """On a CPU the top-k of a wide row is taken among its best blocks: the same values and ids."""
+def test_blockwise_top_k_equals_torch_topk(k, rows):
+    """On a CPU the top-k of a wide row is taken among its best blocks: the same values and ids,
+    the short last block (30,522 = 238 × 128 + 58) included."""
     torch.manual_seed(k)
-    probs = (torch.randn(37, 30522) * 3).softmax(dim=-1)
-    probs[3] = -1.0  # a row of targets: everything else is -1, below any probability
-    probs[3, [17, 30000, 4242]] = torch.tensor([0.2, 0.5, 0.1])
+    probs = (torch.randn(rows, 30522) * 3).softmax(dim=-1)
+    probs[1, [30521, 30470, 5]] = torch.tensor([0.9, 0.8, 0.7])  # the best in the last, short block
+    probs[-1] = -1.0  # a row of targets: everything else is -1, below any probability
+    probs[-1, [17, 30000, 4242]] = torch.tensor([0.2, 0.5, 0.1])
     values, ids = top_k(probs, k)
     expected_values, expected_ids = probs.topk(k, dim=-1)
     assert torch.equal(values, expected_values)
