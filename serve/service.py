@@ -387,26 +387,18 @@ class ModelService:
     ) -> GroupOutput:
         """Queue the inputs and wait for their outputs until `deadline`; dropped if it passes."""
         futures = _submit(loaded, batcher, group)
+        gathered = asyncio.gather(*futures)
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
         answered = False
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                # Most requests are one part: its future, with no gathering future around it.
-                outputs = [await futures[0]] if len(futures) == 1 else await _gathered(futures)
+            outputs = await asyncio.wait_for(gathered, max(0.0, deadline - time.monotonic()))
             answered = True
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise timed_out(timeout_s) from None
         finally:
             if not answered:  # timed out, or the client went away: drop the queued inputs
                 batcher.discard(futures)
         return GroupOutput.joined(outputs)
-
-
-def _gathered(futures: list[asyncio.Future[GroupOutput]]) -> asyncio.Future[list[GroupOutput]]:
-    """The parts' outputs together; a failure that comes after the waiter gave up is retrieved
-    here, so it is not logged as never retrieved."""
-    gathered = asyncio.gather(*futures)
-    gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
-    return gathered
 
 
 def _submit(loaded: Loaded, batcher: Batcher, group: InputGroup) -> list[asyncio.Future[GroupOutput]]:

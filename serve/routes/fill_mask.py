@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -135,40 +134,18 @@ async def respond(service: Backend, body: FillMaskRequest, receive: Receive) -> 
             raise ServiceError(400, "empty_input", f"{where}input text is empty")
     mask_token = await service.mask_token()
     check_work(texts, top_k, targets, mask_token, settings)
-    async with _abandoned_when_gone(receive) as gone:
-        answer = await _answer(service, texts, top_k, targets, listed)
-    if gone.is_set():  # the client went: the work was cancelled, its queued inputs dropped
-        return Response(status_code=499, headers={"x-error-type": "client_disconnected"})
-    return Response(answer, media_type="application/json")
-
-
-@contextlib.asynccontextmanager
-async def _abandoned_when_gone(receive: Receive) -> AsyncIterator[asyncio.Event]:
-    """Cancel the body of the `async with` if the client disconnects meanwhile, and say so (the
-    event is set; the cancellation ends there). One watching task per request, and the work runs in
-    the request's own task: a task of its own and `asyncio.wait` cost the event loop ~20 µs a
-    request (bench/NOTES.md, session 20)."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = asyncio.Event()
-    running = True
-
-    def client_gone(watcher: asyncio.Task[None]) -> None:
-        if running and not watcher.cancelled() and watcher.exception() is None:
-            gone.set()
-            task.cancel()
-
-    watcher = asyncio.ensure_future(_until_disconnected(receive))
-    watcher.add_done_callback(client_gone)
+    work = asyncio.ensure_future(_answer(service, texts, top_k, targets, listed))
+    disconnected: asyncio.Future[Any] = asyncio.ensure_future(_until_disconnected(receive))
     try:
-        yield gone
-    except asyncio.CancelledError:
-        if not gone.is_set():
-            raise  # cancelled from outside (the server is stopping): not ours to end
-        task.uncancel()
+        await asyncio.wait([work, disconnected], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        running = False
-        watcher.cancel()
+        disconnected.cancel()
+    if not work.done():  # the client is gone: cancelling drops its queued inputs
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work  # its clean-up (dropping the queued inputs) runs before we answer
+        return Response(status_code=499, headers={"x-error-type": "client_disconnected"})
+    return Response(work.result(), media_type="application/json")
 
 
 async def _answer(
@@ -185,7 +162,7 @@ async def _answer(
             results = await asyncio.wait_for(
                 asyncio.to_thread(formatter.format, items), max(0.0, deadline - time.monotonic())
             )
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise timed_out(timeout_s) from None
     return orjson.dumps(results if listed else results[0])
 
