@@ -7,7 +7,6 @@ dependency layers, and both images share the layers up to `core`:
 """
 
 import sys
-
 import tomllib
 
 

@@ -393,7 +393,7 @@ class ModelService:
         try:
             outputs = await asyncio.wait_for(gathered, max(0.0, deadline - time.monotonic()))
             answered = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise timed_out(timeout_s) from None
         finally:
             if not answered:  # timed out, or the client went away: drop the queued inputs

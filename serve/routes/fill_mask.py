@@ -162,7 +162,7 @@ async def _answer(
             results = await asyncio.wait_for(
                 asyncio.to_thread(formatter.format, items), max(0.0, deadline - time.monotonic())
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise timed_out(timeout_s) from None
     return orjson.dumps(results if listed else results[0])
 
