@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MICROBERT_MODEL_SOCKET"] = socket_path
         settings = Settings()
     try:
-        code = _run_uvicorn(settings, workers, args, wants_reuse_port(settings.reuse_port, shared))
+        code = _run_uvicorn(settings, workers, args, wants_reuse_port(settings.reuse_port))
         _exit_now_if_abandoned(code)
         return code
     finally:

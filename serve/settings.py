@@ -50,8 +50,8 @@ class Settings(BaseSettings):
         default="auto",
         description="with several HTTP workers, each accepts on a socket of its own (SO_REUSEPORT, "
         "Linux), so the kernel spreads connections evenly and each worker has a listen queue of its "
-        "own; false: one shared socket, as uvicorn does; auto: own sockets where a model process serves "
-        "the workers (serve.workers.wants_reuse_port)",
+        "own; false: one shared socket, as uvicorn does; auto: own sockets wherever the kernel spreads "
+        "connections over them (Linux), else one shared socket (serve.workers.wants_reuse_port)",
     )
     model_process: Literal["auto", "on", "off"] = Field(
         default="auto",

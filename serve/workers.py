@@ -22,11 +22,15 @@ completed and no worker has accepted yet, where one shared socket queues 2,048. 
 at 4× the sustainable rate (8 workers and a model process, 16,384 client connections) the shared
 socket's queue overflowed 141,206 times (SYNs dropped, connects retried after 1, 3, 7 … s, 932
 connections reset) and the workers' sockets none (BENCHMARKS.md, session 14). On 2 cores (2 workers,
-each with its own model, the flood's client on the same cores) the shared socket answered more 200s
-under the same flood (median 524 a second against 127; 195–567 against 125–355 over three runs each,
-on a noisy box), its client falling less behind. So
-`reuse_port` "auto" gives workers their own sockets where a model process serves them (the GPU
-layout), not otherwise (`wants_reuse_port`).
+each with its own model) the shared socket once answered more 200s under a flood (session 14: median
+524 a second against 127), but that was before each worker drained its own socket at every wake
+(below, session 15); since then own sockets answer as many or more there (one server core at 4× its
+sustainable rate: 632 / 594 against 536 / 580 200s a second, session 20; 548 / 464 against 535 / 514,
+session 19), and at a steady 64 connections they are ~10% faster, because the shared socket's split
+of a burst of connections is luck: wrk's 64 landed anywhere from 40 / 34 to 66 / 8 on the two
+workers, and the 66 / 8 runs were the slowest by a quarter (10 of 11 interleaved pairs ahead with
+own sockets, sessions 19 and 20). So `reuse_port` "auto" gives workers their own sockets wherever
+the kernel spreads connections over them (`wants_reuse_port`).
 
 Each worker also accepts every connection waiting on its socket when it wakes (serve.accept), where
 uvloop would take one a turn of the event loop: with a socket to itself, nobody else would take them.
@@ -101,10 +105,11 @@ class WorkerSocket:
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
 
-def wants_reuse_port(setting: bool | str, model_process: bool) -> bool:
-    """Whether the HTTP workers get sockets of their own: as set, or for "auto" where a model
-    process serves them (measured better there under overload, worse on 2 cores without one)."""
-    return model_process if setting == "auto" else bool(setting)
+def wants_reuse_port(setting: bool | str) -> bool:
+    """Whether the HTTP workers get sockets of their own: as set, and for "auto" too (measured better
+    with a model process under overload and without one at steady load and under overload, module
+    docstring); `run_workers` still shares one socket where the kernel would not spread connections."""
+    return True if setting == "auto" else bool(setting)
 
 
 def migrate_hint(setting: Path = MIGRATE_REQ) -> str | None:

@@ -1,5 +1,5 @@
-"""HTTP workers on sockets of their own (serve/workers.py, MICROBERT_REUSE_PORT; "auto": where a model
-process serves them): the kernel spreads connections over them; the log says how to keep a restart
+"""HTTP workers on sockets of their own (serve/workers.py, MICROBERT_REUSE_PORT; "auto": wherever the
+kernel balances them): the kernel spreads connections over them; the log says how to keep a restart
 from resetting the connections queued at a worker; and an address already taken is refused with a
 message, not a traceback, with or without them."""
 
@@ -71,11 +71,10 @@ def test_the_log_says_how_a_restart_keeps_the_queued_connections_where_the_kerne
     assert migrate_hint(tmp_path / "absent") is None  # before Linux 5.14: no such setting, no advice
 
 
-def test_auto_gives_sockets_of_their_own_only_to_workers_a_model_process_serves() -> None:
-    assert wants_reuse_port("auto", model_process=True) is True
-    assert wants_reuse_port("auto", model_process=False) is False  # 2 cores: measured worse there
-    assert wants_reuse_port(True, model_process=False) is True
-    assert wants_reuse_port(False, model_process=True) is False
+def test_auto_gives_the_workers_sockets_of_their_own() -> None:
+    assert wants_reuse_port("auto") is True  # with or without a model process (session 20)
+    assert wants_reuse_port(True) is True
+    assert wants_reuse_port(False) is False
 
 
 def test_the_reserved_address_takes_no_connections() -> None:
