@@ -314,10 +314,6 @@ class BertForMaskedLM(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def _dropping_out(self) -> bool:
-        config = self.config
-        return self.training and (config.hidden_dropout_prob > 0 or config.attention_probs_dropout_prob > 0)
-
     def keep_padded_decoder(self) -> None:
         """For inference: forward passes without autograd use a padded copy of the output layer made
         once (`BertLMPredictionHead.padded_decoder`) instead of padding it in each. Training (and
@@ -361,22 +357,6 @@ class BertForMaskedLM(nn.Module):
                 rows, cols = positions
             hidden = self.bert(input_ids, attention_mask, token_type_ids, positions=(rows, cols))  # (M, d)
             return MaskedLMOutput(loss=None, logits=self.cls(hidden))
-        if labels is not None and masked_slots is None:
-            flat_labels = labels.reshape(-1)  # (B*T,)
-            selected = (flat_labels != IGNORE_INDEX).nonzero(as_tuple=True)[0]  # (M,), row-major
-            if self._dropping_out():
-                # With dropout every layer runs whole and draws its masks as transformers does, so a
-                # seeded run matches it step for step (tests/microbert/test_dropout_parity.py).
-                hidden = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, d)
-                hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, selected)  # (M, d)
-            else:  # the last layer, like the head, on the masked positions only
-                width = labels.shape[1]
-                positions = (selected // width, selected % width)
-                hidden = self.bert(input_ids, attention_mask, token_type_ids, positions=positions)  # (M, d)
-            logits = self.cls(hidden)  # (M, V)
-            targets = flat_labels.index_select(0, selected)
-            loss = F.cross_entropy(logits.float(), targets)
-            return MaskedLMOutput(loss=loss, logits=logits, num_masked=selected.new_tensor(len(selected)))
         hidden = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, d)
         if labels is not None and masked_slots is not None:
             flat_labels = labels.reshape(-1)  # (B*T,)
@@ -388,6 +368,13 @@ class BertForMaskedLM(nn.Module):
             logits = self.cls(selected)  # (S, V)
             loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
             return MaskedLMOutput(loss=loss, logits=logits, num_masked=(flat_labels != IGNORE_INDEX).sum())
+        if labels is not None:
+            flat_labels = labels.reshape(-1)  # (B*T,)
+            selected = (flat_labels != IGNORE_INDEX).nonzero(as_tuple=True)[0]  # (M,)
+            logits = self.cls(hidden.reshape(-1, hidden.shape[-1]).index_select(0, selected))  # (M, V)
+            targets = flat_labels.index_select(0, selected)
+            loss = F.cross_entropy(logits.float(), targets)
+            return MaskedLMOutput(loss=loss, logits=logits, num_masked=selected.new_tensor(len(selected)))
         return MaskedLMOutput(loss=None, logits=self.cls(hidden))
 
 
